@@ -1,0 +1,1 @@
+"""analysis: finished studies -> tidy data -> stability, sensitivity, generalization -> report."""
