@@ -1,0 +1,118 @@
+"""Ray's OptunaSearch, told the truth about how each trial ended.
+
+Ray's ``OptunaSearch`` tells Optuna that a trial ASHA stopped is COMPLETE with its last, partial
+score, reports intermediate values at Tune's ``training_iteration`` rather than the training step,
+and never stores the final result as an intermediate value (Tune skips ``on_trial_result`` for the
+result that triggers a stop). TPE and every importance evaluator would then mix one-rung scores
+with full-budget ones. This subclass keeps Ray's machinery (ask, define-by-run, save/restore) and
+changes only what is told:
+
+=================  ==========================  ==============================================
+trial ended as     Optuna state                user attributes
+=================  ==========================  ==============================================
+completed          COMPLETE, final value       status=completed
+stopped by ASHA    PRUNED, last value reported status=stopped_early, status_step=<last step>
+diverged           FAIL                        status=diverged, status_step=<step>
+exception          FAIL                        status=failed
+never started      FAIL                        status=not_run
+=================  ==========================  ==============================================
+
+A trial's own last report carries ``trial_status`` ("completed" or "diverged", set by the
+trainable); a last result without it means Tune stopped the trial.
+
+``tell`` is idempotent against the storage: after a driver crash the database can be ahead of the
+searcher state Ray restored (NOTES.md: ``UpdateFinishedTrialError``), so a trial already finished
+in storage is not told again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
+
+STEP_KEY = "step"  # the training step reported by mann.train.fit
+STATUS_KEY = "trial_status"
+
+
+class TruthfulOptunaSearch(OptunaSearch):
+    """OptunaSearch whose Optuna states say how each trial really ended (see module docstring)."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        self._completed_trials.add(trial_id)
+        if self._already_finished(ot_trial):
+            return
+        state, value, attrs = self.verdict(result, error)
+        if result:
+            self._report(trial_id, result)
+        for key, val in attrs.items():
+            ot_trial.set_user_attr(key, val)
+        self._ot_study.tell(ot_trial, value if state == TrialState.COMPLETE else None, state=state)
+
+    def verdict(self, result: dict | None, error: bool) -> tuple[TrialState, float | None, dict[str, Any]]:
+        """(Optuna state, value, user attributes) for a trial that ended with this last result."""
+        if error:
+            return TrialState.FAIL, None, {"status": "failed"}
+        if not result:
+            return TrialState.FAIL, None, {"status": "not_run"}
+        step = int(result.get(STEP_KEY, 0) or 0)
+        status = result.get(STATUS_KEY)
+        value = result.get(self._metric)
+        if status == "diverged" or value is None or not math.isfinite(value):
+            return TrialState.FAIL, None, {"status": "diverged", "status_step": step}
+        if status == "completed":
+            return TrialState.COMPLETE, float(value), {"status": "completed", "status_step": step}
+        return TrialState.PRUNED, None, {"status": "stopped_early", "status_step": step}
+
+    def running_orphans(self) -> list[int]:
+        """Numbers of this study's trials still RUNNING in storage that no live Tune trial owns."""
+        live = {t.number for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t.number for t in running if t.number not in live]
+
+    def fail_orphans(self, reason: str) -> list[int]:
+        """Mark orphaned RUNNING trials (asked before a driver crash, never run) as FAIL."""
+        numbers = self.running_orphans()
+        storage = self._ot_study._storage
+        for number in numbers:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(self._ot_study._study_id, number)
+            storage.set_trial_user_attr(trial_id, "status", "not_run")
+            storage.set_trial_user_attr(trial_id, "status_message", reason)
+            self._ot_study.tell(number, state=TrialState.FAIL)
+        return numbers
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        value = result.get(self._metric)
+        if ot_trial is None or value is None or not math.isfinite(value) or self._already_finished(ot_trial):
+            return
+        step = int(result.get(STEP_KEY, 0) or 0)
+        # A trial resumed from a checkpoint reports some steps again.
+        if step not in self._frozen(ot_trial).intermediate_values:
+            ot_trial.report(float(value), step)
+
+    def _already_finished(self, ot_trial: optuna.Trial) -> bool:
+        return self._frozen(ot_trial).state.is_finished()
+
+    def _frozen(self, ot_trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+        # One trial from storage (Study.trials would load them all on every result).
+        return self._ot_study._storage.get_trial(ot_trial._trial_id)
