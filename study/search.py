@@ -83,23 +83,6 @@ class TruthfulOptunaSearch(OptunaSearch):
             return TrialState.COMPLETE, float(value), {"status": "completed", "status_step": step}
         return TrialState.PRUNED, None, {"status": "stopped_early", "status_step": step}
 
-    def running_orphans(self) -> list[int]:
-        """Numbers of this study's trials still RUNNING in storage that no live Tune trial owns."""
-        live = {t.number for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
-        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return [t.number for t in running if t.number not in live]
-
-    def fail_orphans(self, reason: str) -> list[int]:
-        """Mark orphaned RUNNING trials (asked before a driver crash, never run) as FAIL."""
-        numbers = self.running_orphans()
-        storage = self._ot_study._storage
-        for number in numbers:
-            trial_id = storage.get_trial_id_from_study_id_trial_number(self._ot_study._study_id, number)
-            storage.set_trial_user_attr(trial_id, "status", "not_run")
-            storage.set_trial_user_attr(trial_id, "status_message", reason)
-            self._ot_study.tell(number, state=TrialState.FAIL)
-        return numbers
-
     def _report(self, trial_id: str, result: dict) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         value = result.get(self._metric)
@@ -116,3 +99,20 @@ class TruthfulOptunaSearch(OptunaSearch):
     def _frozen(self, ot_trial: optuna.Trial) -> optuna.trial.FrozenTrial:
         # One trial from storage (Study.trials would load them all on every result).
         return self._ot_study._storage.get_trial(ot_trial._trial_id)
+
+
+def fail_running_trials(study: optuna.Study, reason: str) -> list[int]:
+    """Mark the study's RUNNING trials FAIL (status ``not_run``, with ``reason``); return their numbers.
+
+    Only for after a sweep: then nothing runs, and a RUNNING trial was asked by a driver that died
+    before Tune recorded it. Optuna's user attributes cannot change once a trial is finished, so
+    they are written first, through the storage (Study has no public setter for a trial by number).
+    """
+    storage = study._storage
+    numbers = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for number in numbers:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        storage.set_trial_user_attr(trial_id, "status", "not_run")
+        storage.set_trial_user_attr(trial_id, "status_message", reason)
+        study.tell(number, state=TrialState.FAIL)
+    return numbers

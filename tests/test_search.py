@@ -4,7 +4,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from study.search import TruthfulOptunaSearch
+from study.search import TruthfulOptunaSearch, fail_running_trials
 
 
 def space(trial):
@@ -63,8 +63,10 @@ def test_tell_is_idempotent_when_storage_is_ahead_of_restored_state(searcher, tm
 def test_orphaned_running_trials_are_failed_with_a_reason(searcher):
     searcher.suggest("a")
     orphan = searcher._ot_study.ask()  # asked by a driver that died before Tune recorded the trial
-    assert searcher.running_orphans() == [orphan.number]
-    assert searcher.fail_orphans("driver crashed") == [orphan.number]
+    searcher.on_trial_complete("a", {"error": 0.2, "step": 400, "trial_status": "completed"})
+    assert fail_running_trials(searcher._ot_study, "driver crashed") == [orphan.number]
     trial = searcher._ot_study.get_trials()[orphan.number]
     assert trial.state == TrialState.FAIL and trial.user_attrs["status_message"] == "driver crashed"
-    assert searcher.running_orphans() == []
+    assert trial.user_attrs["status"] == "not_run"
+    assert frozen(searcher, "a").state == TrialState.COMPLETE
+    assert fail_running_trials(searcher._ot_study, "again") == []
