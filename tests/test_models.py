@@ -1,0 +1,294 @@
+"""The models' contract (docs/architecture.md, "Models") and the numerics of NTM, DNC and the LSTM baseline."""
+
+import pytest
+import torch
+from torch import nn
+
+from mann.config import ConfigError
+from mann.dnc import DNCState
+from mann.ntm import MEMORY_INIT_CONSTANT, NTMState
+from mann.registry import MODELS, build_model, make_model_config
+
+I, O = 6, 5  # input and output sizes used throughout
+
+# Small sizes keep the suite fast; every registry name is also built once at its defaults (test_default_shapes).
+TINY = {
+    "ntm": {"memory_size": 8, "word_size": 4, "controller_size": 12},
+    "dnc": {"memory_size": 6, "word_size": 4, "controller_size": 12, "read_heads": 2},
+    "lstm": {"hidden_size": 12},
+}
+
+
+def tiny(name, **overrides):
+    family = "dnc" if name.startswith("dnc") else name
+    cfg = make_model_config(name, {**TINY[family], **overrides})
+    return build_model(name, cfg, I, O)
+
+
+def seeded(name, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return tiny(name, **overrides)
+
+
+def tensors(tree):
+    """Every tensor in a (nested) state."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [t for item in tree for t in tensors(item)]
+
+
+# -- the contract -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_default_shapes(name):
+    torch.manual_seed(0)
+    model = build_model(name, make_model_config(name), I, O)
+    x = torch.randn(3, 4, I)
+    y = model(x)
+    assert y.shape == (3, 4, O)
+    state = model.initial_state(3)
+    assert hasattr(state, "_fields")  # a NamedTuple
+    y_t, state = model.step(x[:, 0], state)
+    assert y_t.shape == (3, O)
+    assert all(t.dtype == torch.float32 for t in tensors(state))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_float64_forward_and_backward_are_finite(name):
+    model = seeded(name).to(torch.float64)
+    x = torch.randn(2, 6, I, dtype=torch.float64)
+    state = model.initial_state(2)
+    assert all(t.dtype == torch.float64 for t in tensors(state))
+    y = model(x, state)
+    assert y.dtype == torch.float64 and torch.isfinite(y).all()
+    y.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_state_fields():
+    ntm = tiny("ntm", read_heads=2, write_heads=1)
+    s = ntm.initial_state(3)
+    assert isinstance(s, NTMState)
+    assert s._fields == ("memory", "read_weights", "write_weights", "reads", "controller")
+    assert s.memory.shape == (3, 8, 4) and s.read_weights.shape == (3, 2, 8) and s.write_weights.shape == (3, 1, 8)
+    assert s.reads.shape == (3, 2, 4) and [t.shape for t in s.controller] == [(3, 12), (3, 12)]
+    assert torch.allclose(s.read_weights.sum(-1), torch.ones(3, 2))
+
+    dnc = tiny("dnc", write_heads=2)
+    s = dnc.initial_state(3)
+    assert isinstance(s, DNCState)
+    assert s._fields == (
+        "memory", "read_weights", "write_weights", "link", "precedence", "usage", "reads", "controller"
+    )
+    assert s.memory.shape == (3, 6, 4) and s.link.shape == (3, 2, 6, 6) and s.precedence.shape == (3, 2, 6)
+    assert s.usage.shape == (3, 6) and s.reads.shape == (3, 2, 4) and s.write_weights.shape == (3, 2, 6)
+    assert all((t == 0).all() for t in tensors(s))  # the DNC starts from an empty memory
+    _, s = dnc.step(torch.randn(3, I), s)
+    assert isinstance(s, DNCState) and torch.isfinite(s.memory).all() and (s.memory != 0).any()
+
+    ffw = tiny("ntm", controller="feedforward")
+    assert ffw.initial_state(2).controller == ()
+    assert ffw(torch.randn(2, 3, I)).shape == (2, 3, O)
+
+
+def test_lstm_step_matches_whole_sequence_and_ignores_memory_size():
+    model = seeded("lstm", layers=2)
+    x = torch.randn(2, 5, I)
+    state = model.initial_state(2, memory_size=999)
+    assert state.h.shape == (2, 2, 12)
+    ys = []
+    for t in range(5):
+        y, state = model.step(x[:, t], state)
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 1), model(x, memory_size=999))
+
+
+def test_lstm_default_matches_ntm_parameter_count_on_copy():
+    """The figures in mann/lstm.py's docstring, on the real copy task's sizes."""
+    from mann.tasks import build_task
+
+    task = build_task("copy")
+    counts = {n: sum(p.numel() for p in build_model(n, make_model_config(n), task.input_size, task.output_size)
+                     .parameters()) for n in ("ntm", "lstm")}
+    assert counts == {"ntm": 62_936, "lstm": 63_848}
+
+
+@pytest.mark.parametrize(
+    "name, overrides, key",
+    [
+        ("ntm", {"shift_range": 4}, "model.shift_range"),  # 2k + 1 > N = 8
+        ("ntm", {"memory_init": "zeros"}, "model.memory_init"),
+        ("dnc", {"read_heads": 0}, "model.read_heads"),
+        ("dnc-md", {"clip_value": -1}, "model.clip_value"),
+        ("lstm", {"layers": 0}, "model.layers"),
+    ],
+)
+def test_bad_config_names_the_key(name, overrides, key):
+    family = "dnc" if name.startswith("dnc") else name
+    with pytest.raises(ConfigError) as info:
+        make_model_config(name, {**TINY[family], **overrides})
+    assert info.value.key == key
+
+
+# -- read vectors reach the controller ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, overrides", [("ntm", {}), ("ntm", {"controller": "feedforward"}), ("dnc", {})])
+def test_output_depends_on_previous_reads(name, overrides):
+    """d y_t / d r_{t-1} != 0: a public DNC never fed r_{t-1} back to its controller."""
+    model = seeded(name, **overrides)
+    x = torch.randn(2, 3, I)
+    state = model.initial_state(2)
+    for t in range(2):
+        _, state = model.step(x[:, t], state)
+    reads = state.reads.detach().requires_grad_()
+    y, _ = model.step(x[:, 2], state._replace(reads=reads))
+    (grad,) = torch.autograd.grad(y.sum(), reads)
+    assert grad.abs().min() > 0  # every component of every read vector matters
+
+
+# -- the DNC variants ----------------------------------------------------------------------------------------------
+
+
+def dnc_pair(**flags):
+    """A plain DNC and a variant sharing all of its weights (the variant's extra interface rows come last)."""
+    plain = seeded("dnc")
+    variant = seeded("dnc", seed=1, **flags)
+    plain_params = dict(plain.named_parameters())
+    with torch.no_grad():
+        for key, p in variant.named_parameters():
+            p[: plain_params[key].shape[0]] = plain_params[key]
+    return plain, variant
+
+
+@pytest.mark.parametrize("flags", [{"masking": True}, {"deallocation": True}, {"sharpness": True}])
+def test_each_variant_flag_changes_the_output(flags):
+    # float64, so that a real change (masks at random init only move the output by ~1e-5) stands far above
+    # rounding differences between the two interface layers' matmuls (~1e-16).
+    plain, variant = (m.to(torch.float64) for m in dnc_pair(**flags))
+    x = torch.randn(2, 6, I, dtype=torch.float64)
+    with torch.no_grad():
+        y_plain, y_variant = plain(x), variant(x)
+    assert (y_plain - y_variant).abs().max() > 1e-9
+
+
+def test_variant_with_no_flags_equals_plain():
+    """The control for the test above: sharing weights this way reproduces the plain DNC exactly."""
+    plain, same = (m.to(torch.float64) for m in dnc_pair())
+    x = torch.randn(2, 6, I, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), same(x), rtol=0, atol=1e-12)
+
+
+def test_registry_presets_set_the_flags():
+    flags = {n: tuple(getattr(make_model_config(n), f) for f in ("masking", "deallocation", "sharpness"))
+             for n in ("dnc", "dnc-md", "dnc-ms", "dnc-mds")}
+    assert flags == {"dnc": (False,) * 3, "dnc-md": (True, True, False), "dnc-ms": (True, False, True),
+                     "dnc-mds": (True, True, True)}
+
+
+# -- memory initialisation and larger memories ---------------------------------------------------------------------
+
+
+def test_memory_init_schemes():
+    constant = seeded("ntm", memory_init="constant")
+    M = constant.initial_state(3).memory
+    assert (M == torch.tensor(MEMORY_INIT_CONSTANT)).all() and MEMORY_INIT_CONSTANT == 1e-6
+    assert not hasattr(constant, "init_memory")
+
+    learned = seeded("ntm", memory_init="learned")
+    assert isinstance(learned.init_memory, nn.Parameter)
+    assert any(p is learned.init_memory for p in learned.parameters())
+    learned(torch.randn(2, 3, I)).sum().backward()
+    assert learned.init_memory.grad.abs().sum() > 0
+    M = learned.initial_state(2).memory
+    assert torch.equal(M[0], M[1]) and M[0].std() > 0  # one learned memory for every sequence, not constant
+
+    random = seeded("ntm", memory_init="random")
+    assert not hasattr(random, "init_memory")
+    torch.manual_seed(5)
+    a = random.initial_state(2).memory
+    b = random.initial_state(2).memory
+    torch.manual_seed(5)
+    a_again = random.initial_state(2).memory
+    assert not torch.equal(a, b) and not torch.equal(a[0], a[1])  # differs per call and per sequence
+    assert torch.equal(a, a_again)  # and follows the seed
+
+
+@pytest.mark.parametrize("init", ["constant", "learned", "random"])
+def test_ntm_runs_with_a_larger_memory(init):
+    model = seeded("ntm", memory_init=init)
+    s = model.initial_state(2, memory_size=20)
+    trained = model.initial_state(2)
+    assert s.memory.shape == (2, 20, 4) and s.read_weights.shape == (2, 1, 20) and s.write_weights.shape == (2, 1, 20)
+    # The trained slots start as in training; the extra ones get no initial weight.
+    torch.testing.assert_close(s.read_weights[..., :8], trained.read_weights)
+    assert (s.read_weights[..., 8:] == 0).all() and (s.write_weights[..., 8:] == 0).all()
+    if init != "random":
+        torch.testing.assert_close(s.memory[:, :8], trained.memory)
+        assert (s.memory[:, 8:] == torch.tensor(MEMORY_INIT_CONSTANT)).all()
+    y = model(torch.randn(2, 5, I), memory_size=20)
+    assert y.shape == (2, 5, O) and torch.isfinite(y).all()
+    with pytest.raises(ConfigError, match="memory_size"):
+        model.initial_state(2, memory_size=4)
+
+
+def test_dnc_runs_with_a_larger_memory():
+    model = seeded("dnc-mds")
+    x = torch.randn(2, 5, I)
+    assert model.initial_state(2, memory_size=20).link.shape == (2, 1, 20, 20)
+    y = model(x, memory_size=20)
+    assert y.shape == (2, 5, O) and torch.isfinite(y).all()
+    assert not torch.allclose(y, model(x))  # the memory size really changed
+
+
+# -- gradcheck of one step -----------------------------------------------------------------------------------------
+
+
+def gradcheck_step(model, state_keys, steps=3):
+    """gradcheck of one step w.r.t. x_t and the named state tensors, from a state reached after a few steps."""
+    model = model.to(torch.float64)
+    x = torch.randn(2, steps + 1, I, dtype=torch.float64)
+    state = model.initial_state(2)
+    with torch.no_grad():
+        for t in range(steps):
+            _, state = model.step(x[:, t], state)
+    inputs = [x[:, steps].clone().requires_grad_()] + [
+        getattr(state, k).clone().requires_grad_() for k in state_keys
+    ]
+
+    def one_step(x_t, *values):
+        y, new = model.step(x_t, state._replace(**dict(zip(state_keys, values, strict=True))))
+        return y, new.memory, new.read_weights, new.reads
+
+    assert torch.autograd.gradcheck(one_step, inputs)
+
+
+def test_gradcheck_ntm_step():
+    torch.manual_seed(0)
+    cfg = make_model_config("ntm", {"memory_size": 5, "word_size": 3, "controller_size": 4, "read_heads": 2})
+    gradcheck_step(build_model("ntm", cfg, I, O), ("memory", "read_weights", "write_weights", "reads"))
+
+
+@pytest.mark.parametrize("name", ["dnc", "dnc-mds"])
+def test_gradcheck_dnc_step(name):
+    torch.manual_seed(0)
+    cfg = make_model_config(name, {"memory_size": 5, "word_size": 3, "controller_size": 6, "read_heads": 2})
+    keys = ("memory", "read_weights", "write_weights", "link", "precedence", "usage", "reads")
+    gradcheck_step(build_model(name, cfg, I, O), keys)
+
+
+# -- devices -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cuda(name):
+    model = seeded(name).cuda()
+    state = model.initial_state(2, memory_size=None)
+    assert all(t.is_cuda for t in tensors(state))
+    y = model(torch.randn(2, 4, I, device="cuda"))
+    assert y.is_cuda and torch.isfinite(y).all()
