@@ -1,0 +1,789 @@
+"""MLflow tracking for sweeps: one parent run per study, one nested child run per trial, batched metrics.
+
+Plain MLflow, no Ray: this module runs in the Tune driver and in trial processes, and is tested
+without Ray. Every call goes through ``mlflow.MlflowClient`` with an explicit run id, never the
+fluent ``mlflow.start_run`` state, because several trials may share one worker process.
+
+Why not Ray's ``MLflowLoggerCallback``: it makes no parent run and sends one request per metric
+(NOTES.md). Here a trial buffers its metrics and sends them with ``log_batch`` (at most 1,000 a
+request) every ``flush_every`` evaluations or ``flush_interval_s`` seconds.
+
+Layout in MLflow (tags are the contract the analysis reads)::
+
+    experiment <name>                          created on the driver, explicit artifact location
+      parent run  mannstudy.kind=study          params: the spec as dotted keys; artifacts: study file, spec.json
+                  mannstudy.study=<name>        tags: git commit, package versions
+        child run mannstudy.kind=trial          one per trial id (get-or-create), nested via mlflow.parentRunId
+                  mannstudy.trial_id=<id>       tags: node, seed, model, attempts, status
+
+Trial status -> MLflow run status (``STATUS_TO_RUN_STATUS``)::
+
+    completed      FINISHED   ran its full budget
+    stopped_early  KILLED     stopped by the scheduler (ASHA) before its budget; the run ended cleanly
+                              but did not finish, which is what KILLED shows in the UI
+    diverged       FAILED     NaN/Inf loss or gradients, at mannstudy.status_step
+    failed         FAILED     an exception, in mannstudy.status_message
+
+A trial that is running (or being retried) carries ``mannstudy.status=running``.
+
+Re-logging after a resume. MLflow keeps every point it is sent: the same (key, step) sent twice
+with another timestamp or value becomes two points at one step (the curve doubles back), and
+only a point identical in key, step, timestamp and value is stored once. So a tracker sends each
+key's steps in increasing order only: it starts from the last step the run already holds per key
+(``logged_steps``) and drops any point at or below it. A trial resumed from a checkpoint at step
+S re-logs S+1.. up to where it crashed; those points are dropped (the first point at a step
+wins) and the curve continues from the crash step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STATUS_TO_RUN_STATUS = {
+    "completed": "FINISHED",
+    "stopped_early": "KILLED",
+    "diverged": "FAILED",
+    "failed": "FAILED",
+}
+RUNNING = "running"
+
+TAG_KIND = "mannstudy.kind"  # "study" (parent) or "trial" (child)
+TAG_STUDY = "mannstudy.study"
+TAG_TRIAL_ID = "mannstudy.trial_id"
+TAG_STATUS = "mannstudy.status"  # running | completed | stopped_early | diverged | failed
+TAG_STATUS_PREFIX = "mannstudy.status_"  # status_step, status_message, any other detail
+TAG_NODE = "mannstudy.node"
+TAG_NODE_IP = "mannstudy.node_ip"
+TAG_SEED = "mannstudy.seed"
+TAG_MODEL = "mannstudy.model"
+TAG_ATTEMPTS = "mannstudy.attempts"
+TAG_VERSION_PREFIX = "mannstudy.version."
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows
+TAG_GIT_DIRTY = "mannstudy.git_dirty"
+TAG_PARENT = "mlflow.parentRunId"
+
+VERSIONED_PACKAGES = ("torch", "ray", "optuna", "mlflow", "mannstudy")
+_TRIAL_ID = re.compile(r"[A-Za-z0-9_.:\-]+")  # quoted into a search filter: no quotes or spaces
+_TRUNCATED = "...[truncated]"
+
+
+class TrackingError(RuntimeError):
+    """A tracking problem the user must fix (unreachable server, bad URI); the message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# URIs and reachability
+
+
+def resolve_tracking_uri(uri: str | None, results_dir: Path | str) -> str:
+    """The tracking URI every process of a study uses.
+
+    None -> ``sqlite:///<absolute results_dir>/mlflow.db``. A relative SQLite path is made absolute
+    against the current directory (trials run in their own working directories). http(s) and
+    database URIs pass through. MLflow 3 refuses plain file stores, so ``file:`` and bare paths
+    are refused here with the forms that work (a bare ``*.db`` path is read as SQLite).
+    """
+    if uri is None or not str(uri).strip():
+        return _sqlite_uri(Path(results_dir) / "mlflow.db")
+    uri = str(uri).strip()
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise TrackingError(f"tracking URI {uri!r}: expected sqlite:///path/to/mlflow.db (a file, not in-memory)")
+        path, _, query = uri[len("sqlite:///"):].partition("?")
+        if not path or path == ":memory:":
+            raise TrackingError(f"tracking URI {uri!r}: an in-memory database is not shared between trial processes")
+        resolved = _sqlite_uri(Path(path))
+        return resolved + (f"?{query}" if query else "")
+    if scheme in ("http", "https"):
+        return uri.rstrip("/")
+    if scheme == "" and uri.endswith(".db"):
+        return _sqlite_uri(Path(uri))
+    if scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking URI {uri!r}: expected sqlite:///path/to/mlflow.db or http(s)://host:port "
+            "(MLflow 3 refuses plain file stores)"
+        )
+    return uri  # postgresql://, mysql://, databricks, ...: MLflow's own business
+
+
+def _sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path.expanduser().resolve()}"  # absolute path -> four slashes
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].partition("?")[0])
+
+
+def _is_http(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingError (one line naming ``uri``) unless the tracking store can be used.
+
+    http(s): ``GET <uri>/health`` must answer; a refused connection, a timeout or a 5xx is an
+    error (any other HTTP answer means a server is there). SQLite: the database's folder must be
+    creatable and writable. Call it on the driver before any trial starts.
+    """
+    if _is_http(uri):
+        url = f"{uri.rstrip('/')}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                response.read(256)
+        except urllib.error.HTTPError as err:
+            if err.code >= 500:
+                raise TrackingError(f"MLflow tracking server {uri} is unhealthy: GET /health gave {err.code}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {_one_line(reason)}") from None
+        return
+    path = _sqlite_path(uri)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"tracking URI {uri}: cannot create {path.parent}: {err.strerror}") from None
+        if not os.access(path.parent, os.W_OK):
+            raise TrackingError(f"tracking URI {uri}: {path.parent} is not writable")
+
+
+def _one_line(err: object, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calls with our own retry policy
+
+_HTTP_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fail_fast(uri: str, request_timeout_s: float):
+    """MLflow's HTTP client retries a refused connection with backoff for minutes
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, factor 2): a trial would stall in ``log_batch``. We retry
+    ourselves, between evaluations, so each request here is tried once with a short timeout.
+    MLflow reads these variables at request time and has no per-client setting; the lock keeps
+    two of our threads from restoring each other's values.
+    """
+    if not _is_http(uri):
+        yield
+        return
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(request_timeout_s))),
+    }
+    with _HTTP_ENV_LOCK:
+        saved = {key: os.environ.get(key) for key in settings}
+        os.environ.update(settings)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _is_permanent(err: BaseException) -> bool:
+    """A request the server refused on its merits (bad value, deleted run, no permission): retrying
+    cannot help. Everything else (refused connection, timeout, 5xx, 429, a locked SQLite file) is
+    transient."""
+    return isinstance(err, MlflowException) and err.get_http_status_code() in (400, 401, 403, 404)
+
+
+def _retry(fn: Callable[[], T], uri: str, what: str, timeout_s: float, request_timeout_s: float = 10.0) -> T:
+    """``fn()`` with exponential backoff on transient errors for up to ``timeout_s``; then TrackingError."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.25
+    while True:
+        try:
+            with _fail_fast(uri, request_timeout_s):
+                return fn()
+        except Exception as err:
+            if _is_permanent(err):
+                raise TrackingError(f"MLflow at {uri}: {what} was refused: {_one_line(err)}") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TrackingError(
+                    f"MLflow at {uri}: {what} failed for {timeout_s:.0f} s: {_one_line(err)}"
+                ) from None
+            time.sleep(min(delay, remaining))
+            delay = min(2 * delay, 10.0)
+
+
+def _client(uri: str) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver side: experiment and study (parent) run
+
+
+def prepare_experiment(uri: str, name: str, artifact_root: Path | str | None = None, timeout_s: float = 30.0) -> str:
+    """Get or create experiment ``name``; return its id. Run on the driver before trials start.
+
+    Creating the experiment (and, for SQLite, the database) here avoids the race of two trials
+    creating a fresh SQLite database at once (NOTES.md). ``artifact_root``: a folder or URI for
+    the experiment's artifacts; None means ``<database folder>/artifacts`` for SQLite (otherwise
+    MLflow would pick a folder relative to whichever process created it) and the server's own
+    default (proxied ``mlflow-artifacts:``) for an http(s) server.
+    """
+    check_reachable(uri)
+    if artifact_root is None and _sqlite_path(uri) is not None:
+        artifact_root = _sqlite_path(uri).parent / "artifacts"
+    location = None
+    if artifact_root is not None:
+        text = str(artifact_root)
+        location = text if urlparse(text).scheme not in ("", "file") else Path(text).resolve().as_uri()
+    client = _client(uri)
+
+    def get_or_create() -> str:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return client.create_experiment(name, artifact_location=location)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = client.get_experiment_by_name(name)
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow at {uri}: experiment {name!r} is deleted; restore it or use another name")
+        return experiment.experiment_id
+
+    return _retry(get_or_create, uri, f"creating experiment {name!r}", timeout_s)
+
+
+def find_study_run(uri: str, experiment_id: str, study_name: str, timeout_s: float = 30.0) -> str | None:
+    """The parent run of ``study_name`` in the experiment, or None. The oldest wins if there are several."""
+    client = _client(uri)
+    filter_string = f"tags.`{TAG_KIND}` = 'study' AND tags.`{TAG_STUDY}` = '{_quote(study_name)}'"
+    runs = _retry(
+        lambda: client.search_runs([experiment_id], filter_string=filter_string, max_results=100),
+        uri, f"searching the run of study {study_name!r}", timeout_s,
+    )
+    if not runs:
+        return None
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+
+def _quote(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise TrackingError(f"name {value!r}: expected no quotes or backslashes (it is used in MLflow searches)")
+    return value
+
+
+def start_study_run(
+    uri: str,
+    experiment_id: str,
+    study_name: str,
+    spec_dict: Mapping[str, Any],
+    study_file: Path | str,
+    extra_tags: Mapping[str, Any] | None = None,
+    timeout_s: float = 30.0,
+) -> str:
+    """Get or create the parent run of a study; return its run id.
+
+    New run: the spec as params (dotted keys, values cut to MLflow's 6,000 characters; the full
+    spec is the ``spec.json`` artifact), the study file as an artifact, tags for the study, git
+    commit and package versions. Existing run (a resumed sweep): reused and set RUNNING again,
+    never duplicated; its params stay (MLflow params are immutable) and a changed spec is
+    reported as a warning.
+    """
+    study_file = Path(study_file)
+    if not study_file.is_file():
+        raise TrackingError(f"{study_file}: study file not found (needed as the study run's artifact)")
+    client = _client(uri)
+    params = spec_params(spec_dict)
+    tags = {TAG_KIND: "study", TAG_STUDY: study_name, **provenance_tags()}
+    tags.update({str(k): _cut(str(v), MAX_TAG_VAL_LENGTH) for k, v in (extra_tags or {}).items()})
+
+    run_id = find_study_run(uri, experiment_id, study_name, timeout_s)
+    if run_id is None:
+        study_tags = {TAG_KIND: "study", TAG_STUDY: study_name}
+        run = _retry(
+            lambda: client.create_run(experiment_id, tags=study_tags, run_name=study_name),
+            uri, f"creating the run of study {study_name!r}", timeout_s,
+        )
+        run_id = run.info.run_id
+        param_list = [Param(k, v) for k, v in params.items()]
+        _retry(lambda: client.log_batch(run_id, params=param_list, synchronous=True), uri, "logging study params",
+               timeout_s)
+    else:
+        existing = _retry(lambda: client.get_run(run_id), uri, "reading the study run", timeout_s).data.params
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        missing = [Param(k, v) for k, v in params.items() if k not in existing]
+        if changed:
+            log.warning("study %s resumed with a changed spec; MLflow keeps the first values of: %s",
+                        study_name, ", ".join(changed))
+        if missing:
+            _retry(lambda: client.log_batch(run_id, params=missing, synchronous=True), uri, "logging study params",
+                   timeout_s)
+        _retry(lambda: client.update_run(run_id, status="RUNNING"), uri, "reopening the study run", timeout_s)
+    tag_list = [RunTag(k, v) for k, v in tags.items()]
+    _retry(lambda: client.log_batch(run_id, tags=tag_list, synchronous=True), uri, "tagging the study run", timeout_s)
+    _retry(lambda: client.log_artifact(run_id, str(study_file)), uri, f"uploading {study_file}", timeout_s)
+    spec_json = json.loads(json.dumps(dict(spec_dict), default=str))
+    _retry(lambda: client.log_dict(run_id, spec_json, "spec.json"), uri, "uploading spec.json", timeout_s)
+    return run_id
+
+
+def finish_study_run(uri: str, run_id: str, status: str = "FINISHED", timeout_s: float = 30.0) -> None:
+    """End the parent run (FINISHED, FAILED or KILLED) when the sweep ends."""
+    client = _client(uri)
+    _retry(lambda: client.set_terminated(run_id, status=status), uri, "ending the study run", timeout_s)
+
+
+def spec_params(spec_dict: Mapping[str, Any]) -> dict[str, str]:
+    """A nested spec as MLflow params: dotted keys (the one key namespace of the project), string
+    values (lists as JSON), each cut to MLflow's limit of 6,000 characters."""
+    from mann.config import flatten
+
+    return {key: _param_value(value) for key, value in flatten(spec_dict).items()}
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return _cut(text, MAX_PARAM_VAL_LENGTH)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def provenance_tags() -> dict[str, str]:
+    """Git commit of the mannstudy checkout (if it is one) and the versions of the packages that matter."""
+    tags = {}
+    for package in VERSIONED_PACKAGES:
+        tags[TAG_VERSION_PREFIX + package] = _version(package)
+    source = Path(__file__).resolve().parent.parent
+    commit = _git(source, "rev-parse", "HEAD")
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+        dirty = _git(source, "status", "--porcelain", "--untracked-files=no")
+        tags[TAG_GIT_DIRTY] = "true" if dirty else "false"
+    return tags
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        if package == "mannstudy":  # a source checkout that was not pip-installed
+            import mann
+
+            return mann.__version__
+        return "not installed"
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def log_study_artifacts(uri: str, run_id: str, paths: Iterable[Path | str], artifact_path: str | None = None,
+                        timeout_s: float = 60.0) -> None:
+    """Upload files and folders (a report and its plots) to a run; a folder keeps its name."""
+    client = _client(uri)
+    for path in map(Path, paths):
+        if path.is_dir():
+            dest = f"{artifact_path}/{path.name}" if artifact_path else path.name
+            _retry(lambda p=path, d=dest: client.log_artifacts(run_id, str(p), d), uri, f"uploading {path}", timeout_s)
+        elif path.is_file():
+            _retry(lambda p=path: client.log_artifact(run_id, str(p), artifact_path), uri, f"uploading {path}",
+                   timeout_s)
+        else:
+            raise TrackingError(f"{path}: no such file or folder to log to run {run_id}")
+
+
+def logged_steps(uri: str, run_id: str, timeout_s: float = 30.0) -> dict[str, int]:
+    """The last step logged for each metric key of a run (empty for a run without metrics)."""
+    client = _client(uri)
+
+    def read() -> dict[str, int]:
+        keys = client.get_run(run_id).data.metrics
+        return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+    return _retry(read, uri, f"reading the metrics of run {run_id}", timeout_s)
+
+
+def last_logged_step(uri: str, run_id: str, timeout_s: float = 30.0) -> int | None:
+    """The largest step any metric of the run reached, or None: where a resumed trial's curve continues."""
+    steps = logged_steps(uri, run_id, timeout_s)
+    return max(steps.values()) if steps else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trial side
+
+
+def node_tags() -> dict[str, str]:
+    """Host name and IP address of this process's node."""
+    host = socket.gethostname()
+    ip = "unknown"
+    try:  # the address of the interface that routes outwards; a UDP connect sends nothing
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.254.254.254", 1))
+            ip = probe.getsockname()[0]
+    except OSError:
+        with contextlib.suppress(OSError):
+            ip = socket.gethostbyname(host)
+    return {TAG_NODE: host, TAG_NODE_IP: ip}
+
+
+class TrialTracker:
+    """The nested child run of one trial: get-or-create by trial id, batched and buffered metrics, status.
+
+    ``log_metrics`` never raises for an unreachable server: points stay in the buffer and are
+    retried with exponential backoff at later flushes; ``flush``/``close``/``set_status`` retry for
+    up to ``retry_timeout_s`` and then log a warning that says how many points were lost. One
+    lock guards the buffer, so a callback thread and the training thread may share a tracker.
+
+    Args:
+        params: the trial's config as MLflow params (dotted keys); logged when the run is created,
+            and any missing ones when a retried trial attaches to its run.
+        tags: extra tags (e.g. the Ray trial name); ``seed`` and ``model`` in params also become
+            ``mannstudy.seed`` / ``mannstudy.model`` tags for filtering in the UI, and the parent's
+            ``mannstudy.study`` is copied so a trial run can be found by study name alone.
+        flush_every: evaluations between sends.
+        flush_interval_s: a send also happens at the first evaluation this long after the last one.
+        retry_timeout_s: how long creating the run, the final flush and the status keep retrying.
+        request_timeout_s: one HTTP request's timeout.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        trial_id: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        *,
+        flush_every: int = 10,
+        flush_interval_s: float = 30.0,
+        retry_timeout_s: float = 60.0,
+        request_timeout_s: float = 10.0,
+        max_backoff_s: float = 30.0,
+    ):
+        if not _TRIAL_ID.fullmatch(str(trial_id)):
+            raise TrackingError(f"trial id {trial_id!r}: expected letters, digits and _ . : - only")
+        if flush_every < 1:
+            raise ValueError(f"flush_every: expected a positive integer, got {flush_every!r}")
+        self.uri, self.experiment_id, self.parent_run_id, self.trial_id = uri, experiment_id, parent_run_id, trial_id
+        self.flush_every, self.flush_interval_s = flush_every, flush_interval_s
+        self.retry_timeout_s, self.request_timeout_s = retry_timeout_s, request_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.client = _client(uri)
+        self.status: str | None = None
+        self.skipped = 0  # points not sent because their step was already logged (resume)
+        self.refused = 0  # points the server refused on their merits (dropped with a warning)
+
+        self._lock = threading.RLock()
+        self._buffer: list[Metric] = []
+        self._evals_since_flush = 0
+        self._last_flush = time.monotonic()
+        self._retry_at = 0.0  # monotonic time before which a non-blocking flush does not try
+        self._delay = 0.5
+        self._outage_since: float | None = None
+        self._closed = False
+
+        params = {str(k): _param_value(v) for k, v in (params or {}).items()}
+        run_tags = {TAG_KIND: "trial", TAG_TRIAL_ID: trial_id, TAG_STATUS: RUNNING, **node_tags()}
+        for key, tag in (("seed", TAG_SEED), ("model", TAG_MODEL)):
+            if key in params:
+                run_tags[tag] = params[key]
+        run_tags.update({str(k): _cut(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()})
+        self.run_id, self.attached = self._get_or_create_run(params, run_tags)
+        self._last_step: dict[str, int] = logged_steps(uri, self.run_id, retry_timeout_s) if self.attached else {}
+
+    # -- run ---------------------------------------------------------------------------------------------
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return _retry(fn, self.uri, what, self.retry_timeout_s, self.request_timeout_s)
+
+    def _find_children(self) -> list:
+        filter_string = f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' AND tags.`{TAG_TRIAL_ID}` = '{self.trial_id}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=100)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def _get_or_create_run(self, params: dict[str, str], run_tags: dict[str, str]) -> tuple[str, bool]:
+        """(run id, attached): the trial's existing child run, or a new one.
+
+        Two processes creating the same trial's run at once both see both runs on the second
+        search; the oldest wins and the other process deletes its own.
+        """
+        what = f"get-or-create the run of trial {self.trial_id}"
+        parent = self._retry(lambda: self.client.get_run(self.parent_run_id), f"reading run {self.parent_run_id}")
+        if TAG_STUDY in parent.data.tags:
+            run_tags.setdefault(TAG_STUDY, parent.data.tags[TAG_STUDY])
+        children = self._retry(self._find_children, what)
+        if children:
+            return self._attach(children[0], params, run_tags), True
+        created = self._retry(
+            lambda: self.client.create_run(
+                self.experiment_id, tags={TAG_PARENT: self.parent_run_id, TAG_TRIAL_ID: self.trial_id},
+                run_name=self.trial_id,
+            ),
+            what,
+        )
+        run_id = created.info.run_id
+        winner = self._retry(self._find_children, what)[0]
+        if winner.info.run_id != run_id:
+            self._retry(lambda: self.client.delete_run(run_id), what)
+            return self._attach(winner, params, run_tags), True
+        run_tags[TAG_ATTEMPTS] = "1"
+        self._retry(
+            lambda: self.client.log_batch(
+                run_id, params=[Param(k, v) for k, v in params.items()],
+                tags=[RunTag(k, v) for k, v in run_tags.items()], synchronous=True,
+            ),
+            f"logging the params of trial {self.trial_id}",
+        )
+        return run_id, False
+
+    def _attach(self, run, params: dict[str, str], run_tags: dict[str, str]) -> str:
+        """A retried or resumed trial: reopen its run, refresh node tags, clear the old status."""
+        run_id = run.info.run_id
+        old_tags = run.data.tags
+        try:
+            attempts = int(old_tags.get(TAG_ATTEMPTS, "1")) + 1
+        except ValueError:
+            attempts = 2
+        run_tags[TAG_ATTEMPTS] = str(attempts)
+        missing = [Param(k, v) for k, v in params.items() if k not in run.data.params]
+        stale = [k for k in old_tags if k.startswith(TAG_STATUS_PREFIX)]
+
+        def reopen() -> None:
+            for key in stale:
+                with contextlib.suppress(MlflowException):  # already gone (a racing attach)
+                    self.client.delete_tag(run_id, key)
+            self.client.log_batch(run_id, params=missing, tags=[RunTag(k, v) for k, v in run_tags.items()],
+                                  synchronous=True)
+            self.client.update_run(run_id, status="RUNNING")
+
+        self._retry(reopen, f"reopening the run of trial {self.trial_id}")
+        return run_id
+
+    # -- metrics -----------------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Metric points buffered, not yet accepted by the server."""
+        return len(self._buffer)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Buffer one evaluation's metrics at ``step``; send when ``flush_every``/``flush_interval_s`` is due.
+
+        A key's point at or below the last step already logged for that key is dropped (see the
+        module docstring: resumed trials). Never raises for an unreachable server.
+        """
+        step = int(step)
+        timestamp = int(time.time() * 1000)
+        values = {str(key): _as_float(key, value) for key, value in metrics.items()}  # all or nothing
+        with self._lock:
+            if self._closed:
+                raise TrackingError(f"trial {self.trial_id}: log_metrics after close")
+            for key, value in values.items():
+                last = self._last_step.get(key)
+                if last is not None and step <= last:
+                    self.skipped += 1
+                    continue
+                self._buffer.append(Metric(key, value, timestamp, step))
+                self._last_step[key] = step
+            self._evals_since_flush += 1
+            due = time.monotonic() - self._last_flush >= self.flush_interval_s
+            if self._evals_since_flush >= self.flush_every or due:
+                self._flush_once()
+
+    def _send_buffer(self) -> None:
+        """Send the buffer in chunks of at most 1,000 points; a chunk leaves the buffer once accepted,
+        so a retry resends only what the server has not taken. A chunk the server refuses on its
+        merits is dropped with a warning (retrying it would block every later point)."""
+        while self._buffer:
+            chunk = self._buffer[:MAX_METRICS_PER_BATCH]
+            try:
+                with _fail_fast(self.uri, self.request_timeout_s):
+                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception as err:
+                if not _is_permanent(err):
+                    raise
+                log.warning("MLflow at %s refused %d metric points of trial %s (run %s), dropped: %s",
+                            self.uri, len(chunk), self.trial_id, self.run_id, _one_line(err))
+                self.refused += len(chunk)
+            del self._buffer[: len(chunk)]
+
+    def _flush_once(self) -> bool:
+        """One attempt, unless backing off after a failure; True when the buffer is empty."""
+        self._evals_since_flush = 0
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        try:
+            self._send_buffer()
+        except Exception as err:
+            self._retry_at = time.monotonic() + self._delay
+            self._delay = min(2 * self._delay, self.max_backoff_s)
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("MLflow at %s unreachable (%s); trial %s keeps %d metric points buffered and retries",
+                            self.uri, _one_line(err), self.trial_id, len(self._buffer))
+            return False
+        if self._outage_since is not None:
+            log.warning("MLflow at %s reachable again after %.0f s; trial %s sent its buffered metrics",
+                        self.uri, time.monotonic() - self._outage_since, self.trial_id)
+        self._outage_since = None
+        self._delay = 0.5
+        self._retry_at = 0.0
+        return True
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Send everything buffered, retrying with backoff for up to ``timeout_s`` (default
+        ``retry_timeout_s``). True when all was sent; False (with a warning) when points remain
+        or the server refused some."""
+        timeout_s = self.retry_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            refused = self.refused
+            self._retry_at = 0.0  # an explicit flush tries now
+            while not self._flush_once():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("MLflow at %s: trial %s could not send %d metric points in %.0f s; they stay "
+                                "buffered", self.uri, self.trial_id, len(self._buffer), timeout_s)
+                    return False
+                time.sleep(max(0.0, min(self._retry_at - time.monotonic(), remaining)))
+            return self.refused == refused
+
+    # -- end ---------------------------------------------------------------------------------------------
+
+    def set_status(self, status: str, **details: Any) -> bool:
+        """Record how the trial ended and end its run: tags ``mannstudy.status`` and
+        ``mannstudy.status_<detail>`` (``step``, ``message``, ...), MLflow status per
+        ``STATUS_TO_RUN_STATUS``. Flushes the metrics first. Returns False (with a warning) when
+        the server stayed unreachable for ``retry_timeout_s``; never raises for that, so a finished
+        trial is not turned into an error by its bookkeeping."""
+        if status not in STATUS_TO_RUN_STATUS:
+            raise ValueError(f"status: expected one of {', '.join(STATUS_TO_RUN_STATUS)}, got {status!r}")
+        with self._lock:
+            sent = self.flush()
+            tags = [RunTag(TAG_STATUS, status)]
+            tags += [RunTag(TAG_STATUS_PREFIX + k, _cut(str(v), MAX_TAG_VAL_LENGTH)) for k, v in details.items()]
+
+            def record() -> None:
+                self.client.log_batch(self.run_id, tags=tags, synchronous=True)
+                self.client.set_terminated(self.run_id, status=STATUS_TO_RUN_STATUS[status])
+
+            try:
+                self._retry(record, f"recording status {status!r} of trial {self.trial_id}")
+            except TrackingError as err:
+                log.warning("%s; the run stays RUNNING in MLflow", err)
+                return False
+            self.status = status
+            return sent
+
+    def close(self) -> bool:
+        """Final flush; points still unsent after ``retry_timeout_s`` are given up with a warning.
+        Does not end the run: ``set_status`` does (an unclosed run may be resumed by a retry)."""
+        with self._lock:
+            if self._closed:
+                return True
+            sent = self.flush()
+            if not sent:
+                steps = [m.step for m in self._buffer]
+                log.warning("MLflow at %s: giving up on %d metric points of trial %s (run %s, steps %d..%d)",
+                            self.uri, len(self._buffer), self.trial_id, self.run_id, min(steps), max(steps))
+                self._buffer.clear()
+            self._closed = True
+            return sent
+
+    def __enter__(self) -> TrialTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self.status is None and isinstance(exc, Exception):
+            self.set_status("failed", message=_one_line(f"{exc_type.__name__}: {exc}", 2000))
+        self.close()
+
+
+def _as_float(key: Any, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: expected a number, got {value!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UI
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """``mlflow ui`` on loopback for a local store (run with this interpreter: the venv's mlflow)."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+
+def cli_ui(results_dir: Path | str, port: int = 5000, tracking_uri: str | None = None) -> int:
+    """Serve the MLflow UI of a results folder in the foreground until Ctrl+C; return its exit code.
+
+    For an http(s) tracking URI there is nothing to start: the server already has a UI.
+    """
+    uri = resolve_tracking_uri(tracking_uri, results_dir)
+    if _is_http(uri):
+        print(f"MLflow UI: {uri}", flush=True)
+        return 0
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(f"{db}: no MLflow database (run a study into {results_dir} first, or pass a tracking URI)")
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise TrackingError(f"port {port} on 127.0.0.1 is in use; pick another with --port") from None
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # lighter and faster to start
+    process = subprocess.Popen(ui_command(uri, port), env=env)
+    print(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the whole foreground group, mlflow too
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait(timeout=15)
+        return 0
