@@ -1,0 +1,213 @@
+"""Figures for the report: each function takes an analysis result and returns a matplotlib Figure.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot: no
+global figure registry to leak memory in a long report run, no display needed, and the caller's
+pyplot backend is left alone. ``fig.savefig(path)`` writes PNG/SVG.
+
+No empty figures. Input of the wrong kind (a frame without the expected columns) raises
+:class:`PlotError`; input that is valid but empty (no completed trial, no replicated config)
+draws an explicit "no data: <why>" message in the axes instead, so a report section still
+says what is missing rather than failing or showing blank axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from analysis.sensitivity import Interaction, Marginal, SeedNoise
+
+STATUS_COLORS = {
+    "completed": "#2ca02c",
+    "stopped_early": "#7f7f7f",
+    "diverged": "#d62728",
+    "failed": "#000000",
+    "running": "#1f77b4",
+}
+EVALUATOR_TITLES = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA", "abs_rank_corr": "|rank correlation|"}
+
+
+class PlotError(ValueError):
+    """A plot was given input of the wrong kind; the message names what was expected."""
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise PlotError(f"{what}: expected a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise PlotError(f"{what}: missing columns {', '.join(missing)}")
+
+
+def no_data(ax, why: str) -> None:
+    """Write an explicit "no data" message in ``ax`` (and hide its empty frame)."""
+    ax.text(0.5, 0.5, f"no data: {why}", ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_axis_off()
+
+
+def learning_curves_figure(
+    curves: pd.DataFrame, metric: str = "error", target: float | None = None, max_configs: int = 8
+) -> Figure:
+    """Median learning curve per configuration with its seed band (from stability.learning_curves).
+
+    With more than ``max_configs`` configurations, the ones with the lowest final median are drawn.
+    """
+    _require(curves, ["label", "step", "n", "median", "lo", "hi"], "learning curves")
+    fig = _figure()
+    ax = fig.add_subplot()
+    if curves.empty:
+        no_data(ax, "no evaluations of full-budget runs")
+        return fig
+    final = curves.sort_values("step").groupby("label", sort=False)["median"].last().sort_values(kind="stable")
+    labels = list(final.index[:max_configs])
+    palette = sns.color_palette("colorblind", len(labels))
+    for label, color in zip(labels, palette, strict=True):
+        c = curves[curves["label"] == label].sort_values("step")
+        ax.plot(c["step"], c["median"], color=color, label=f"{label} (n={int(c['n'].max())})")
+        ax.fill_between(c["step"], c["lo"], c["hi"], color=color, alpha=0.2, linewidth=0)
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
+    shown = "" if len(final) <= max_configs else f" (best {max_configs} of {len(final)})"
+    ax.set(xlabel="step", ylabel=metric, title=f"{metric}: median over seeds, band = quantiles{shown}")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def success_rate_figure(stability: pd.DataFrame, max_configs: int = 20) -> Figure:
+    """Success rate per configuration with its bootstrap interval (from stability.seed_stability)."""
+    _require(stability, ["label", "n_seeds", "success_rate", "success_rate_lo", "success_rate_hi"], "success rate")
+    rows = stability[stability["n_seeds"] > 0].sort_values("success_rate", ascending=False, kind="stable")
+    rows = rows.head(max_configs).iloc[::-1]  # best at the top of a horizontal bar chart
+    fig = _figure(6.4, max(2.5, 0.35 * len(rows) + 1.2))
+    ax = fig.add_subplot()
+    if rows.empty:
+        no_data(ax, "no configuration has a full-budget run")
+        return fig
+    rate = rows["success_rate"].to_numpy(dtype=float)
+    err = np.vstack([rate - rows["success_rate_lo"].to_numpy(dtype=float),
+                     rows["success_rate_hi"].to_numpy(dtype=float) - rate])
+    y = np.arange(len(rows))
+    bars = ax.barh(y, rate, xerr=err, color="#4c72b0", ecolor="black", capsize=3)
+    # Written out so a rate of 0 (an invisible bar) still reads as a value.
+    ax.bar_label(bars, labels=[f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
+                               zip(rate, rows["success_rate_lo"], rows["success_rate_hi"], strict=True)],
+                 padding=4, fontsize="small")
+    ax.set_yticks(y, [f"{label} (n={n})" for label, n in zip(rows["label"], rows["n_seeds"], strict=True)])
+    ax.set_xticks(np.linspace(0.0, 1.0, 6))
+    ax.set(xlim=(0, 1.45), xlabel="success rate (95% bootstrap CI)", title="Success over seeds")
+    return fig
+
+
+def importance_figure(
+    importances: pd.DataFrame,
+    evaluators: Sequence[str] | None = None,
+    seed_noise: SeedNoise | None = None,
+) -> Figure:
+    """One bar chart per evaluator (fANOVA, PED-ANOVA, |rank correlation|), parameters in the first one's order.
+
+    The seed-noise share, when given, is written in the title: importances of a study whose
+    objective is mostly seed noise say little.
+    """
+    if evaluators is None:
+        evaluators = [e for e in EVALUATOR_TITLES if e in getattr(importances, "columns", [])]
+    _require(importances, list(evaluators), "importances")
+    fig = _figure(3.2 * max(1, len(evaluators)), max(2.5, 0.35 * len(importances) + 1.5))
+    if importances.empty or not evaluators:
+        no_data(fig.add_subplot(), "no hyperparameters or no evaluators")
+        return fig
+    params = list(importances.index)[::-1]
+    axes = fig.subplots(1, len(evaluators), sharey=True, squeeze=False)[0]
+    for ax, name in zip(axes, evaluators, strict=True):
+        values = importances.loc[params, name].to_numpy(dtype=float)
+        if np.isnan(values).all():
+            no_data(ax, f"{EVALUATOR_TITLES.get(name, name)} needs >= 2 completed trials")
+            continue
+        ax.barh(np.arange(len(params)), np.nan_to_num(values), color="#55a868")
+        ax.set_yticks(np.arange(len(params)), params)
+        ax.set(title=EVALUATOR_TITLES.get(name, name), xlim=(0, max(1e-9, float(np.nanmax(values))) * 1.1))
+    if seed_noise is not None and np.isfinite(seed_noise.share):
+        lo, hi = seed_noise.ci
+        fig.suptitle(f"seed noise: {seed_noise.share:.2f} of the variance [{lo:.2f}, {hi:.2f}], "
+                     f"{seed_noise.n_configs} replicated configs")
+    return fig
+
+
+def marginals_figure(marginals: Sequence[Marginal], metric: str = "error", max_params: int = 6,
+                     ncols: int = 3) -> Figure:
+    """Objective against each hyperparameter: every trial as a dot, the binned median as a line (or per category)."""
+    if not all(isinstance(m, Marginal) for m in marginals):
+        raise PlotError("marginals: expected a list of analysis.sensitivity.Marginal")
+    shown = [m for m in marginals if not m.points.empty][:max_params]
+    if not shown:
+        fig = _figure()
+        no_data(fig.add_subplot(), "no completed trial with hyperparameters")
+        return fig
+    ncols = min(ncols, len(shown))
+    nrows = math.ceil(len(shown) / ncols)
+    fig = _figure(3.4 * ncols, 2.9 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, m in zip(axes, shown, strict=False):
+        if m.kind == "categorical":
+            x = m.points["bin"].to_numpy(dtype=float)
+            jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(x))
+            ax.scatter(x + jitter, m.points["objective"], s=10, alpha=0.5)
+            ax.errorbar(np.arange(len(m.summary)), m.summary["median"],
+                        yerr=[m.summary["median"] - m.summary["q25"], m.summary["q75"] - m.summary["median"]],
+                        fmt="o", color="black", capsize=3)
+            ax.set_xticks(np.arange(len(m.summary)), m.summary["label"])
+        else:
+            ax.scatter(m.points["value"].astype(float), m.points["objective"], s=10, alpha=0.5)
+            ax.plot(m.summary["centre"], m.summary["median"], color="black", marker="o", markersize=3)
+            ax.fill_between(m.summary["centre"], m.summary["q25"], m.summary["q75"], color="black", alpha=0.1,
+                            linewidth=0)
+            if m.log:
+                ax.set_xscale("log")
+        ax.set(xlabel=m.param, ylabel=metric)
+    for ax in axes[len(shown):]:
+        ax.set_axis_off()
+    return fig
+
+
+def interaction_figure(table: Interaction | None, metric: str = "error") -> Figure:
+    """Heatmap of the median objective over the bins of the top pair of hyperparameters."""
+    fig = _figure(5.6, 4.4)
+    ax = fig.add_subplot()
+    if table is not None and not isinstance(table, Interaction):
+        raise PlotError("interaction: expected an analysis.sensitivity.Interaction or None")
+    if table is None or table.median.isna().all().all():
+        no_data(ax, "fewer than two rated hyperparameters")
+        return fig
+    sns.heatmap(table.median, ax=ax, annot=True, fmt=".3g", cmap="viridis_r", cbar_kws={"label": f"median {metric}"})
+    ax.set(title=f"{table.params[0]} x {table.params[1]}")
+    return fig
+
+
+def status_figure(status: pd.DataFrame) -> Figure:
+    """Runs per status (from sensitivity.status_table), with how many importance used."""
+    _require(status, ["status", "n_runs", "n_used"], "status table")
+    fig = _figure(5.6, 3.2)
+    ax = fig.add_subplot()
+    if status["n_runs"].sum() == 0:
+        no_data(ax, "no runs")
+        return fig
+    x = np.arange(len(status))
+    colors = [STATUS_COLORS.get(s, "#8172b2") for s in status["status"]]
+    bars = ax.bar(x, status["n_runs"], color=colors)
+    ax.bar_label(bars, labels=[f"{n} ({u} used)" if u else str(n) for n, u in
+                               zip(status["n_runs"], status["n_used"], strict=True)], fontsize="small")
+    ax.set_xticks(x, status["status"])
+    ax.margins(y=0.15)  # room for the labels above the bars
+    ax.set(ylabel="runs", title="Trial status (importance uses completed runs only)")
+    return fig

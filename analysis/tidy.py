@@ -1,0 +1,151 @@
+"""The tidy frame every analysis reads: one row per run x evaluation step.
+
+A loader (MLflow runs + the Optuna study) fills it; stability, sensitivity, generalization and
+the report only ever read this frame, so they can be tested on synthetic studies with known truth.
+
+Schema (one row per run and evaluation step; a run is one trial of one study, with one seed):
+
+=================  ==========================================================================
+column             meaning
+=================  ==========================================================================
+``study``          str: the study name (several values when one study was run under several
+                   search seeds, or when replications are loaded beside their study)
+``replication``    str or None: the replication id when the run comes from
+                   ``mannstudy replicate``; None for runs of the search itself
+``run_id``         str: the MLflow run id; the unit of every per-run statistic
+``trial_id``       the Optuna trial number (or any id unique within the study)
+``config_id``      str: :func:`config_id` of the run's hyperparameters without the seed, so the
+                   runs of one configuration over seeds share it
+``seed``           int: the run's training seed (a nuisance hyperparameter: never a ``param.`` column)
+``model``          str: the registry name (``ntm``, ``dnc``, ``dnc-md``, ... , ``lstm``)
+``status``         one of :data:`STATUSES`: ``completed`` (full budget), ``stopped_early``
+                   (ASHA stopped it; Optuna: PRUNED), ``diverged`` (NaN/Inf; Optuna: FAIL),
+                   ``failed`` (an exception), ``running`` (not finished when loaded)
+``status_step``    int or NaN: the step at which the status was reached (the divergence step,
+                   the last rung of a stopped trial); NaN for completed runs
+``step``           int: the training step of this evaluation
+metrics            float columns named as ``mann.train`` reports them (see :data:`METRIC_COLUMNS`):
+                   ``error``, ``bit_error``, ``accuracy``, ``train_loss``, ``level``,
+                   ``wall_time``, ``sequences``, ``gen2x_error``, ``gen4x_error``, ...
+                   NaN where not measured
+``param.<key>``    one column per hyperparameter, named by its dotted key (``param.lr``,
+                   ``param.model.memory_size``, ``param.task.max_length``), holding the typed
+                   value: int columns for integer parameters (pandas ``Int64`` where some runs lack
+                   it), float for real ones, str/bool for categorical ones; NaN/None where a
+                   conditional parameter does not apply to the run
+=================  ==========================================================================
+
+A run that never reached an evaluation (failed at start) still has one row, with ``step`` 0
+and NaN metrics, so that it is counted. Extra columns are allowed and ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+STATUSES = ("completed", "stopped_early", "diverged", "failed", "running")
+# Runs that used their whole budget: a diverged run would never have recovered, so it counts
+# as an outcome of its configuration; stopped, failed and running runs did not get the chance.
+FULL_BUDGET = ("completed", "diverged")
+
+ID_COLUMNS = (
+    "study", "replication", "run_id", "trial_id", "config_id", "seed", "model", "status", "status_step", "step",
+)
+REQUIRED_COLUMNS = ID_COLUMNS
+METRIC_COLUMNS = (
+    "error", "bit_error", "accuracy", "train_loss", "level", "wall_time", "sequences",
+    "gen2x_error", "gen2x_bit_error", "gen2x_accuracy", "gen4x_error", "gen4x_bit_error", "gen4x_accuracy",
+)
+PARAM_PREFIX = "param."
+_SEED_KEYS = ("seed", PARAM_PREFIX + "seed")
+
+
+class TidyError(ValueError):
+    """A frame that does not follow the tidy schema; the message is one line naming what is wrong."""
+
+
+def validate_tidy(df: pd.DataFrame, metrics: Iterable[str] = ()) -> pd.DataFrame:
+    """Check ``df`` against the schema (required columns, known statuses, the given metric columns).
+
+    Returns ``df`` unchanged so calls can chain; raises :class:`TidyError` otherwise.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TidyError(f"tidy frame: expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in (*REQUIRED_COLUMNS, *metrics) if c not in df.columns]
+    if missing:
+        raise TidyError(
+            f"tidy frame: missing columns {', '.join(missing)} (expected the columns of analysis.tidy: "
+            f"{', '.join(REQUIRED_COLUMNS)}, plus metric and param.<key> columns)"
+        )
+    unknown = sorted(set(df["status"].dropna().astype(str)) - set(STATUSES))
+    if unknown or df["status"].isna().any():
+        got = ", ".join(unknown) if unknown else "a missing status"
+        raise TidyError(f"tidy frame: status: expected one of {', '.join(STATUSES)}, got {got}")
+    return df
+
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    """The ``param.<key>`` columns of ``df``, in frame order; the seed is not a hyperparameter here."""
+    return [c for c in df.columns if c.startswith(PARAM_PREFIX) and c not in _SEED_KEYS]
+
+
+def param_name(column: str) -> str:
+    """``param.model.memory_size`` -> ``model.memory_size`` (the key Optuna and the study files use)."""
+    return column[len(PARAM_PREFIX):] if column.startswith(PARAM_PREFIX) else column
+
+
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The last evaluation (largest ``step``) of each run: one row per ``run_id``, in first-seen run order."""
+    validate_tidy(df)
+    order = pd.Index(df["run_id"]).unique()
+    last = df.sort_values("step", kind="stable").groupby("run_id", sort=False).tail(1)
+    return last.set_index("run_id", drop=False).loc[order].reset_index(drop=True)
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-ready value with one spelling per value: 64, 64.0 and np.int64(64) hash alike."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return repr(value) if not math.isfinite(value) else value
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return str(value)
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float | np.floating) and math.isnan(value)) or value is pd.NA
+
+
+def config_id(params: Mapping[str, Any]) -> str:
+    """A stable 12-hex-digit hash of a run's hyperparameters, without the seed.
+
+    Keys may carry the ``param.`` prefix or not; a missing (None/NaN) value counts as absent, so
+    a conditional parameter that does not apply changes nothing. Numbers hash by value (64 == 64.0),
+    strings as strings: the loader must type MLflow's string params before hashing.
+    """
+    canonical = {
+        param_name(key): _canonical(value)
+        for key, value in params.items()
+        if param_name(key) != "seed" and not _absent(value)
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def params_of(row: Mapping[str, Any] | pd.Series) -> dict[str, Any]:
+    """The hyperparameters of one tidy row as ``{dotted key: value}``, absent ones left out."""
+    return {
+        param_name(key): value
+        for key, value in dict(row).items()
+        if key.startswith(PARAM_PREFIX) and key not in _SEED_KEYS and not _absent(value)
+    }
