@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mann.config import to_dict
-from study.spec import StudySpec, define_by_run, load_spec
+from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
 MAX_FAILURES = 2  # retries per trial (a lost node, a crash), each from the trial's last checkpoint
@@ -114,9 +114,12 @@ def make_tuner(spec: StudySpec, context, resume: bool):
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
 
     metric, mode = spec.objective.metric, spec.objective.mode
+    # A new study only (run_sweep refuses to start one over existing trials; --resume restores the
+    # searcher instead): Ray enqueues points_to_evaluate every time it sets up the study.
     searcher = TruthfulOptunaSearch(
-        space=StudySpace(spec), metric=metric, mode=mode,
-        storage=_optuna_storage(spec), study_name=spec.name, seed=spec.search_seed,
+        space=StudySpace(spec), metric=metric, mode=mode, sampler=make_sampler(spec),
+        points_to_evaluate=grid_points(spec) if spec.sampler == "grid" else None,
+        storage=_optuna_storage(spec), study_name=spec.name,
     )
     if spec.budget.early_stopping:
         # time_attr "step": ASHA's rungs are training steps, whatever the evaluation interval.
