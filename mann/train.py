@@ -1,0 +1,427 @@
+"""Training: one run of one model on one task, alone (no Ray, no MLflow).
+
+``fit(config, on_eval)`` is the whole life of a trial: seed, build, train with clipping and
+divergence detection, evaluate periodically (at the training difficulty and at larger
+generalization scales), step the curriculum, checkpoint, resume. The study's trainable wraps
+it and turns ``on_eval`` into ``tune.report``; the command line wraps it with a progress line.
+
+Determinism: ``torch.manual_seed(seed)`` before building the model fixes the initial weights;
+training batches come from a ``torch.Generator`` seeded with ``seed``; evaluation batches from a
+generator re-seeded with ``eval_seed`` at every evaluation, so all evaluations of a run (and of
+runs with other seeds) are scored on the same sequences at a given level. A checkpoint holds
+everything the loop reads (weights, optimizer moments, data generator, curriculum, step), so a
+resumed run continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from mann.config import ConfigError, check, flatten, replace_checked, to_dict
+from mann.registry import build_model, make_model_config, model_entry
+from mann.tasks import build_task, make_task_config
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "mannstudy-checkpoint-1"  # bump when the checkpoint layout changes
+_NESTED = ("model_cfg", "task_cfg")  # set through model.* / task.* keys, never directly
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run depends on; ``model_cfg``/``task_cfg`` default to the named model's/task's."""
+
+    model: str = "ntm"  # a name in mann.registry.MODELS
+    task: str = "copy"  # a name in mann.tasks.TASKS
+    model_cfg: Any = None  # the model's resolved config object (make_model_config)
+    task_cfg: Any = None  # the task's resolved config object (make_task_config)
+    # Graves 2014 trained with RMSProp (Graves 2013's variant: centered, momentum 0.9, decay 0.95) at lr 1e-4;
+    # Adam at 1e-3 learns the small tasks faster and is what most later work uses.
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    lr: float = 1e-4
+    momentum: float = 0.9  # RMSProp momentum (ignored by Adam)
+    alpha: float = 0.95  # RMSProp decay of the squared-gradient average (ignored by Adam)
+    centered: bool = True  # RMSProp divides by the gradient's estimated std, as Graves 2013 (ignored by Adam)
+    eps: float = 1e-8  # added after the square root (PyTorch's placement; Graves 2013 adds 1e-4 under it)
+    batch_size: int = 16
+    max_steps: int = 50_000  # optimizer updates; the run's budget
+    clip_norm: float | None = None  # rescale the whole gradient to at most this L2 norm
+    clip_value: float | None = 10.0  # then clip each gradient element to [-v, v] (Graves 2014 clipped to (-10, 10))
+    seed: int = 0  # initial weights and training data
+    eval_seed: int = 12345  # evaluation data: the same for every evaluation and every seed, so scores compare
+    eval_every: int = 500  # steps between evaluations (and on_eval calls); the last step is always evaluated
+    eval_batches: int = 4  # batches of batch_size sequences per evaluation and per scale
+    gen_scales: tuple[float, ...] = (2.0, 4.0)  # generalization: difficulty multipliers evaluated besides 1x
+    gen_scale_memory: bool = True  # give a scale-s evaluation s times the memory slots, so failures are not capacity
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    dtype: Literal["float32", "float64"] = "float32"  # float64 for numerical checks
+    checkpoint_dir: str | None = None  # when set, fit writes <dir>/checkpoint.pt (latest only) ...
+    checkpoint_every: int = 1  # ... every this many evaluations, and at the end of the run
+
+    def __post_init__(self):
+        # Resolve the nested configs here so TrainConfig(model="dnc") alone is complete.
+        if self.model_cfg is None:
+            object.__setattr__(self, "model_cfg", make_model_config(self.model))
+        else:
+            cls = model_entry(self.model).config_cls()
+            check(isinstance(self.model_cfg, cls), "model_cfg", f"a {cls.__name__}", type(self.model_cfg).__name__)
+        if self.task_cfg is None:
+            object.__setattr__(self, "task_cfg", make_task_config(self.task))
+        else:
+            default = make_task_config(self.task)
+            check(type(self.task_cfg) is type(default), "task_cfg", f"a {type(default).__name__}",
+                  type(self.task_cfg).__name__)
+        check(math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        check(0 <= self.momentum < 1, "momentum", "a number in [0, 1)", self.momentum)
+        check(0 < self.alpha < 1, "alpha", "a number in (0, 1)", self.alpha)
+        check(self.eps > 0, "eps", "a positive number", self.eps)
+        check(self.batch_size >= 1, "batch_size", "a positive integer", self.batch_size)
+        check(self.max_steps >= 1, "max_steps", "a positive integer", self.max_steps)
+        for key in ("clip_norm", "clip_value"):
+            value = getattr(self, key)
+            check(value is None or value > 0, key, "a positive number or null", value)
+        check(self.eval_every >= 1, "eval_every", "a positive integer", self.eval_every)
+        check(self.eval_batches >= 1, "eval_batches", "a positive integer", self.eval_batches)
+        check(all(s > 1 for s in self.gen_scales), "gen_scales", "a list of numbers > 1", self.gen_scales)
+        check(self.checkpoint_every >= 1, "checkpoint_every", "a positive integer", self.checkpoint_every)
+
+
+def _top_level_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NESTED]
+
+
+def make_train_config(
+    model: str = "ntm", task: str = "copy", overrides: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """A TrainConfig from dotted overrides: ``lr``, ``model.memory_size``, ``task.max_length``.
+
+    ``model``/``task`` may also be given as keys (a study may sweep over them). Unknown keys and
+    bad values raise ConfigError naming the key.
+    """
+    overrides = dict(overrides or {})
+    model = str(overrides.pop("model", model))
+    task = str(overrides.pop("task", task))
+    top, model_over, task_over = {}, {}, {}
+    for key, value in overrides.items():
+        if key.startswith("model."):
+            model_over[key.removeprefix("model.")] = value
+        elif key.startswith("task."):
+            task_over[key.removeprefix("task.")] = value
+        elif key in _top_level_keys():
+            top[key] = value
+        else:
+            known = ", ".join([*_top_level_keys(), "model.<field>", "task.<field>"])
+            raise ConfigError(key, f"a known key ({known})")
+    model_cfg = make_model_config(model, model_over)
+    task_cfg = make_task_config(task, task_over)
+    return replace_checked(TrainConfig(model=model, task=task, model_cfg=model_cfg, task_cfg=task_cfg), top)
+
+
+def config_to_flat_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted keys -> plain values (lists for tuples): MLflow params, checkpoints, study files."""
+    top = {name: to_dict(getattr(cfg, name)) for name in _top_level_keys()}
+    return {**top, **flatten({"model": to_dict(cfg.model_cfg), "task": to_dict(cfg.task_cfg)})}
+
+
+def config_from_flat_dict(flat: Mapping[str, Any]) -> TrainConfig:
+    """The inverse of config_to_flat_dict (also accepts a partial dict: missing keys take defaults)."""
+    flat = dict(flat)
+    return make_train_config(flat.pop("model", "ntm"), flat.pop("task", "copy"), flat)
+
+
+class FitResult(NamedTuple):
+    status: Literal["completed", "diverged", "stopped"]
+    step: int  # the last step taken (for diverged: the step whose loss or gradient was not finite)
+    metrics: dict[str, float]  # the last evaluation's metrics ({} if none happened)
+    message: str  # one line for people
+    checkpoint: Path | None = None  # the last checkpoint written by fit itself (checkpoint_dir), if any
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt or does not fit the run: one line naming the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run: everything fit touches, with its state as one checkpointable dict.
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "'cpu' or 'auto' (no CUDA device is available)", name)
+    return torch.device(name)
+
+
+class _Run:
+    """Model, optimizer, task and data generator of one run, and the train/eval steps on them."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+        self.task = build_task(cfg.task, cfg.task_cfg)
+        torch.manual_seed(cfg.seed)  # initial weights
+        model = build_model(cfg.model, cfg.model_cfg, self.task.input_size, self.task.output_size)
+        self.model = model.to(device=self.device, dtype=self.dtype)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.eps)
+        else:
+            self.optimizer = torch.optim.RMSprop(
+                self.params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, centered=cfg.centered
+            )
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # training data (tasks sample on the CPU)
+        self.step = 0
+        self.wall_time = 0.0  # seconds spent training (evaluation and checkpointing excluded)
+        self.metrics: dict[str, float] = {}  # the last evaluation's
+
+    def _to_device(self, batch):
+        """Batch tensors on the run's device; float tensors in the run's dtype (class targets stay long)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            dtype = self.dtype if t.is_floating_point() else None
+            return t.to(device=self.device, dtype=dtype, non_blocking=True)
+
+        return type(batch)(*(move(t) for t in batch))
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on a fresh batch. Returns (loss, gradient norm before clipping), both 0-d tensors.
+
+        The caller checks them for divergence *before* calling :meth:`apply_update`, so a
+        non-finite gradient never reaches the weights.
+        """
+        batch = self._to_device(self.task.sample(self.cfg.batch_size, self.generator))
+        logits = self.model(batch.inputs)
+        loss = self.task.loss(logits, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        return loss.detach(), norm
+
+    def apply_update(self, norm: torch.Tensor) -> str | None:
+        """Clip and step. Returns None, or why the step overflowed (a divergence, e.g. Adam's lr / (1 - β1^t))."""
+        if self.cfg.clip_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.clip_norm, norm)
+        if self.cfg.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(self.params, self.cfg.clip_value)
+        try:
+            self.optimizer.step()
+        except RuntimeError as err:
+            if "overflow" not in str(err):
+                raise
+            return str(err).strip().splitlines()[0]
+        return None
+
+    @torch.no_grad()
+    def evaluate(self, train_loss: float) -> dict[str, float]:
+        """Metrics at the training difficulty and at each generalization scale, on the fixed evaluation data."""
+        # A model may draw from the global RNG (e.g. a random initial memory): evaluate on a fork seeded with
+        # eval_seed, so evaluations are reproducible and leave the training RNG exactly where it was.
+        devices = [self.device] if self.device.type == "cuda" else []  # [] forks only the CPU generator
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.manual_seed(self.cfg.eval_seed)
+            return self._evaluate(train_loss)
+
+    def _evaluate(self, train_loss: float) -> dict[str, float]:
+        self.model.eval()
+        generator = torch.Generator().manual_seed(self.cfg.eval_seed)
+        metrics: dict[str, float] = {
+            "step": self.step,
+            "sequences": self.step * self.cfg.batch_size,
+            "wall_time": self.wall_time,
+            "train_loss": train_loss,
+            **self._score(1.0, generator),
+            "level": self.task.level,
+        }
+        memory_size = getattr(self.cfg.model_cfg, "memory_size", None)
+        for scale in self.cfg.gen_scales:
+            slots = None
+            if self.cfg.gen_scale_memory and memory_size is not None:
+                slots = int(math.ceil(memory_size * scale))
+            for name, value in self._score(scale, generator, slots).items():
+                metrics[f"gen{scale:g}x_{name}"] = value
+        self.model.train()
+        return metrics
+
+    def _score(self, scale: float, generator: torch.Generator, memory_size: int | None = None) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for _ in range(self.cfg.eval_batches):
+            batch = self._to_device(self.task.sample(self.cfg.batch_size, generator, scale=scale))
+            logits = self.model(batch.inputs, memory_size=memory_size)
+            for name, value in self.task.metrics(logits, batch).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return {name: totals[name] / self.cfg.eval_batches for name in ("error", "bit_error", "accuracy")}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_to_flat_dict(self.cfg),
+            "step": self.step,
+            "wall_time": self.wall_time,
+            "metrics": dict(self.metrics),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_generator": self.generator.get_state(),
+            "task": self.task.state_dict(),
+            "rng": self._rng_state(),  # global RNG, which models may use (e.g. NTM's random initial memory)
+        }
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write <directory>/checkpoint.pt atomically (a crash mid-write leaves the previous one intact)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CHECKPOINT_NAME
+        tmp = directory / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        path = checkpoint_path(path)
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.task.load_state_dict(state["task"])
+            self.generator.set_state(state["data_generator"])
+            self._set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: expected a checkpoint of this run's model and task ({detail})") from None
+        self.step = int(state["step"])
+        self.wall_time = float(state["wall_time"])
+        self.metrics = dict(state["metrics"])
+
+
+_CHECKPOINT_KEYS = (
+    "format", "config", "step", "wall_time", "metrics", "model", "optimizer", "data_generator", "task", "rng",
+)
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a directory holding checkpoint.pt."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's state dict (tensors on the CPU), or CheckpointError naming the file and what was expected."""
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file (expected a {CHECKPOINT_NAME} written by mannstudy)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, zip errors)
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: expected a mannstudy checkpoint written by torch.save ({detail})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT!r}, got {got!r}")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: expected checkpoint keys {', '.join(missing)} (missing)")
+    return state
+
+
+def config_from_checkpoint(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig a checkpoint was written with, with optional dotted overrides (e.g. a larger max_steps)."""
+    path = checkpoint_path(path)
+    flat = dict(load_checkpoint(path)["config"])
+    flat.update(overrides or {})
+    return config_from_flat_dict(flat)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+OnEval = Callable[[dict[str, float], Callable[[str | os.PathLike], Path]], bool | None]
+
+
+def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | os.PathLike | None = None) -> FitResult:
+    """Train ``config`` to its budget, an on_eval stop request, or divergence. Never raises for divergence.
+
+    ``on_eval(metrics, save_checkpoint)`` is called after each evaluation (and the task's
+    curriculum update); ``save_checkpoint(dir)`` writes ``dir/checkpoint.pt`` and returns its path. Returning
+    True stops the run. ``resume_from`` (a checkpoint file or its directory) continues a run
+    exactly where it was saved.
+    """
+    cfg = config
+    run = _Run(cfg)
+    if resume_from is not None:
+        run.load(resume_from)
+    last_checkpoint: Path | None = None
+    saved_at = -1
+    evaluations = 0
+    # Accumulated on the device: reading the loss every step would add a sync we only pay at evaluations.
+    loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
+    loss_count = 0
+    started = time.perf_counter()
+
+    def evaluate_and_report() -> bool:
+        """Evaluate, step the curriculum, call on_eval. True if on_eval asks to stop."""
+        nonlocal loss_count, started, evaluations, last_checkpoint, saved_at
+        run.wall_time += time.perf_counter() - started
+        train_loss = (loss_sum / loss_count).item()  # mean since the last evaluation (>= 1 step)
+        loss_sum.zero_()
+        loss_count = 0
+        run.metrics = metrics = run.evaluate(train_loss)
+        # The curriculum is the task's (task.curriculum; a no-op when off). The level reported is the one just
+        # evaluated; the checkpoint carries the updated one.
+        run.task.update_curriculum(metrics["error"])
+        evaluations += 1
+        if cfg.checkpoint_dir is not None and evaluations % cfg.checkpoint_every == 0:
+            last_checkpoint, saved_at = run.save(cfg.checkpoint_dir), run.step
+        stop = bool(on_eval(dict(metrics), run.save)) if on_eval is not None else False
+        started = time.perf_counter()
+        return stop
+
+    status, message = "completed", ""
+    while run.step < cfg.max_steps:
+        loss, norm = run.train_step()
+        # The one host sync per step: NaN/Inf in the loss or anywhere in the gradient ends the run here,
+        # before the update, so the weights stay finite.
+        finite = bool(torch.isfinite(loss + norm))
+        overflow = run.apply_update(norm) if finite else None
+        run.step += 1
+        if not finite or overflow is not None:
+            if overflow is not None:
+                why = f"the optimizer step overflowed ({overflow})"
+            else:
+                why = f"loss is {loss.item()}" if not torch.isfinite(loss) else f"gradient norm is {norm.item()}"
+            run.wall_time += time.perf_counter() - started
+            message = f"diverged at step {run.step}: {why}"
+            return FitResult("diverged", run.step, dict(run.metrics), message, last_checkpoint)
+        loss_sum += loss
+        loss_count += 1
+        if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+            if evaluate_and_report() and run.step < cfg.max_steps:
+                status = "stopped"
+                break
+
+    if cfg.checkpoint_dir is not None and (last_checkpoint is None or saved_at != run.step):
+        last_checkpoint = run.save(cfg.checkpoint_dir)
+    summary = ", ".join(f"{k} {run.metrics[k]:.4g}" for k in ("error", "bit_error", "accuracy") if k in run.metrics)
+    message = f"{status} at step {run.step}" + (f": {summary}" if summary else "")
+    return FitResult(status, run.step, dict(run.metrics), message, last_checkpoint)
