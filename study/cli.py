@@ -33,6 +33,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command}: {message}" if command else message)
 
 
+# Raised for user mistakes by modules that handlers import lazily (matched by name so that importing this
+# module never imports them).
+_USER_ERRORS = {"SweepError", "TrackingError", "CheckpointError", "SpecError", "TidyError", "ReportError",
+                "ReplicationError", "SensitivityError"}
+
+
 class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -189,11 +195,44 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# sweep, ui
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a study file (search_spaces/*.yaml)")
+    p.add_argument("--address", help="join a Ray cluster ('auto' on a cluster head, or host:port); "
+                                     "default: a local Ray on this machine")
+    p.add_argument("--resume", action="store_true",
+                   help="finish a study whose driver stopped (completed trials are kept, running ones resume)")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from study.sweep import cli_sweep
+
+    return cli_sweep(args.file, address=args.address, resume=args.resume)
+
+
+def _ui_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results_dir", nargs="?", default="results",
+                   help="a study's results folder (results/<name>) holding mlflow.db; default results")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    p.add_argument("--tracking-uri", help="an MLflow tracking URI instead of the folder's mlflow.db")
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from study.tracking import cli_ui
+
+    return cli_ui(args.results_dir, port=args.port, tracking_uri=args.tracking_uri)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 _commands: dict[str, Command] = {
     "train": Command("train one model on one task, alone (no Ray)", _train_arguments, _train),
     "demo": Command("train a small NTM on copy and print its learning curve", _demo_arguments, _demo),
     "validate": Command("check a study file; nothing is launched", _validate_arguments, _validate),
+    "sweep": Command("run a study: Ray Tune + Optuna + ASHA, every trial in MLflow", _sweep_arguments, _sweep),
+    "ui": Command("open the MLflow UI of a study's results on 127.0.0.1", _ui_arguments, _ui),
 }
 
 
@@ -212,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # User-facing errors of the other packages (a missing database, an unreachable tracking server,
+        # a corrupt checkpoint, a study that already has results): one line, exit 2.
+        if type(err).__name__ in _USER_ERRORS:
+            print(f"{PROG}: {err}", file=sys.stderr)
+            return 2
+        raise
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     except KeyboardInterrupt:
