@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 from mann.config import ConfigError, parse_set_args
@@ -128,56 +129,50 @@ def progress_line(m: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # demo
 
-# Until the sweep exists: one small NTM learning to copy 6-bit sequences of length 1..5 (curriculum from 2),
-# tested on lengths 6..10 and 6..20; about 1-2 minutes on one CPU core. Measured here: bit error 0 at the
-# full length after ~2,250 steps (seed 0).
-DEMO_MODEL, DEMO_TASK = "ntm", "copy"
-DEMO_OVERRIDES = {
-    "model.controller_size": 32,
-    "model.memory_size": 16,
-    "model.word_size": 8,
-    "task.bits": 6,
-    "task.max_length": 5,
-    "optimizer": "adam",
-    "lr": 3e-3,
-    "max_steps": 3000,
-    "eval_every": 250,
-    "gen_scales": [2, 4],
-    "device": "cpu",
-}
-DEMO_QUICK_STEPS = 20
+# The first look: the demo study (NTM vs DNC on a short copy task, 8 trials, about five minutes on two cores),
+# then its report. Run again, it finishes what is missing and rewrites the report.
+DEMO_STUDY = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+# --quick (CI's smoke test): the same study shrunk to a few trials of a few steps, in a folder of its own.
+DEMO_QUICK = {"num_samples": 3, "max_steps": 20, "eval_every": 10, "grace_period": 10, "reduction_factor": 2}
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help=f"{DEMO_QUICK_STEPS} steps only (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="a few trials of a few steps (a smoke test)")
+    p.add_argument("--results-dir", help="where the quick demo writes (default: a new temporary folder)")
+
+
+def _quick_demo_file(results_dir: str) -> Path:
+    import yaml
+
+    data = yaml.safe_load(DEMO_STUDY.read_text())
+    data["name"] = "demo-quick"
+    data["budget"] = {**data["budget"], **DEMO_QUICK}
+    data["results_dir"] = str(Path(results_dir).resolve())
+    path = Path(results_dir) / "demo-quick.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mann.train import make_train_config
+    import tempfile
 
-    overrides = dict(DEMO_OVERRIDES)
-    if args.quick:
-        overrides.update(max_steps=DEMO_QUICK_STEPS, eval_every=DEMO_QUICK_STEPS // 2)
-    cfg = make_train_config(DEMO_MODEL, DEMO_TASK, overrides)
-    history: list[dict] = []
-    code = _fit_with_progress(cfg, history=history)
-    print()
-    print(learning_curve(history))
+    from analysis.report import cli_report
+    from study.spec import load_spec
+    from study.sweep import experiment_dir, run_sweep
+
+    path = _quick_demo_file(args.results_dir or tempfile.mkdtemp(prefix="mannstudy-demo-")) if args.quick \
+        else DEMO_STUDY
+    spec = load_spec(path)
+    resume = experiment_dir(spec).is_dir()
+    if resume:
+        print(f"demo: {spec.results_dir} already holds the demo study: finishing what is missing "
+              f"(delete that folder for a fresh run)")
+    summary = run_sweep(path, resume=resume)
+    print(f"demo: {summary.line()}")
+    code = cli_report(str(path))
+    print(f"demo: open the runs with  mannstudy ui {spec.results_dir}  (then http://127.0.0.1:5000)")
     return code
-
-
-def learning_curve(history: list[dict], key: str = "bit_error", width: int = 50) -> str:
-    """A text plot of ``key`` against step, one row per evaluation (with the curriculum level)."""
-    values = [m[key] for m in history if math.isfinite(m[key])]
-    if not values:
-        return f"(no finite {key} to plot)"
-    top = max(values) or 1.0
-    rows = [f"{'step':>7}  {key}  level"]
-    for m in history:
-        v = m[key]
-        bar = "#" * round(width * v / top) if math.isfinite(v) else "?"
-        rows.append(f"{m['step']:>7}  {v:9.3f}  {m['level']:>5g}  {bar}".rstrip())
-    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,13 +221,50 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# replicate, report
+
+
+def _replicate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="the study file of a finished study")
+    p.add_argument("--top", type=int, default=3, metavar="K", help="replicate the K best configurations (default 3)")
+    p.add_argument("--seeds", default="3", metavar="S|s1,s2,...",
+                   help="a number of fresh seeds, or the seeds themselves (default 3)")
+    p.add_argument("--configs", metavar="FILE", help="replicate the configurations listed in this YAML file instead")
+    p.add_argument("--address", help="join a Ray cluster ('auto' on a cluster head); default: a local Ray")
+    p.add_argument("--resume", action="store_true", help="finish a replication whose driver stopped")
+
+
+def _replicate(args: argparse.Namespace) -> int:
+    from study.replicate import cli_replicate
+
+    seeds = int(args.seeds) if args.seeds.strip().isdigit() else args.seeds
+    return cli_replicate(args.file, top_k=args.top, seeds=seeds, configs_file=args.configs,
+                         address=args.address, resume=args.resume)
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="a study file, or a study's name (with --results-dir)")
+    p.add_argument("--results-dir", help="the study's results folder (default: the study file's, or results/<name>)")
+    p.add_argument("--out", help="where to write the report (default: <results_dir>/report)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import cli_report
+
+    return cli_report(args.study, results_dir=args.results_dir, out=args.out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 _commands: dict[str, Command] = {
     "train": Command("train one model on one task, alone (no Ray)", _train_arguments, _train),
-    "demo": Command("train a small NTM on copy and print its learning curve", _demo_arguments, _demo),
+    "demo": Command("run the demo study (NTM vs DNC on copy) and write its report", _demo_arguments, _demo),
     "validate": Command("check a study file; nothing is launched", _validate_arguments, _validate),
     "sweep": Command("run a study: Ray Tune + Optuna + ASHA, every trial in MLflow", _sweep_arguments, _sweep),
     "ui": Command("open the MLflow UI of a study's results on 127.0.0.1", _ui_arguments, _ui),
+    "replicate": Command("re-run a study's best configurations with fresh seeds at full budget",
+                         _replicate_arguments, _replicate),
+    "report": Command("write a study's report: stability, sensitivity, generalization", _report_arguments, _report),
 }
 
 

@@ -12,9 +12,13 @@ Every ask/tell happens here, in the driver (one writer), so SQLite serves a loca
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import pickle
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ from mann.config import to_dict
 from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
+STATE_BACKUP = ".mannstudy-state-backup.pkl"  # StateBackupCallback's bundle, in the experiment folder
+STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_state-*.json")  # Tune's names
 MAX_FAILURES = 2  # retries per trial (a lost node, a crash), each from the trial's last checkpoint
 
 # Set before Ray is imported (read at import / controller start).
@@ -88,17 +94,25 @@ def _optuna_storage(spec: StudySpec):
     return optuna.storages.RDBStorage(spec.storage)
 
 
-def _existing_trials(storage, name: str) -> int:
+def _existing_trials(spec: StudySpec) -> int:
+    """Trials the study already has in its Optuna storage (a SQLite file that does not exist has none:
+    it is not created here, so a sweep refused later leaves nothing behind)."""
     import optuna
 
+    if spec.storage.startswith("sqlite:///") and not Path(spec.storage.removeprefix("sqlite:///")).is_file():
+        return 0
     try:
-        return len(optuna.load_study(study_name=name, storage=storage).trials)
+        return len(optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec)).trials)
     except KeyError:
         return 0
 
 
-def make_tuner(spec: StudySpec, context, resume: bool):
-    """A new Tuner for the study, or the restored one for ``--resume``."""
+def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callback] = ()):
+    """A new Tuner for the study, or the restored one for ``--resume``.
+
+    ``callbacks``: extra Tune callbacks for a new sweep (bench/sweep.py times trials with one); a
+    restored Tuner keeps the callbacks it was created with (Tuner.restore takes none).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -111,6 +125,7 @@ def make_tuner(spec: StudySpec, context, resume: bool):
     )
     exp_dir = experiment_dir(spec)
     if resume:
+        restore_state_backup(exp_dir)
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
 
     metric, mode = spec.objective.metric, spec.objective.mode
@@ -139,9 +154,78 @@ def make_tuner(spec: StudySpec, context, resume: bool):
         name=EXPERIMENT_NAME, storage_path=str(exp_dir.parent),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[ProgressCallback(spec), JsonLoggerCallback()], verbose=0,
+        callbacks=[ProgressCallback(spec), JsonLoggerCallback(), StateBackupCallback(exp_dir), *callbacks],
+        verbose=0,
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+class StateBackupCallback(Callback):
+    """Keeps the last complete copy of Tune's experiment state in the results folder, for ``--resume``.
+
+    Tune (ray 2.60) writes ``experiment_state-*.json`` in place, in a staging folder that a background
+    thread copies to the results folder. A driver killed mid-write leaves a truncated file, and
+    ``Tuner.restore`` then logs the error and silently starts the experiment over (seen in
+    tests/test_faults.py). Tune calls each callback's ``get_state`` right after writing the experiment
+    state and the searcher's (``TuneController.save_to_dir``): then all of them are complete in the
+    staging folder, and they are bundled here into one file that is replaced atomically.
+    :func:`restore_state_backup` puts them back before a resume.
+    """
+
+    def __init__(self, exp_dir: Path):
+        self.exp_dir = Path(exp_dir)
+        self._staging: str | None = None  # Tune's staging folder, known once a trial exists
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._staging = trial.storage.experiment_driver_staging_path
+
+    def get_state(self) -> None:
+        if self._staging is not None:
+            files = {}
+            for pattern in STATE_FILES:
+                newest = max(Path(self._staging).glob(pattern), default=None)
+                if newest is not None:
+                    files[newest.name] = newest.read_bytes()
+            if files:
+                _write_atomically(self.exp_dir / STATE_BACKUP, pickle.dumps(files))
+        return None  # nothing of its own for Tune to save
+
+    def __getstate__(self):  # pickled into tuner.pkl before any trial: the staging folder is per session
+        return {**self.__dict__, "_staging": None}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def restore_state_backup(exp_dir: Path) -> list[str]:
+    """Before a resume: put back Tune's state files from the last complete bundle; return their names.
+
+    The bundle is never older than the results folder's copies (it is written before Tune starts
+    copying); an experiment state file named after the bundle's (a later session's) was written after
+    the last complete save, so it is set aside as ``*.stale`` rather than trusted. Then refuse (one
+    line) a state that still does not parse instead of letting Tune start the study over.
+    """
+    bundle = exp_dir / STATE_BACKUP
+    restored = []
+    if bundle.is_file():
+        files = pickle.loads(bundle.read_bytes())
+        for name, data in files.items():
+            _write_atomically(exp_dir / name, data)
+            restored.append(name)
+        newest = max((n for n in files if n.startswith("experiment_state-")), default=None)
+        for path in exp_dir.glob("experiment_state-*.json"):
+            if newest is not None and path.name > newest:
+                path.rename(path.with_name(path.name + ".stale"))
+    newest_state = max(exp_dir.glob("experiment_state-*.json"), default=None)
+    try:
+        json.loads(newest_state.read_text()) if newest_state else None
+    except ValueError as err:
+        raise SweepError(f"{newest_state}: Tune's experiment state is damaged ({err}) and there is no complete "
+                         f"copy ({STATE_BACKUP}); the study cannot be resumed") from None
+    return restored
 
 
 class ProgressCallback(Callback):
@@ -149,7 +233,7 @@ class ProgressCallback(Callback):
 
     def __init__(self, spec: StudySpec, stream=None):
         self.spec = spec
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: sys.stdout at each print (Tune pickles callbacks; a captured stdout is not)
         self.counts: dict[str, int] = {}
         self.best: tuple[float, str] | None = None
         self.started = time.monotonic()
@@ -162,7 +246,7 @@ class ProgressCallback(Callback):
         at = f" at step {step}" if step is not None else ""
         elapsed = time.monotonic() - self.started
         print(f"[{elapsed:6.0f}s] {trial.trial_id} {status}{at} | running {running}, {counts}{best}",
-              file=self.stream, flush=True)
+              file=self.stream or sys.stdout, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -186,29 +270,48 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
 
     - Optuna trials still RUNNING were asked by a driver that died before Tune recorded them:
       FAIL with status ``not_run``.
-    - MLflow child runs still ``running`` belong to trials Ray gave up on or lost in a driver crash:
-      ``failed`` with ``reason``.
+    - MLflow child runs still RUNNING (status tag ``running``, or a status tag written but the run not
+      ended): the trial process ended before it could record its status
+      (Ray ends a stopped trial's process without waiting for the training thread when no other trial
+      reuses it; a lost node; a driver crash). The Optuna record says how the trial ended when the
+      searcher was told (``stopped_early``, ``completed``, ``diverged``, ``failed``, with its step);
+      otherwise the run is ``failed`` with ``reason``.
     Returns how many of each were fixed.
     """
     import optuna
+    from mlflow.entities import RunTag
 
     from study.search import fail_running_trials
-    from study.tracking import RUNNING, STATUS_TO_RUN_STATUS, TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, _client
+    from study.tracking import (
+        STATUS_TO_RUN_STATUS,
+        TAG_KIND,
+        TAG_STATUS,
+        TAG_STATUS_PREFIX,
+        TAG_TRIAL_ID,
+        _client,
+    )
 
     study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
     fixed = {"optuna": len(fail_running_trials(study, reason)), "mlflow": 0}
+    verdicts = {t.user_attrs["tune_trial_id"]: t.user_attrs for t in study.get_trials(deepcopy=False)
+                if "tune_trial_id" in t.user_attrs and t.user_attrs.get("status") in STATUS_TO_RUN_STATUS}
     client = _client(tracking_uri)
     parent = client.get_run(parent_run_id)
     stale = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial' "
-                      f"and tags.`{TAG_STATUS}` = '{RUNNING}'",
+                      "and attributes.status = 'RUNNING'",
         max_results=10_000,
     )
     for run in stale:
-        client.set_tag(run.info.run_id, TAG_STATUS, "failed")
-        client.set_tag(run.info.run_id, TAG_STATUS_PREFIX + "message", reason)
-        client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS["failed"])
+        verdict = verdicts.get(run.data.tags.get(TAG_TRIAL_ID), {})
+        status = verdict.get("status", "failed")
+        details = {"step": verdict["status_step"]} if "status_step" in verdict else {}
+        if status == "failed":
+            details["message"] = reason
+        tags = [RunTag(TAG_STATUS, status)] + [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
+        client.log_batch(run.info.run_id, tags=tags, synchronous=True)
+        client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS[status])
         fixed["mlflow"] += 1
     return fixed
 
@@ -234,29 +337,35 @@ def summarize(spec: StudySpec) -> SweepSummary:
 
 
 def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool = False,
-              num_cpus: int | None = None) -> SweepSummary:
+              num_cpus: int | None = None, callbacks: Sequence[Callback] = ()) -> SweepSummary:
     """Run (or ``resume``) the study in ``path`` to the end; return its summary.
 
     ``address``: None starts a local Ray (or uses one this process already started); ``auto`` or
     ``host:port`` joins a cluster. Raises SpecError / SweepError / TrackingError (one line) before any
-    trial starts when the study file, the results folder or the tracking server is wrong.
+    trial starts when the study file, the results folder or the tracking server is wrong; then nothing
+    was written (no Optuna study, no MLflow run, no Ray started). An already-initialized Ray (e.g. a test
+    cluster) is used as it is and left running. ``callbacks``: extra Tune callbacks (new sweeps only).
     """
     from study import tracking
 
     spec = load_spec(path)
     exp_dir = experiment_dir(spec)
     state_exists = exp_dir.is_dir() and any(exp_dir.glob("experiment_state*.json"))
-    storage = _optuna_storage(spec)
     if resume and not state_exists:
         raise SweepError(f"{path}: --resume: no sweep state in {exp_dir} (run without --resume to start the study)")
-    if not resume and (state_exists or _existing_trials(storage, spec.name)):
+    if resume and callbacks:
+        raise SweepError(f"{path}: --resume: a restored sweep keeps its own callbacks")
+    uri = spec.tracking_uri
+    try:
+        tracking.check_reachable(uri)  # before anything is written, Optuna included
+    except tracking.TrackingError as err:
+        raise tracking.TrackingError(f"{path}: tracking_uri: {err}") from None
+    if not resume and (state_exists or _existing_trials(spec)):
         raise SweepError(
             f"{path}: study {spec.name!r} already has results in {spec.results_dir} "
             "(use --resume to finish it, or give the study another name / results_dir)"
         )
 
-    uri = spec.tracking_uri
-    tracking.check_reachable(uri)
     experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
                                                 if "://" not in spec.results_dir else None)
     parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
@@ -276,7 +385,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))
-        tuner = make_tuner(spec, context, resume)
+        tuner = make_tuner(spec, context, resume, callbacks)
         print(f"sweep {spec.name}: {spec.budget.num_samples} trials of {', '.join(spec.models)} on {spec.task}; "
               f"MLflow {uri} (parent run {parent})", flush=True)
         tuner.fit()
@@ -285,6 +394,12 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         summary.parent_run_id = parent
         tracking.finish_study_run(uri, parent, "FINISHED")
         return summary
+    except BaseException as err:
+        # The study run says the sweep stopped (--resume reopens it); the error itself propagates.
+        with contextlib.suppress(Exception):
+            tracking.finish_study_run(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                                      timeout_s=5.0)
+        raise
     finally:
         if started_ray:
             ray.shutdown()
