@@ -86,11 +86,12 @@ class TruthfulOptunaSearch(OptunaSearch):
     def _report(self, trial_id: str, result: dict) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         value = result.get(self._metric)
-        if ot_trial is None or value is None or not math.isfinite(value) or self._already_finished(ot_trial):
+        if ot_trial is None or value is None or not math.isfinite(value):
             return
+        frozen = self._frozen(ot_trial)  # one storage read per result: the trainable waits in tune.report
         step = int(result.get(STEP_KEY, 0) or 0)
         # A trial resumed from a checkpoint reports some steps again.
-        if step not in self._frozen(ot_trial).intermediate_values:
+        if not frozen.state.is_finished() and step not in frozen.intermediate_values:
             ot_trial.report(float(value), step)
 
     def _already_finished(self, ot_trial: optuna.Trial) -> bool:
