@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mann import addressing, memory
+from mann import addressing, fast, memory
 from mann.config import ConfigError, check
 
 MEMORY_INIT_CONSTANT = 1e-6  # Collier & Beel's "small constant"; also fills rows added beyond a learned memory
@@ -44,6 +44,9 @@ class NTMConfig:
     shift_range: int = 1  # k: a head can shift by -k..k slots per step (2k+1 shift weights)
     memory_init: Literal["constant", "learned", "random"] = "constant"  # Collier & Beel: constant converges fastest
     clip_value: float | None = 20.0  # clip head parameters and output logits to ±clip_value (None: no clip)
+    # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
+    # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
+    impl: Literal["auto", "reference", "fast"] = "auto"
 
     def __post_init__(self):
         for key in ("controller_size", "memory_size", "word_size", "read_heads", "write_heads"):
@@ -166,6 +169,8 @@ class NTM(nn.Module):
 
     def forward(self, x: Tensor, state: NTMState | None = None, memory_size: int | None = None) -> Tensor:
         """x: [B, T, I] -> logits [B, T, O]. ``memory_size`` only applies when ``state`` is None."""
+        if fast.use_fast(self, x):
+            return fast.forward(self, x, state, memory_size)
         if state is None:
             state = self.initial_state(x.shape[0], memory_size)
         ys = []

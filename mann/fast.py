@@ -1,0 +1,278 @@
+"""Fast paths: the NTM's and the DNC's whole sequence as one autograd node with a hand-written backward.
+
+Why. On a CPU the reference models spend most of a training step in framework overhead, not arithmetic:
+a time step is ~50 (NTM) to ~100 (DNC) small tensor ops forward, each recorded by autograd and each with
+its own backward node, and the tensors are tiny (batch 16). Here the forward loop runs with autograd off
+and keeps only what the backward needs; the backward is back-propagation through time written out by hand
+(a few ops per mechanism per step), and every weight gradient is one matmul over all time steps at once
+instead of one per step. The models' maths and parameters are unchanged: :mod:`tests.test_fast` checks the
+logits and every gradient against the reference models in float64.
+
+Layout: this module holds the mechanisms both models share, as forward/backward pairs without autograd
+(content weighting, LSTM cell, softmax, output layer), and the dispatch: :func:`forward` runs a model's
+fast path, :func:`use_fast` is the ``impl: "auto"`` rule, :func:`unsupported` says why a model has none.
+:mod:`mann.fast_ntm` and :mod:`mann.fast_dnc` hold each architecture's step, its reverse, and the
+``autograd.Function`` over the sequence.
+
+Conventions: time-major inside (``[T, B, ...]``), ``g*`` is the gradient of the loss w.r.t. ``*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default: above it softplus(x) = x (derivative 1)
+CONTENT_EPS = 1e-6  # mann.addressing.cosine_similarity's eps
+SHARPEN_EPS = 1e-12  # mann.addressing.sharpen's eps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared mechanics: forward values and their backward, no autograd
+
+
+def softmax_backward(y: Tensor, gy: Tensor) -> Tensor:
+    """y = softmax(z) along the last dim; dz = y * (gy - sum(gy * y))."""
+    return y * (gy - (gy * y).sum(-1, keepdim=True))
+
+
+def slot_norm(x: Tensor) -> Tensor:
+    """|x| along the last dim, floored at sqrt(smallest normal) as mann.addressing's norm is (its gradient is then
+    x / |x| wherever x is not ~0)."""
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
+
+
+def _sqrt_floor(squares: Tensor) -> Tensor:
+    """sqrt(max(squares, smallest normal)): mann.addressing's norm from a sum of squares."""
+    return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
+
+
+def content_forward(memory: Tensor, keys: Tensor, strengths: Tensor, mask: Tensor | None = None
+                    ) -> tuple[Tensor, tuple]:
+    """Content weighting softmax(beta * D(k, M[i])) (NTM Eq. 5-6; DNC C(M, k, beta)) and what backward needs.
+
+    memory: [B, N, W]; keys: [B, H, W]; strengths: [B, H, 1]; mask [B, H, W] or None (Csordás & Schmidhuber's
+    masked D(k * m, M[i] * m)) -> ([B, H, N], saved).
+    """
+    if mask is None:
+        m2 = masked_keys = None
+        key_norm = slot_norm(keys)[..., None]  # [B, H, 1]
+        mem_norm = slot_norm(memory)[:, None, :]  # [B, 1, N]
+    else:
+        m2 = mask.square()
+        masked_keys = keys * m2  # (k m) . (M[i] m) = (k m^2) . M[i]
+        key_norm = _sqrt_floor((keys * masked_keys).sum(-1, keepdim=True))
+        mem_norm = _sqrt_floor(torch.bmm(m2, memory.square().transpose(1, 2)))  # [B, H, N]
+    denom = key_norm * mem_norm + CONTENT_EPS  # eps outside the product, as the reference
+    dot = torch.bmm(keys if mask is None else masked_keys, memory.transpose(1, 2))
+    similarity = dot / denom  # D: [B, H, N]
+    w = torch.softmax(strengths * similarity, dim=-1)
+    return w, (memory, keys, strengths, key_norm, mem_norm, denom, similarity, w, mask, m2, masked_keys)
+
+
+def content_backward(gw: Tensor, saved: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients (memory [B, N, W], keys [B, H, W], strengths [B, H, 1], mask [B, H, W] or None) of
+    :func:`content_forward`. Norms: d|x|/dx = x / |x|; below the floor x is ~0 and so is the gradient."""
+    memory, keys, strengths, key_norm, mem_norm, denom, similarity, w, mask, m2, masked_keys = saved
+    gz = softmax_backward(w, gw)
+    g_strengths = (gz * similarity).sum(-1, keepdim=True)
+    g_dot = gz * strengths / denom  # D = dot / denom
+    g_denom = g_dot * similarity  # = -dL/d denom: the sign is folded into the subtractions below
+    g_key_norm = (g_denom * mem_norm).sum(-1, keepdim=True) / key_norm  # [B, H, 1], negated, over |k|
+    g_mem_norm = g_denom * key_norm  # [B, H, N], negated
+    if mask is None:
+        g_keys = torch.addcmul(torch.bmm(g_dot, memory), keys, g_key_norm, value=-1)
+        g_mem_norm = g_mem_norm.sum(1, keepdim=True) / mem_norm  # [B, 1, N]
+        g_memory = torch.addcmul(torch.bmm(g_dot.transpose(1, 2), keys), memory, g_mem_norm.transpose(1, 2),
+                                 value=-1)
+        return g_memory, g_keys, g_strengths, None
+    g_masked_keys = torch.bmm(g_dot, memory)  # d(k m^2)
+    g_mem_norm = g_mem_norm / mem_norm
+    g_keys = g_masked_keys * m2 - g_key_norm * masked_keys
+    g_m2 = (g_masked_keys * keys - 0.5 * g_key_norm * keys.square()
+            - 0.5 * torch.bmm(g_mem_norm, memory.square()))
+    g_memory = torch.bmm(g_dot.transpose(1, 2), masked_keys) - memory * torch.bmm(g_mem_norm.transpose(1, 2), m2)
+    return g_memory, g_keys, g_strengths, 2 * mask * g_m2
+
+
+def write_forward(memory: Tensor, ww: Tensor, erase: Tensor, add: Tensor) -> tuple[Tensor, tuple]:
+    """M_t = M * prod_h (1 - w_h e_h^T) + sum_h w_h a_h^T (NTM Eqs. 3-4; DNC write), and what backward needs.
+
+    memory: [B, N, W]; ww: [B, Hw, N]; erase, add: [B, Hw, W] -> [B, N, W]. With one write head it is computed
+    as M + w (a - M e)^T: three passes over the memory instead of four.
+    """
+    if ww.shape[1] == 1:
+        update = add - memory * erase  # [B, N, W]: a_j - M_ij e_j
+        return torch.addcmul(memory, ww[:, 0, :, None], update), (memory, ww, erase, add, update)
+    factors = 1 - ww[..., None] * erase[:, :, None, :]  # [B, Hw, N, W]
+    M = torch.baddbmm(memory * torch.prod(factors, dim=1), ww.transpose(1, 2), add)
+    return M, (memory, ww, erase, add, factors)
+
+
+def write_backward(gM: Tensor, saved: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (memory, ww, erase, add) of :func:`write_forward` from that of M_t [B, N, W]."""
+    memory, ww, erase, add, extra = saved
+    g_add = torch.bmm(ww, gM)  # d a_h = w_h^T gM
+    if ww.shape[1] == 1:
+        g_erase = -torch.bmm(ww, gM * memory)  # d e_j = -sum_i gM_ij w_i M_ij
+        g_memory = torch.addcmul(gM, ww[:, 0, :, None], gM * erase, value=-1)  # gM (1 - w e^T)
+        g_ww = (gM * extra).sum(-1)[:, None]  # gM . (a - M e) per slot
+        return g_memory, g_ww, g_erase, g_add
+    factors = extra
+    keep = torch.prod(factors, dim=1)
+    g_factor = (gM * memory)[:, None] * prod_others(factors, 1)  # d/d(1 - w_h e_h^T)
+    g_erase = -(ww[:, :, None, :] @ g_factor).squeeze(2)
+    g_ww = torch.bmm(gM, add.transpose(1, 2)).transpose(1, 2) - (g_factor @ erase[..., None]).squeeze(-1)
+    return gM * keep, g_ww, g_erase, g_add
+
+
+def lstm_forward(pre: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """nn.LSTMCell's update from its pre-activations (gate order i, f, g, o).
+
+    pre: [B, 4C]; c_prev: [B, C] -> (h, c, act [B, 4C] = (i, f, g, o) activated, tanh(c)).
+    """
+    C = c_prev.shape[1]
+    act = torch.sigmoid(pre)
+    act[:, 2 * C : 3 * C] = torch.tanh(pre[:, 2 * C : 3 * C])
+    i, f, g, o = act.split(C, dim=1)
+    c = torch.addcmul(f * c_prev, i, g)
+    tanh_c = torch.tanh(c)
+    return o * tanh_c, c, act, tanh_c
+
+
+def lstm_backward_constants(act: Tensor, c_prev: Tensor, tanh_c: Tensor) -> tuple[Tensor, ...]:
+    """What the LSTM backward needs that does not depend on the incoming gradient, for all steps at once.
+
+    act [T, B, 4C] (activated i, f, g, o), c_prev [T, B, C], tanh_c [T, B, C] -> per-step tensors
+    (o (1 - tanh(c)^2) [B, C], (g, c_{t-1}, i) [B, 3, C], tanh(c) [B, C], d act/d pre [B, 4C], f [B, C]),
+    each as a tuple over t.
+    """
+    C = c_prev.shape[-1]
+    i, f, g, o = act.split(C, dim=-1)
+    o_dtanh = o * (1 - tanh_c.square())  # dh/dc
+    g_c_i = torch.stack([g, c_prev, i], dim=2)  # dc -> (di, df, dg) = dc * (g, c_{t-1}, i), in gate order
+    dact = act * (1 - act)
+    dact[..., 2 * C : 3 * C] = 1 - g.square()
+    return tuple(zip(o_dtanh.unbind(0), g_c_i.unbind(0), tanh_c.unbind(0), dact.unbind(0), f.unbind(0), strict=True))
+
+
+def lstm_step_backward(gh: Tensor, gc: Tensor, o_dtanh, g_c_i, tanh_c, dact, f) -> tuple[Tensor, Tensor]:
+    """(gradient of the pre-activations [B, 4C], of c_{t-1} [B, C]) from those of h_t and c_t."""
+    gc = torch.addcmul(gc, gh, o_dtanh)
+    g_ifg = gc[:, None, :] * g_c_i
+    g_pre = torch.cat([g_ifg.flatten(1), gh * tanh_c], dim=1) * dact
+    return g_pre, gc * f
+
+
+def prod_others(factors: Tensor, dim: int) -> Tensor:
+    """prod_{k != j} factors[k] for every j along ``dim``, with no division (a factor can be exactly 0)."""
+    n = factors.shape[dim]
+    if n == 1:
+        return torch.ones_like(factors)
+    ones = torch.ones_like(factors.narrow(dim, 0, 1))
+    before = torch.cumprod(torch.cat([ones, factors.narrow(dim, 0, n - 1)], dim), dim)
+    flipped = factors.flip(dim)
+    after = torch.cumprod(torch.cat([ones, flipped.narrow(dim, 0, n - 1)], dim), dim).flip(dim)
+    return before * after
+
+
+def flatten_tree(items: list) -> tuple[list, list]:
+    """Nested tuples/lists/dicts of tensors (or None) -> one flat list, and the structure to rebuild them.
+
+    autograd.Function.save_for_backward takes a flat list; saving through it (rather than on ctx) is what lets
+    saved_tensors_hooks see, and count, every byte kept for backward.
+    """
+    flat: list = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return _rebuild(v, [walk(x) for x in v])
+        flat.append(v)
+        return len(flat) - 1
+
+    return flat, [walk(item) for item in items]
+
+
+def unflatten_tree(spec, flat):
+    if isinstance(spec, dict):
+        return {k: unflatten_tree(v, flat) for k, v in spec.items()}
+    if isinstance(spec, list | tuple):
+        return _rebuild(spec, [unflatten_tree(v, flat) for v in spec])
+    return flat[spec]
+
+
+def _rebuild(like, items: list):
+    """A list, tuple or NamedTuple of the same type as ``like`` holding ``items``."""
+    if hasattr(like, "_fields"):
+        return type(like)(*items)
+    return type(like)(items)
+
+
+def clip_pass(raw: Tensor, clip: float | None) -> Tensor | float:
+    """Where clamp(raw, -clip, clip) passes the gradient (torch: -clip <= raw <= clip), as 0/1."""
+    return 1.0 if clip is None else ((raw >= -clip) & (raw <= clip)).to(raw.dtype)
+
+
+def output_backward(gy: Tensor, y_raw: Tensor, hr: Tensor, w_out: Tensor, clip: float | None):
+    """Back through y = clip(W_o [h, r] + b_o) for all steps at once. gy [B, T, O]; y_raw [T, B, O];
+    hr [T, B, C + R W] -> (gradient of hr [T, B, C + R W], of W_o, of b_o)."""
+    T, B = y_raw.shape[:2]
+    gy = gy.transpose(0, 1) * clip_pass(y_raw, clip)
+    flat = gy.reshape(T * B, -1)
+    return (flat @ w_out).view(T, B, -1), flat.t() @ hr.view(T * B, -1), flat.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def unsupported(model) -> str | None:
+    """Why ``model`` has no fast path (None: it has one).
+
+    The fast paths read the weights of the model's own layers, so a model whose layers were swapped (e.g.
+    mann.multiseed's folded copy, whose layers hold one weight per seed) runs its reference code.
+    """
+    from torch import nn
+
+    from mann.dnc import DNC
+    from mann.ntm import NTM
+
+    if not isinstance(model, NTM | DNC):
+        return f"no fast path for {type(model).__name__}"
+    controller = (nn.LSTMCell,) if isinstance(model, DNC) or model.cfg.controller == "lstm" else (nn.Linear,)
+    layers = {"controller": controller, "interface": (nn.Linear,), "output": (nn.Linear,)}
+    for name, types in layers.items():
+        layer = getattr(model, name, None)
+        if type(layer) not in types:
+            return f"{type(model).__name__}.{name} is a {type(layer).__name__}, not {types[0].__name__}"
+    return None
+
+
+def use_fast(model, x: Tensor) -> bool:
+    """Whether a model whose config says ``impl: "auto"`` should take the fast path for input ``x``.
+
+    Only where it was measured to be faster (docs/performance.md): on CPU. On CUDA it has not been measured
+    yet, so "auto" keeps the reference code there; ``impl: "fast"`` forces it.
+    """
+    impl = getattr(model.cfg, "impl", "auto")
+    if impl == "reference" or unsupported(model) is not None:
+        return False
+    return impl == "fast" or x.device.type == "cpu"
+
+
+def forward(model, x: Tensor, state=None, memory_size: int | None = None) -> Tensor:
+    """model(x, state, memory_size) through the fast path; x [B, T, I] -> logits [B, T, O]."""
+    from mann.ntm import NTM
+
+    why = unsupported(model)
+    if why is not None:
+        raise ValueError(why)
+    if isinstance(model, NTM):
+        from mann.fast_ntm import ntm_forward
+
+        return ntm_forward(model, x, state, memory_size)
+    from mann.fast_dnc import dnc_forward
+
+    return dnc_forward(model, x, state, memory_size)

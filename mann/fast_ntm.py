@@ -1,0 +1,290 @@
+"""Fast path of the NTM (mann.ntm.NTM): the whole sequence as one autograd node with a hand-written backward.
+
+Read :mod:`mann.fast` first. :func:`ntm_step` is ``NTM.step`` without autograd, returning what the backward
+needs; :func:`ntm_step_backward` is its reverse, mechanism by mechanism from the bottom of ``NTM.step`` up.
+:class:`NTMSequence` runs them over the sequence; weight gradients are one matmul over all steps.
+
+Symbols as in Graves et al. (2014), Sec. 3: k key, beta strength, g gate, s shift weights, gamma sharpening,
+e erase, a add; w^c content, w^g interpolated, w~ shifted, w final weighting.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mann.fast import (
+    SHARPEN_EPS,
+    SOFTPLUS_THRESHOLD,
+    clip_pass,
+    content_backward,
+    content_forward,
+    flatten_tree,
+    lstm_backward_constants,
+    lstm_forward,
+    lstm_step_backward,
+    output_backward,
+    softmax_backward,
+    unflatten_tree,
+    write_backward,
+    write_forward,
+)
+
+
+class NTMDims(NamedTuple):
+    R: int  # read heads
+    Hw: int  # write heads
+    W: int  # word size
+    S: int  # shift weights (2k + 1)
+    hp: int  # interface numbers per head: k (W), beta, g, s (S), gamma
+    clip: float | None
+    lstm: bool  # LSTM controller (else feedforward)
+
+
+def dims_of(model) -> NTMDims:
+    cfg = model.cfg
+    return NTMDims(cfg.read_heads, cfg.write_heads, cfg.word_size, 2 * cfg.shift_range + 1, model.head_params,
+                   cfg.clip_value, cfg.controller == "lstm")
+
+
+def shift_index(N: int, S: int, device) -> tuple[Tensor, Tensor]:
+    """[N, S] slot indices: the source of each (slot i, offset m), (i - off_m) mod N, for the forward
+    convolution, and (j + off_m) mod N, where slot j's weight went, for its backward. Offsets run -k..k."""
+    k = S // 2
+    offsets = torch.arange(-k, k + 1, device=device)
+    slots = torch.arange(N, device=device)[:, None]
+    return (slots - offsets) % N, (slots + offsets) % N
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step and its reverse
+
+
+def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tensor, w_prev: Tensor, w_rec: Tensor,
+             w_if: Tensor, b_if: Tensor, src: Tensor, d: NTMDims):
+    """NTM.step without autograd. xp: [B, 4C] (or [B, C]) the controller's input projection of x_t plus biases;
+    r: [B, R W]; h, c: [B, C] (None for a feedforward controller); M: [B, N, W]; w_prev: [B, H, N].
+
+    Returns (h, c, r, M_t, w_t, saved): the next state and what :func:`ntm_step_backward` needs.
+    """
+    R, Hw, W, S, hp, clip = d.R, d.Hw, d.W, d.S, d.hp, d.clip
+    B, H = M.shape[0], R + Hw
+    # 1. controller on [x_t, r_{t-1}]
+    if d.lstm:
+        h, c, act, tanh_c = lstm_forward(torch.addmm(xp, torch.cat([r, h], dim=1), w_rec), c)
+    else:
+        h = torch.tanh(torch.addmm(xp, r, w_rec))
+        act = tanh_c = None
+    # 2. head parameters from one layer, clipped, split and squashed; scalars stay [B, H, 1] to broadcast over slots
+    raw = torch.addmm(b_if, h, w_if.t())
+    p = raw if clip is None else raw.clamp(-clip, clip)
+    key, beta, gate, shift_w, gamma = p[:, : H * hp].view(B, H, hp).split([W, 1, 1, S, 1], dim=-1)
+    key, beta, gate = torch.tanh(key), F.softplus(beta), torch.sigmoid(gate)  # k in (-1, 1), beta >= 0, g in (0, 1)
+    shift_w, gamma = torch.softmax(shift_w, dim=-1), 1 + F.softplus(gamma)  # s over offsets -k..k, gamma >= 1
+    erase, add = p[:, H * hp :].view(B, Hw, 2 * W).split(W, dim=-1)
+    erase, add = torch.sigmoid(erase), torch.tanh(add)
+    # 3. addressing (Sec. 3.3) of all heads on M_{t-1}
+    wc, content_saved = content_forward(M, key, beta)
+    wg = torch.lerp(w_prev, wc, gate)  # g w^c + (1 - g) w_{t-1}
+    gathered = wg[..., src]  # [B, H, N, S]: w^g[(i - offset) mod N]
+    ws_eps = (gathered @ shift_w[..., None]).squeeze(-1) + SHARPEN_EPS  # w~ + eps
+    log_ws = torch.log(ws_eps)
+    w = torch.softmax(gamma * log_ws, dim=-1)  # w~^gamma / sum w~^gamma
+    # 4. read from M_{t-1}, then erase and add
+    r = torch.bmm(w[:, :R], M).view(B, R * W)
+    M_next, write_saved = write_forward(M, w[:, R:], erase, add)
+    saved = (raw, act, c, tanh_c, content_saved, w_prev, wc, gate, gathered, shift_w, ws_eps, log_ws, gamma, w,
+             write_saved)
+    return h, c, r, M_next, w, saved
+
+
+def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor | None, saved: tuple,
+                      d_raw: Tensor, lstm_t: tuple | Tensor, w_if: Tensor, w_rec: Tensor, dst: Tensor, d: NTMDims):
+    """The reverse of :func:`ntm_step`: gradients of its outputs (M_t, w_t, r_t, h_t, c_t) -> those of its inputs
+    (M_{t-1}, w_{t-1}, r_{t-1}, h_{t-1}, c_{t-1}) and of its pre-activations (controller [B, 4C], head raw
+    parameters [B, P]), from which the caller gets the weight gradients.
+
+    d_raw: d(squashed)/d(raw) of the head parameters at this step; lstm_t: this step's
+    :func:`mann.fast.lstm_backward_constants` (or d tanh/d pre for a feedforward controller).
+    """
+    R, Hw, W, hp = d.R, d.Hw, d.W, d.hp
+    (_raw, _act, _c, _tanh_c, content_saved, w_prev, wc, gate, gathered, shift_w, ws_eps, log_ws, gamma, w,
+     write_saved) = saved
+    M = content_saved[0]  # M_{t-1}
+    B, H = M.shape[0], R + Hw
+    gr = gr.view(B, R, W)
+    # 4. read r = w^r M_{t-1}; write M_t = M_{t-1} * prod_h (1 - w_h e_h^T) + w^T a
+    g_w_read = torch.bmm(gr, M.transpose(1, 2))
+    g_M, g_w_write, g_erase, g_add = write_backward(gM, write_saved)
+    g_M = torch.baddbmm(g_M, w[:, :R].transpose(1, 2), gr)
+    # 3. back through sharpen, shift, interpolate, content
+    gz = softmax_backward(w, torch.cat([g_w_read, g_w_write], dim=1) + gw)
+    g_gamma = (gz * log_ws).sum(-1, keepdim=True)
+    g_ws = gz * gamma / ws_eps
+    g_shift = (g_ws[..., None, :] @ gathered).squeeze(-2)  # [B, H, S]
+    g_wg = (g_ws[..., dst] @ shift_w[..., None]).squeeze(-1)
+    g_wc = g_wg * gate
+    g_w_prev = g_wg - g_wc  # (1 - g) dw^g
+    g_gate = (g_wg * (wc - w_prev)).sum(-1, keepdim=True)
+    g_M_content, g_key, g_beta, _ = content_backward(g_wc, content_saved)
+    # 2. head parameters in the interface layout: per head (k, beta, g, s, gamma), then per write head (e, a)
+    g_heads = torch.cat([g_key, g_beta, g_gate, softmax_backward(shift_w, g_shift), g_gamma], dim=-1)
+    g_raw = torch.cat([g_heads.view(B, H * hp), torch.cat([g_erase, g_add], dim=-1).view(B, Hw * 2 * W)], dim=1)
+    g_raw = g_raw * d_raw
+    gh = torch.addmm(gh, g_raw, w_if)
+    # 1. controller
+    if d.lstm:
+        g_pre, gc = lstm_step_backward(gh, gc, *lstm_t)
+    else:
+        g_pre = gh * lstm_t
+    g_in = g_pre @ w_rec.t()  # [B, R W (+ C)]
+    gh_prev = g_in[:, R * W :] if d.lstm else None
+    return g_M + g_M_content, g_w_prev, g_in[:, : R * W], gh_prev, gc, g_pre, g_raw
+
+
+def head_derivative(raws: Tensor, d: NTMDims) -> Tensor:
+    """d(squashed)/d(raw) of the head parameters of every step, [T, B, P], times the clip's pass-through.
+
+    Keys and add vectors use tanh, strengths and gamma softplus, gates and erase sigmoid; the shift logits go
+    through a softmax whose backward :func:`ntm_step_backward` applies (1 here).
+    """
+    p = raws if d.clip is None else raws.clamp(-d.clip, d.clip)
+    sig, tnh = torch.sigmoid(p), torch.tanh(p)
+    kinds = ([0] * d.W + [2, 1] + [3] * d.S + [2]) * (d.R + d.Hw) + ([1] * d.W + [0] * d.W) * d.Hw
+    kind = torch.tensor(kinds, device=raws.device)  # 0 tanh, 1 sigmoid, 2 softplus, 3 identity
+    d_soft = torch.where(p > SOFTPLUS_THRESHOLD, torch.ones_like(p), sig)
+    out = torch.where(kind == 0, 1 - tnh.square(),
+                      torch.where(kind == 1, sig * (1 - sig), torch.where(kind == 2, d_soft, torch.ones_like(p))))
+    return out * clip_pass(raws, d.clip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sequence
+
+
+class NTMSequence(torch.autograd.Function):
+    """Logits [B, T, O] from x, the initial state (M_0, w_0, r_0, h_0, c_0) and the weights."""
+
+    @staticmethod
+    def forward(ctx, model, x, memory, weights, reads, h, c, *params):
+        y, saved = ntm_loop(model, x, memory, weights, reads, h, c, params, save=True)
+        ctx.model, ctx.layout = model, saved["layout"]
+        ctx.save_for_backward(*saved["tensors"])
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (None, *ntm_backward(ctx, gy))
+
+
+def ntm_params(model) -> tuple[Tensor, ...]:
+    """The weights NTMSequence differentiates: controller, interface, output."""
+    ctrl = model.controller
+    if model.cfg.controller == "lstm":
+        ctrl_params = (ctrl.weight_ih, ctrl.weight_hh, ctrl.bias_ih, ctrl.bias_hh)
+    else:
+        ctrl_params = (ctrl.weight, ctrl.bias)
+    return (*ctrl_params, model.interface.weight, model.interface.bias, model.output.weight, model.output.bias)
+
+
+def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
+    """The forward over x [B, T, I]; with ``save`` also what :func:`ntm_backward` needs."""
+    d = dims_of(model)
+    B, T, I = x.shape
+    if d.lstm:
+        w_ih, w_hh, b_ih, b_hh, w_if, b_if, w_out, b_out = params
+        bias, w_rec = b_ih + b_hh, torch.cat([w_ih[:, I:], w_hh], dim=1).t()  # [R W + C, 4C]
+    else:
+        w_ih, bias, w_if, b_if, w_out, b_out = params
+        w_rec = w_ih[:, I:].t()
+    # the input's share of the controller pre-activations, every step in one matmul
+    xproj = torch.addmm(bias, x.transpose(0, 1).reshape(T * B, I), w_ih[:, :I].t()).view(T, B, -1)
+    src, _ = shift_index(memory.shape[1], d.S, x.device)
+    h0, c0 = h, c
+    M, w, r = memory, weights, reads.reshape(B, -1)
+    steps, hs, rs = [], [], []
+    for t in range(T):
+        h, c, r, M, w, step_saved = ntm_step(xproj[t], r, h, c, M, w, w_rec, w_if, b_if, src, d)
+        if save:
+            steps.append(step_saved)
+        hs.append(h), rs.append(r)
+    H_all, R_all = torch.stack(hs), torch.stack(rs)  # [T, B, C], [T, B, R W]
+    hr = torch.cat([H_all, R_all], dim=2)
+    y_raw = torch.addmm(b_out, hr.view(T * B, -1), w_out.t()).view(T, B, -1)  # output layer, every step at once
+    y = (y_raw if d.clip is None else y_raw.clamp(-d.clip, d.clip)).transpose(0, 1)
+    if not save:
+        return y, None
+    flat, spec = flatten_tree(steps)
+    batched = [x, memory, weights, reads, h0, c0, H_all, R_all, hr, y_raw]
+    return y, {"tensors": [*batched, *flat, *params], "layout": dict(batched=len(batched), spec=spec, T=T)}
+
+
+def ntm_backward(ctx, gy: Tensor):
+    model, lay = ctx.model, ctx.layout
+    d = dims_of(model)
+    saved = ctx.saved_tensors
+    nb, T = lay["batched"], lay["T"]
+    x, memory, weights, reads, h0, c0, H_all, R_all, hr, y_raw = saved[:nb]
+    params = saved[-len(ntm_params(model)) :]
+    steps = unflatten_tree(lay["spec"], saved[nb : -len(params)])
+    B, _, I = x.shape
+    C = H_all.shape[2]
+    RW = d.R * d.W
+    if d.lstm:
+        w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
+        w_rec = torch.cat([w_ih[:, I:], w_hh], dim=1).t()
+        act, tanh_c = torch.stack([s[1] for s in steps]), torch.stack([s[3] for s in steps])
+        c_prev = torch.stack([c0, *(s[2] for s in steps[:-1])])
+        lstm_consts = lstm_backward_constants(act, c_prev, tanh_c)
+    else:
+        w_ih, _b, w_if, _b_if, w_out, _b_out = params
+        w_rec = w_ih[:, I:].t()
+        lstm_consts = (1 - H_all.square()).unbind(0)  # d tanh / d pre
+    _, dst = shift_index(memory.shape[1], d.S, x.device)
+    g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, d.clip)
+    gh_out, gr_out = g_hr[..., :C].unbind(0), g_hr[..., C:].unbind(0)
+    d_raw = head_derivative(torch.stack([s[0] for s in steps]), d).unbind(0)
+
+    gM, gw = torch.zeros_like(memory), torch.zeros_like(weights)
+    gr = x.new_zeros(B, RW)
+    gh = x.new_zeros(B, C)
+    gc = x.new_zeros(B, C) if d.lstm else None
+    g_pres, g_raws = [], []
+    for t in range(T - 1, -1, -1):
+        gh_t = gh_out[t] if gh is None else gh + gh_out[t]
+        gM, gw, gr, gh, gc, g_pre, g_raw = ntm_step_backward(gM, gw, gr + gr_out[t], gh_t, gc, steps[t], d_raw[t],
+                                                            lstm_consts[t], w_if, w_rec, dst, d)
+        g_pres.append(g_pre), g_raws.append(g_raw)
+
+    # weight gradients, every step in one matmul
+    g_pre = torch.stack(g_pres[::-1]).view(T * B, -1)
+    g_raw = torch.stack(g_raws[::-1]).view(T * B, -1)
+    r_prev = torch.cat([reads.reshape(1, B, RW), R_all[:-1]])
+    g_w_ih = g_pre.t() @ torch.cat([x.transpose(0, 1), r_prev], dim=2).view(T * B, -1)
+    g_bias = g_pre.sum(0)
+    g_x = (g_pre @ w_ih[:, :I]).view(T, B, I).transpose(0, 1) if ctx.needs_input_grad[1] else None
+    g_iface = (g_raw.t() @ H_all.view(T * B, -1), g_raw.sum(0))
+    if d.lstm:
+        g_w_hh = g_pre.t() @ torch.cat([h0[None], H_all[:-1]]).view(T * B, -1)
+        ctrl = (g_w_ih, g_w_hh, g_bias, g_bias)
+    else:
+        ctrl, gh, gc = (g_w_ih, g_bias), None, None
+    return (g_x, gM, gw, gr.view(B, d.R, d.W), gh, gc, *ctrl, *g_iface, g_w_out, g_b_out)
+
+
+def ntm_forward(model, x: Tensor, state=None, memory_size: int | None = None) -> Tensor:
+    """NTM.forward through the fast path: x [B, T, I] -> logits [B, T, O]."""
+    if state is None:
+        state = model.initial_state(x.shape[0], memory_size)
+    params = ntm_params(model)
+    h, c = state.controller if model.cfg.controller == "lstm" else (None, None)
+    weights = torch.cat([state.read_weights, state.write_weights], dim=1)
+    inputs = (x, state.memory.contiguous(), weights, state.reads.contiguous(), h, c)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *params))):
+        with torch.no_grad():
+            return ntm_loop(model, *inputs, params, save=False)[0]
+    return NTMSequence.apply(model, *inputs, *params)
+

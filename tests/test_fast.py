@@ -1,0 +1,211 @@
+"""The fast paths (mann.fast, mann.fast_ntm, mann.fast_dnc) against the reference models, in float64.
+
+Every comparison runs the reference model (autograd through mann.ntm / mann.dnc) and the fast path on the same
+weights and input, and requires the logits and every gradient (weights, input, initial state) to agree to ~1e-10
+relative. Configurations cover each option that changes the maths: controller kind, head counts, shift range,
+memory init, clipping on/off/active, the DNC variants, several write heads, and the link checkpointing.
+"""
+
+import pytest
+import torch
+
+import mann.fast as fast
+import mann.fast_dnc as fast_dnc
+from mann import addressing
+from mann.registry import build_model, make_model_config, model_fields
+
+I, O, B, T = 5, 4, 3, 9
+NTM_TINY = {"memory_size": 8, "word_size": 4, "controller_size": 10}
+DNC_TINY = {"memory_size": 7, "word_size": 4, "controller_size": 10, "read_heads": 2}
+TOL = 1e-10
+
+
+def _model(name, overrides, weight_scale=1.0, impl="reference"):
+    """A float64 model whose own forward is the reference code (fast.forward runs the fast path on it)."""
+    if "impl" in model_fields(name):
+        overrides = {**overrides, "impl": impl}
+    torch.manual_seed(0)
+    model = build_model(name, make_model_config(name, overrides), I, O).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(weight_scale)  # > 1 pushes head parameters and logits into the clip
+    return model
+
+
+def _random_state(model, batch):
+    """A state with every field non-trivial (usage, links and precedences away from 0), requiring grad."""
+    state = model.initial_state(batch)
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for field, value in zip(state._fields, state, strict=True):
+        if field == "controller":
+            out.append(tuple((0.5 * torch.randn(v.shape, generator=g, dtype=v.dtype)).requires_grad_() for v in value))
+            continue
+        x = torch.rand(value.shape, generator=g, dtype=value.dtype)
+        if field in ("read_weights", "write_weights", "precedence"):
+            x = 0.9 * x / x.sum(-1, keepdim=True)
+        if field == "link":
+            x = 0.5 * x / x.sum(-1, keepdim=True)
+            x = x * (1 - torch.eye(x.shape[-1], dtype=x.dtype))
+        if field in ("memory", "reads"):
+            x = 2 * x - 1
+        out.append(x.requires_grad_())
+    return type(state)(*out)
+
+
+def _leaves(state):
+    return [t for v in state for t in (v if isinstance(v, tuple) else (v,))]
+
+
+def _compare(model, state=None):
+    """Reference vs fast: logits and gradients of a random linear function of them."""
+    x = torch.randn(B, T, I, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    inputs = [x, *model.parameters(), *(_leaves(state) if state is not None else [])]
+    torch.manual_seed(3)  # a random memory init draws from the global RNG: the same draw for both
+    y_ref = model(x, state)
+    torch.manual_seed(3)
+    y_fast = fast.forward(model, x, state)
+    assert torch.allclose(y_fast, y_ref, rtol=TOL, atol=TOL), (y_fast - y_ref).abs().max()
+    probe = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    g_ref = torch.autograd.grad(y_ref, inputs, probe, allow_unused=True)
+    g_fast = torch.autograd.grad(y_fast, inputs, probe, allow_unused=True)
+    names = ["x", *(n for n, _ in model.named_parameters()), *(f"state{i}" for i in range(len(inputs)))]
+    for name, a, b in zip(names, g_ref, g_fast, strict=False):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            scale = a.abs().max().clamp_min(1e-300)
+            assert ((a - b).abs().max() / scale) < TOL, f"{name}: {((a - b).abs().max() / scale).item():.2e}"
+    return y_ref
+
+
+# -- NTM ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"read_heads": 2, "write_heads": 2, "shift_range": 2},
+    {"read_heads": 3, "write_heads": 1, "shift_range": 0},
+    {"controller": "feedforward"},
+    {"memory_init": "learned"},
+    {"memory_init": "random"},
+    {"clip_value": None},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_ntm_fast_matches_reference(overrides):
+    _compare(_model("ntm", {**NTM_TINY, **overrides}))
+
+
+@pytest.mark.parametrize("name,tiny", [("ntm", NTM_TINY), ("dnc", DNC_TINY)])
+def test_fast_matches_reference_with_active_clipping(name, tiny):
+    model = _model(name, {**tiny, "clip_value": 0.7}, weight_scale=4.0)
+    raws = []
+    model.interface.register_forward_hook(lambda module, args, out: raws.append(out.detach()))
+    _compare(model)
+    clipped = torch.cat([r.flatten() for r in raws]).abs() > 0.7
+    assert 0 < clipped.float().mean() < 1  # the clip bites somewhere but not everywhere: its mask is tested
+
+
+def test_ntm_fast_matches_reference_from_a_given_state_and_larger_memory():
+    model = _model("ntm", NTM_TINY)
+    _compare(model, _random_state(model, B))
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(fast.forward(model, x, memory_size=16), model(x, memory_size=16), rtol=TOL, atol=TOL)
+
+
+# -- DNC ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("dnc", {}),
+    ("dnc", {"write_heads": 2}),
+    ("dnc", {"read_heads": 1}),
+    ("dnc-md", {}),
+    ("dnc-ms", {}),
+    ("dnc-mds", {"write_heads": 2}),
+    ("dnc", {"clip_value": None}),
+])
+def test_dnc_fast_matches_reference(name, overrides):
+    _compare(_model(name, {**DNC_TINY, **overrides}))
+
+
+@pytest.mark.parametrize("name", ["dnc", "dnc-mds"])
+def test_dnc_fast_matches_reference_from_a_given_state(name):
+    model = _model(name, {**DNC_TINY, "write_heads": 2})
+    _compare(model, _random_state(model, B))
+
+
+def test_dnc_link_checkpointing_gives_the_same_gradients(monkeypatch):
+    """With links too big to keep, every ~sqrt(T)-th is kept and the rest recomputed in backward."""
+    model = _model("dnc", DNC_TINY)
+    kept = []
+    original = fast_dnc.LinkHistory.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        kept.append(self)
+
+    monkeypatch.setattr(fast_dnc, "LINK_KEEP_BYTES", 0)
+    monkeypatch.setattr(fast_dnc.LinkHistory, "__init__", spy)
+    _compare(model, _random_state(model, B))
+    assert kept[-1].every > 1 and len(kept[-1].kept) < T + 1
+
+
+def test_no_grad_forward_matches_and_keeps_nothing():
+    for name, tiny in (("ntm", NTM_TINY), ("dnc", DNC_TINY)):
+        model = _model(name, tiny)
+        x = torch.randn(B, T, I, dtype=torch.float64)
+        with torch.no_grad():
+            y = fast.forward(model, x)
+            assert not y.requires_grad
+            assert torch.allclose(y, model(x), rtol=TOL, atol=TOL)
+
+
+def test_unsupported_models_are_named():
+    lstm = _model("lstm", {"hidden_size": 6})
+    assert "LSTMBaseline" in fast.unsupported(lstm)
+    with pytest.raises(ValueError, match="no fast path"):
+        fast.forward(lstm, torch.zeros(1, 2, I, dtype=torch.float64))
+    assert fast.unsupported(_model("ntm", NTM_TINY)) is None
+    swapped = _model("dnc", DNC_TINY)
+    swapped.output = torch.nn.Sequential(swapped.output)  # e.g. mann.multiseed's per-seed layers
+    assert "DNC.output is a Sequential" in fast.unsupported(swapped)
+    assert not fast.use_fast(swapped, torch.zeros(1, 2, I))
+    assert not fast.use_fast(lstm, torch.zeros(1, 2, I))
+    assert fast.use_fast(_model("dnc", DNC_TINY, impl="auto"), torch.zeros(1, 2, I))  # CPU: measured faster
+    if "impl" in model_fields("ntm"):
+        assert not fast.use_fast(_model("ntm", NTM_TINY, impl="reference"), torch.zeros(1, 2, I))
+        assert fast.use_fast(_model("ntm", NTM_TINY, impl="fast"), torch.zeros(1, 2, I))
+
+
+# -- mechanisms on their own --------------------------------------------------------------------------------------
+
+
+def test_allocation_backward_matches_autograd_with_zeros_and_ties():
+    usage = torch.tensor([[0.0, 0.0, 0.3, 0.3, 0.9],  # two zeros (the initial state), a tie
+                          [0.0, 0.5, 0.2, 1.0, 0.7],  # one zero, a full slot
+                          [0.1, 0.4, 0.4, 0.4, 0.8],  # no zero, a three-way tie
+                          [1e-30, 0.5, 1e-20, 0.2, 0.6]], dtype=torch.float64, requires_grad=True)
+    a_ref = addressing.allocation(usage)
+    a, saved = fast_dnc.allocation_forward(usage.detach())
+    assert torch.allclose(a, a_ref, rtol=0, atol=1e-15)
+    g = torch.randn(usage.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (g_ref,) = torch.autograd.grad(a_ref, usage, g)
+    assert torch.allclose(fast_dnc.allocation_backward(g, saved), g_ref, rtol=1e-12, atol=1e-15)
+
+
+def test_link_update_and_backward_match_the_reference_functions():
+    g = torch.Generator().manual_seed(0)
+    L = torch.rand(2, 2, 6, 6, generator=g, dtype=torch.float64) * 0.2
+    w = (torch.rand(2, 2, 6, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    p = (torch.rand(2, 2, 6, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    L_prev = L.clone().requires_grad_()
+    ref = addressing.update_link(L_prev, p, w)
+    out = fast_dnc.link_update(L.clone(), w.detach(), p.detach(), torch.empty_like(L), torch.empty_like(L))
+    assert torch.allclose(out, ref, rtol=0, atol=1e-15)
+    gL = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    refs = torch.autograd.grad(ref, [L_prev, w, p], gL)
+    gL_fast = gL.clone()
+    gL_fast.diagonal(dim1=-2, dim2=-1).zero_()
+    g_w, g_p = fast_dnc.link_backward(gL_fast, L, w.detach(), p.detach(), torch.empty_like(L))
+    for a, b in zip(refs, (gL_fast, g_w, g_p), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
