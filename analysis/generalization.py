@@ -31,6 +31,7 @@ Pure PyTorch and pandas: no Ray, no MLflow.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,20 +108,29 @@ def find_checkpoint(results_dir: str | Path, trial_id: str) -> Path:
     """The last checkpoint of Tune trial ``trial_id`` under ``<results_dir>/ray/<experiment>/``.
 
     Trial folders carry the trial id (``run_trial_<id>_...`` for a sweep, ``replica_<id>_...`` for a
-    replication); inside, ``checkpoint_<n>/checkpoint.pt`` with the largest n wins.
+    replication); inside, ``checkpoint_<n>/checkpoint.pt`` with the largest n wins. A seed of a batched
+    replication has the run id ``<tune trial id>-s<seed>`` and its checkpoints in its trial's
+    ``checkpoint_<n>/seed-<seed>/checkpoint.pt`` (study/replicate.py).
     """
     root = Path(results_dir) / "ray"
-    folders = [p for p in root.glob(f"*/*_{trial_id}_*") if p.is_dir()]
-    found = sorted(
-        (int(c.parent.name.rpartition("_")[2]), c)
-        for folder in folders
-        for c in folder.glob(f"checkpoint_*/{CHECKPOINT_NAME}")
-        if c.parent.name.rpartition("_")[2].isdigit()
-    )
+    base, inner = trial_id, CHECKPOINT_NAME
+    if seeded := _SEED_TRIAL.fullmatch(trial_id):
+        base, inner = seeded["trial"], f"seed-{seeded['seed']}/{CHECKPOINT_NAME}"
+    folders = [p for p in root.glob(f"*/*_{base}_*") if p.is_dir()]
+    found = []
+    for folder in folders:
+        for checkpoint_dir in folder.glob("checkpoint_*"):
+            number = checkpoint_dir.name.rpartition("_")[2]
+            if number.isdigit() and (checkpoint_dir / inner).is_file():
+                found.append((int(number), checkpoint_dir / inner))
+    found.sort()
     if not found:
         where = f"{len(folders)} trial folder(s)" if folders else "no trial folder"
-        raise GeneralizationError(f"trial {trial_id}: no {CHECKPOINT_NAME} under {root}/*/*_{trial_id}_* ({where})")
+        raise GeneralizationError(f"trial {trial_id}: no {inner} under {root}/*/*_{base}_* ({where})")
     return found[-1][1]
+
+
+_SEED_TRIAL = re.compile(r"(?P<trial>.+)-s(?P<seed>\d+)")
 
 
 # ----------------------------------------------------------------------------------------------------------

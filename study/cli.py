@@ -232,6 +232,9 @@ def _replicate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", metavar="FILE", help="replicate the configurations listed in this YAML file instead")
     p.add_argument("--address", help="join a Ray cluster ('auto' on a cluster head); default: a local Ray")
     p.add_argument("--resume", action="store_true", help="finish a replication whose driver stopped")
+    p.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="one Tune trial per (configuration, seed) instead of all seeds of a configuration "
+                        "trained as one batched model")
 
 
 def _replicate(args: argparse.Namespace) -> int:
@@ -239,7 +242,7 @@ def _replicate(args: argparse.Namespace) -> int:
 
     seeds = int(args.seeds) if args.seeds.strip().isdigit() else args.seeds
     return cli_replicate(args.file, top_k=args.top, seeds=seeds, configs_file=args.configs,
-                         address=args.address, resume=args.resume)
+                         address=args.address, resume=args.resume, batched=args.batch)
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,9 @@ distinct configurations of the study's Optuna record (COMPLETE trials ranked by 
 configuration that ran under several seeds ranks by its best trial), or the configurations
 listed in a YAML file, and runs each with S seeds the study never used, every run to
 ``budget.max_steps`` (FIFO scheduling: no early stopping, no Optuna sampling). Each (config,
-seed) pair is one Tune trial through the sweep's own trainable (:func:`study.trainable.run_trial`).
+seed) pair is one MLflow run. By default all seeds of one configuration train in ONE Tune trial as one
+batched model (:func:`mann.multiseed.fit_seeds`, :func:`run_replica_seeds`); ``batched=False`` runs each pair
+as its own Tune trial through the sweep's own trainable (:func:`study.trainable.run_trial`).
 
 MLflow layout (read by :mod:`analysis.load`)::
 
@@ -16,10 +18,17 @@ MLflow layout (read by :mod:`analysis.load`)::
             mannstudy.replication=<id>              id: rep-<hash of the (config, seed) list>, or given
             mannstudy.study=<study>, mannstudy.study_run=<parent run id>
             artifact replication.json               the configurations (with where each came from) and seeds
-          run mannstudy.kind=trial                  one per (config, seed), as in a sweep
+          run mannstudy.kind=trial                  one per (config, seed), as in a sweep; batched, its
+                                                    mannstudy.trial_id is ``<tune trial id>-s<seed>``
 
-Tune's state lives in ``<results_dir>/ray/<id>/`` (trial folders ``replica_<trial id>_c<i>_s<seed>``,
-checkpoints inside), so ``resume=True`` finishes an interrupted replication with ``Tuner.restore``.
+Tune's state lives in ``<results_dir>/ray/<id>/`` (trial folders ``replica_<trial id>_c<i>_s<seed>``, or
+``replica_<trial id>_c<i>_x<S>`` for S seeds batched, checkpoints inside: batched, ``checkpoint_<n>/seed-<s>/``),
+so ``resume=True`` finishes an interrupted replication with ``Tuner.restore`` (each batched seed resumes from its
+own ``seed-<s>`` checkpoint; a seed whose run already recorded its end is not trained again). The trial that
+restore runs decides the path, not the ``batched`` option: a resumed replication keeps the layout it began with.
+After the Tuner returns, each batched seed's last checkpoint is also linked as ``replica-seed_<trial id>-s<seed>_c<i>
+/checkpoint_<n>/checkpoint.pt`` (a hard link), the one-trial-per-run layout that
+:func:`analysis.generalization.find_checkpoint` looks for.
 
 Ray is imported inside the functions: :mod:`analysis.load` imports the tag names from here.
 """
@@ -32,6 +41,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +186,18 @@ def replication_grid(configs: Sequence[ReplicaConfig], seeds: Sequence[int]) -> 
             for i, c in enumerate(configs) for s in seeds]
 
 
+def replication_batches(configs: Sequence[ReplicaConfig], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One item per configuration with all the seeds: one batched Tune trial each (``config``, ``label``,
+    ``params``, ``seeds``)."""
+    return [{"config": i, "label": c.label, "params": dict(c.params), "seeds": [int(s) for s in seeds]}
+            for i, c in enumerate(configs)]
+
+
+def seed_trial_id(trial_id: str, seed: int) -> str:
+    """The ``mannstudy.trial_id`` of one seed of a batched trial: ``<tune trial id>-s<seed>``."""
+    return f"{trial_id}-s{seed}"
+
+
 def replication_id(grid: Sequence[Mapping[str, Any]]) -> str:
     """``rep-<8 hex>``: a hash of the (config, seed) list, so the same request finds its earlier run on resume."""
     text = json.dumps([{"params": g["params"], "seed": g["seed"]} for g in grid], sort_keys=True, default=str)
@@ -187,15 +209,174 @@ def replication_id(grid: Sequence[Mapping[str, Any]]) -> str:
 
 
 def run_replica(config: dict, context) -> None:
-    """Tune function trainable: one (config, seed) pair of the grid, through the sweep's own trainable."""
+    """Tune function trainable: one item of the grid. ``seeds`` (a batch): :func:`run_replica_seeds`; ``seed``
+    (one pair): the sweep's own trainable. The item decides, so a restored replication keeps its layout."""
     from study.trainable import run_trial
 
     replica = config["replica"]
-    run_trial({**replica["params"], "seed": replica["seed"]}, context)
+    if "seeds" in replica:
+        run_replica_seeds(replica, context)
+    else:
+        run_trial({**replica["params"], "seed": replica["seed"]}, context)
+
+
+def _recorded_ends(context, trial_ids: Mapping[int, str]) -> dict[int, tuple[str, dict]]:
+    """seed -> (status, metrics) of the seeds whose MLflow run an earlier attempt ended (completed, diverged)."""
+    from study.search import STEP_KEY
+    from study.tracking import TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client, _retry
+
+    uri, client = context.tracking_uri, _client(context.tracking_uri)
+    ended = {}
+    for seed, trial_id in trial_ids.items():
+        query = f"tags.`{TAG_PARENT}` = '{context.parent_run_id}' AND tags.`{TAG_TRIAL_ID}` = '{trial_id}'"
+        runs = _retry(lambda q=query: client.search_runs([context.experiment_id], filter_string=q, max_results=100),
+                      uri, f"reading the run of {trial_id}", 60.0)
+        if runs:
+            run = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))  # the one TrialTracker attaches to
+            status = run.data.tags.get(TAG_STATUS)
+            if status in ("completed", "diverged", "stopped_early"):
+                step = int(run.data.tags.get(TAG_STATUS_PREFIX + "step", 0))
+                ended[seed] = (status, {**run.data.metrics, STEP_KEY: step})
+    return ended
+
+
+def run_replica_seeds(replica: dict, context) -> None:
+    """All seeds of one configuration in one Tune trial: :func:`mann.multiseed.fit_seeds`, one MLflow run per seed.
+
+    Each seed's child run is what :func:`study.trainable.run_trial` would record for it (params, tags, metrics,
+    ``completed``/``diverged``/``failed``), with ``mannstudy.trial_id`` = ``<tune trial id>-s<seed>``. Tune gets
+    one result per evaluation step (after every seed has evaluated it): the mean objective over the seeds
+    (a diverged seed counts as the worst value), and a checkpoint every ``checkpoint_every`` evaluations and at
+    the end holding ``seed-<s>/checkpoint.pt`` per seed. No early stopping: every seed trains to max_steps.
+    """
+    import shutil
+    import tempfile
+
+    import ray
+    import torch
+    from ray import tune
+
+    from mann.multiseed import SEED_DIR, fit_seeds
+    from mann.train import config_to_flat_dict, make_train_config
+    from study.search import STATUS_KEY, STEP_KEY
+    from study.tracking import TrialTracker
+    from study.trainable import _worst
+
+    torch.set_num_threads(max(1, context.threads))
+    spec = context.spec
+    metric, mode = spec.objective.metric, spec.objective.mode
+    tune_context = tune.get_context()
+    trial_id = tune_context.get_trial_id()
+    checkpoint = tune.get_checkpoint()
+    seeds = [int(s) for s in replica["seeds"]]
+    ids = {s: seed_trial_id(trial_id, s) for s in seeds}
+    configs = {}
+    for s in seeds:
+        model, overrides = trial_overrides(spec, {**replica["params"], "seed": s})
+        configs[s] = make_train_config(model, spec.task, overrides)
+    cfg = configs[seeds[0]]
+    ended = _recorded_ends(context, ids) if checkpoint else {}  # a fresh trial cannot have ended
+    status = {s: ended[s][0] for s in ended}  # seed -> its end, once known
+    steps = {s: int(ended[s][1].get(STEP_KEY, cfg.max_steps)) for s in ended}  # seed -> the step it ended at
+    latest = {s: ended[s][1] for s in ended}  # seed -> its last metrics
+    restored_from = checkpoint.get_metadata() if checkpoint else {}
+    attempt = {"node_id": ray.get_runtime_context().get_node_id(), "start_step": int(restored_from.get("step", 0)),
+               "seeds": len(seeds)}
+    trackers = {
+        s: TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, ids[s],
+                        params=config_to_flat_dict(configs[s]),
+                        tags={"mannstudy.trial_name": tune_context.get_trial_name()}, flush_every=context.flush_every)
+        for s in seeds if s not in ended
+    }
+    staging = Path(tempfile.mkdtemp(prefix="mannstudy-seeds-"))  # seed-<s>/checkpoint.pt: each seed's latest
+    at = {"step": None, "evaluations": 0}  # the evaluation step in progress; evaluation steps seen
+
+    def report(step: int, final: bool, save: bool) -> None:
+        values = [(_worst(mode) if status.get(s) == "diverged" else latest[s].get(metric, _worst(mode)))
+                  for s in seeds if s in latest or s in status]
+        counts = {f"seeds_{k}": sum(1 for v in status.values() if v == k) for k in ("completed", "diverged")}
+        if final:
+            trial_status = "completed" if counts["seeds_completed"] else "diverged"
+        else:
+            trial_status = "running"
+        result = {STEP_KEY: step, metric: sum(values) / len(values) if values else _worst(mode),
+                  STATUS_KEY: trial_status, **counts, **attempt}
+        if not save:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory(prefix="mannstudy-ckpt-") as tmp:  # Tune gets its own copy
+            shutil.copytree(staging, tmp, dirs_exist_ok=True)
+            saved = tune.Checkpoint.from_directory(tmp)
+            saved.set_metadata({"step": step})
+            tune.report(result, checkpoint=saved)
+
+    def end_step() -> None:
+        """Every seed has evaluated step at["step"]: one result for Tune."""
+        if at["step"] is not None:
+            at["evaluations"] += 1
+            report(at["step"], False, at["evaluations"] % context.checkpoint_every == 0)
+
+    def on_eval(seed: int, metrics: dict, save_checkpoint) -> bool:
+        step = int(metrics[STEP_KEY])
+        if step != at["step"]:
+            end_step()  # fit_seeds evaluates every live seed at a step before it trains the next
+            at["step"] = step
+        tracker = trackers[seed]
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != STEP_KEY}, step)
+        latest[seed] = dict(metrics)
+        final = step >= cfg.max_steps
+        if final:
+            tracker.flush()
+            tracker.set_status("completed", step=step)
+            status[seed] = "completed"
+        if final or (at["evaluations"] + 1) % context.checkpoint_every == 0:
+            save_checkpoint(staging / SEED_DIR.format(seed=seed))
+        return False  # no early stopping in a replication
+
+    try:
+        with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
+            if restored:
+                shutil.copytree(restored, staging, dirs_exist_ok=True)
+        todo = [s for s in seeds if s not in ended]
+        resumable = [s for s in todo if (staging / SEED_DIR.format(seed=s)).is_dir()]
+        # A seed without a checkpoint (none was due before the crash) starts afresh, in a batch of its own.
+        groups = [(group, resume) for group, resume in ((resumable, staging), ([s for s in todo if s not in
+                  resumable], None)) if group]
+        for group, resume in groups:
+            results = fit_seeds(cfg, group, on_eval=on_eval, resume_from=resume)
+            for s, result in zip(group, results, strict=True):
+                latest[s] = {**latest.get(s, {}), **result.metrics}
+                if result.status == "diverged":
+                    trackers[s].flush()
+                    trackers[s].set_status("diverged", step=result.step, message=result.message)
+                    status[s] = "diverged"
+                elif result.status == "completed" and s not in status:  # resumed at its end: no evaluation ran
+                    trackers[s].set_status("completed", step=result.step)
+                    status[s] = "completed"
+                steps[s] = result.step
+            at["step"] = None
+        report(max(steps.values(), default=0), True, True)
+    except SystemExit:
+        # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
+        for tracker in trackers.values():
+            if tracker.status is None:
+                tracker.set_status("stopped_early", step=at["step"] or 0)
+        raise
+    except BaseException as err:
+        for tracker in trackers.values():
+            if tracker.status is None:
+                tracker.set_status("failed", step=at["step"] or 0, message=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        for tracker in trackers.values():
+            tracker.close()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _trial_dirname(trial) -> str:
     replica = trial.config.get("replica", {})
+    if "seeds" in replica:
+        return f"replica_{trial.trial_id}_c{replica.get('config', 'x')}_x{len(replica['seeds'])}"
     return f"replica_{trial.trial_id}_c{replica.get('config', 'x')}_s{replica.get('seed', 'x')}"
 
 
@@ -351,6 +532,7 @@ def run_replication(
     resume: bool = False,
     name: str | None = None,
     num_cpus: int | None = None,
+    batched: bool = True,
 ) -> ReplicationSummary:
     """Replicate the ``top_k`` best configurations of the study in ``study_file`` (or those in ``configs_file``)
     with ``seeds`` (a count of fresh seeds, or the seeds themselves), to full budget; return its summary.
@@ -358,6 +540,8 @@ def run_replication(
     ``address``: None starts a local Ray (or uses this process's); ``auto``/``host:port`` joins a cluster.
     ``resume`` finishes an interrupted replication of the same request (same configs and seeds).
     ``name``: the replication id (default: a hash of the request, see :func:`replication_id`).
+    ``batched``: all seeds of a configuration in one Tune trial (:func:`run_replica_seeds`); False: one Tune
+    trial per (config, seed). A resumed replication keeps the layout it began with.
     """
     import study.sweep  # noqa: F401  (sets Ray's environment before ray is imported)
     from study import tracking
@@ -398,7 +582,8 @@ def run_replication(
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))
-        tuner = _make_tuner(spec, context, grid, exp_dir, resume)
+        items = replication_batches(configs, seed_list) if batched else grid
+        tuner = _make_tuner(spec, context, items, exp_dir, resume)
         print(f"replicate {spec.name}: {len(configs)} configs x {len(seed_list)} seeds {seed_list} "
               f"= {len(grid)} runs to {spec.budget.max_steps} steps; MLflow run {parent} ({rep_id})", flush=True)
         for c in configs:
@@ -413,8 +598,9 @@ def run_replication(
 
 
 def cli_replicate(study_file: str, top_k: int = 3, seeds: int | str | Sequence[int] = 3,
-                  configs_file: str | None = None, address: str | None = None, resume: bool = False) -> int:
-    """``mannstudy replicate FILE --top K --seeds S|s1,s2 [--configs FILE] [--address A] [--resume]``.
+                  configs_file: str | None = None, address: str | None = None, resume: bool = False,
+                  batched: bool = True) -> int:
+    """``mannstudy replicate FILE --top K --seeds S|s1,s2 [--configs FILE] [--address A] [--resume] [--no-batch]``.
 
     Returns 0, or 2 (one line on stderr) for a request that cannot start; study-file mistakes raise
     SpecError for the command line's usual handling.
@@ -422,7 +608,7 @@ def cli_replicate(study_file: str, top_k: int = 3, seeds: int | str | Sequence[i
     from study.tracking import TrackingError
 
     try:
-        summary = run_replication(study_file, top_k, seeds, configs_file, address, resume)
+        summary = run_replication(study_file, top_k, seeds, configs_file, address, resume, batched=batched)
     except (ReplicationError, TrackingError) as err:
         print(f"mannstudy: {err}", file=sys.stderr)
         return 2
