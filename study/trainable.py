@@ -15,12 +15,28 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 - Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray ends the
   training thread with ``SystemExit``; the trial is ``stopped_early`` at its last reported step.
 - any exception: ``failed`` with the message, then re-raised so Tune's FailureConfig retries it.
+
+A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
+driver killed in between leaves a state in which that trial still runs, and ``--resume`` restarts it
+from its last checkpoint (NOTES.md). A restored attempt therefore first reads the trial's MLflow run:
+when an earlier attempt recorded ``completed``, ``stopped_early`` or ``diverged`` there (the status is
+written before the final report), it reports that end again and returns without training or touching
+the run. (An attempt restored from the final checkpoint whose run holds no status, e.g. after a
+tracking outage, trains no step either: ``fit`` returns at once and the end is recorded then.)
+
+Besides ``fit``'s metrics every report carries where and how the attempt ran (Tune's result.json keeps
+them; MLflow does not): ``node_id`` (the Ray node), ``start_step`` (the checkpoint step the attempt
+resumed from, 0 for a fresh start), ``mlflow_run_id``, and CPU seconds: ``cpu_s`` of the training thread in
+this attempt, ``train_cpu_s`` the part of it inside fit's training steps (evaluation excluded), and
+``process_cpu_s`` of the whole trial process since it started (Ray's threads and earlier trials included:
+``reuse_actors`` runs several trials in one process). bench/sweep.py reads them.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +62,73 @@ def _worst(mode: str) -> float:
     return math.inf if mode == "min" else -math.inf
 
 
+ENDED = ("completed", "stopped_early", "diverged")  # statuses that end a trial (``failed`` is retried)
+
+
+def _recorded_end(context: TrialContext, trial_id: str) -> tuple[str, dict] | None:
+    """(MLflow run id, result) of the end an earlier attempt of this trial recorded in its MLflow run, or None.
+
+    The result is the run's latest metrics at the recorded step with the recorded status: what the
+    trial reported when it ended (a diverged trial gets the worst objective again, as then).
+    """
+    from study.tracking import TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client, _retry
+
+    uri = context.tracking_uri
+    client = _client(uri)
+    query = f"tags.`{TAG_PARENT}` = '{context.parent_run_id}' AND tags.`{TAG_TRIAL_ID}` = '{trial_id}'"
+    runs = _retry(lambda: client.search_runs([context.experiment_id], filter_string=query, max_results=100),
+                  uri, f"reading the run of trial {trial_id}", 60.0)
+    if not runs:
+        return None
+    run = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))  # the one TrialTracker attaches to
+    tags = run.data.tags
+    status = tags.get(TAG_STATUS)
+    if status not in ENDED:
+        return None
+    result = {**run.data.metrics, STEP_KEY: int(tags.get(TAG_STATUS_PREFIX + "step", 0)), STATUS_KEY: status}
+    metric, mode = context.spec.objective.metric, context.spec.objective.mode
+    if status == "diverged" or metric not in result:
+        result[metric] = _worst(mode)
+    return run.info.run_id, result
+
+
+class _CpuClock:
+    """CPU seconds of the training thread, and the part of them inside fit's training steps.
+
+    fit reports ``wall_time``: seconds inside training steps, evaluation excluded. Training and
+    evaluation both run on this thread, so the thread's CPU time between two evaluations is split in
+    proportion to their wall times (wall time alone would count waiting for a busy core as work).
+    """
+
+    def __init__(self):
+        self.cpu = self.train_cpu = 0.0
+        self._mark = (time.thread_time(), time.perf_counter())
+        self._wall_time: float | None = None  # fit's wall_time at the previous evaluation
+
+    def evaluation(self, wall_time: float) -> None:
+        """At an evaluation: account the thread's CPU since the last ``resume()``."""
+        cpu, wall = time.thread_time() - self._mark[0], time.perf_counter() - self._mark[1]
+        trained = wall_time - self._wall_time if self._wall_time is not None else None
+        self.cpu += cpu
+        if trained is not None and wall > 0:
+            self.train_cpu += cpu * min(1.0, max(0.0, trained) / wall)
+        self._wall_time = wall_time
+
+    def start(self, wall_time: float) -> None:
+        """Training starts from ``wall_time`` (0, or a checkpoint's): the first interval counts too."""
+        self._wall_time = wall_time
+
+    def resume(self) -> None:
+        """After reporting: training continues from here."""
+        self._mark = (time.thread_time(), time.perf_counter())
+
+    def fields(self) -> dict[str, float]:
+        return {"cpu_s": self.cpu, "train_cpu_s": self.train_cpu, "process_cpu_s": time.process_time()}
+
+
 def run_trial(config: dict, context: TrialContext) -> None:
     """Tune function trainable. ``config``: the define-by-run parameters (``model``, ``seed``, searched keys)."""
+    import ray
     import torch
     from ray import tune
 
@@ -55,9 +136,18 @@ def run_trial(config: dict, context: TrialContext) -> None:
     from study.tracking import TrialTracker
 
     torch.set_num_threads(max(1, context.threads))
+    clock = _CpuClock()
     spec = context.spec
     tune_context = tune.get_context()
     trial_id = tune_context.get_trial_id()
+    checkpoint = tune.get_checkpoint()
+    node_id = ray.get_runtime_context().get_node_id()
+    ended = _recorded_end(context, trial_id) if checkpoint else None  # a fresh trial cannot have ended
+    if ended is not None:
+        run_id, result = ended
+        step = result[STEP_KEY]
+        tune.report({**result, "node_id": node_id, "start_step": step, "mlflow_run_id": run_id, **clock.fields()})
+        return
     model, overrides = trial_overrides(spec, config)
     cfg = make_train_config(model, spec.task, overrides)
     metric, mode = spec.objective.metric, spec.objective.mode
@@ -67,22 +157,29 @@ def run_trial(config: dict, context: TrialContext) -> None:
         params=config_to_flat_dict(cfg), tags={"mannstudy.trial_name": tune_context.get_trial_name()},
         flush_every=context.flush_every,
     )
+    restored_from = checkpoint.get_metadata() if checkpoint else {}  # {step, wall_time} of the checkpoint
+    clock.start(float(restored_from.get("wall_time", 0.0)))
+    attempt = {"node_id": node_id, "start_step": int(restored_from.get("step", 0)),
+               "mlflow_run_id": tracker.run_id}
     last = {"step": 0, "final": None}  # the last reported step; the terminal status it carried, if any
     evaluations = 0
 
     def report(metrics: dict, status: str, save_checkpoint=None) -> None:
         last["step"], last["final"] = int(metrics.get(STEP_KEY, last["step"])), status if status != "running" else None
-        result = {**metrics, STATUS_KEY: status}
+        result = {**metrics, STATUS_KEY: status, **attempt, **clock.fields()}
         if save_checkpoint is None:
             tune.report(result)
             return
         with tempfile.TemporaryDirectory(prefix="mannstudy-ckpt-") as tmp:
             save_checkpoint(tmp)
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+            saved = tune.Checkpoint.from_directory(tmp)
+            saved.set_metadata({"step": last["step"], "wall_time": float(metrics.get("wall_time", 0.0))})
+            tune.report(result, checkpoint=saved)
 
     def on_eval(metrics: dict, save_checkpoint) -> None:
         nonlocal evaluations
         evaluations += 1
+        clock.evaluation(float(metrics.get("wall_time", 0.0)))
         step = int(metrics[STEP_KEY])
         tracker.log_metrics({k: v for k, v in metrics.items() if k != STEP_KEY}, step)
         final = step >= cfg.max_steps
@@ -91,8 +188,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
             tracker.set_status("completed", step=step)
         keep = final or evaluations % context.checkpoint_every == 0
         report(metrics, "completed" if final else "running", save_checkpoint if keep else None)
+        clock.resume()
 
-    checkpoint = tune.get_checkpoint()
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
             resume_from = Path(restored) / CHECKPOINT_NAME if restored else None
@@ -101,6 +198,11 @@ def run_trial(config: dict, context: TrialContext) -> None:
             tracker.flush()
             tracker.set_status("diverged", step=result.step, message=result.message)
             report({**result.metrics, STEP_KEY: result.step, metric: _worst(mode)}, "diverged")
+        elif result.status == "completed" and last["final"] is None:
+            # Restored from the final checkpoint with no status in the run: nothing left to train, but
+            # this attempt reopened the run and Tune waits for a last result.
+            tracker.set_status("completed", step=result.step)
+            report({**result.metrics, STEP_KEY: result.step}, "completed")
     except SystemExit:
         # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
         if last["final"] is None:

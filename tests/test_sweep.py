@@ -1,0 +1,321 @@
+"""The sweep end to end on real components: a Ray cluster, Tune + ASHA, Optuna in SQLite, MLflow in SQLite.
+
+One grid study (tests/studies/asha.yaml: six learning rates of a tiny LSTM, one of them diverging)
+runs once for the module; each test reads one aspect of what it recorded. The entry point's refusals
+(bad study files, an unreachable server, an existing study) run in a subprocess, where it is visible
+that nothing, Ray included, was started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import pickle
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow_server import free_port
+from optuna.trial import TrialState
+
+from study.spec import load_spec
+from study.sweep import STATE_BACKUP, SweepError, reconcile, restore_state_backup, run_sweep
+from study.tracking import (
+    STATUS_TO_RUN_STATUS,
+    TAG_ATTEMPTS,
+    TAG_PARENT,
+    TAG_STATUS,
+    TAG_STATUS_PREFIX,
+    TAG_TRIAL_ID,
+    TrialTracker,
+    prepare_experiment,
+    start_study_run,
+)
+from study.trainable import TrialContext, _recorded_end
+
+REPO = Path(__file__).resolve().parent.parent
+STUDIES = REPO / "tests" / "studies"
+LRS = [3e-2, 1e-2, 3e37, 3e-3, 1e-3, 1e-4]  # tests/studies/asha.yaml
+DIVERGING_LR = 3e37
+EVAL_KEYS = {"sequences", "wall_time", "train_loss", "error", "bit_error", "accuracy", "level",
+             "gen2x_error", "gen2x_bit_error", "gen2x_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def asha(ray_cluster, study_file, record, tmp_path_factory):
+    path = study_file("asha", tmp_path_factory.mktemp("asha"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = run_sweep(path)
+    return path, summary, out.getvalue(), record(path)
+
+
+@pytest.mark.slow
+def test_optuna_records_how_each_trial_ended(asha):
+    _, summary, _, rec = asha
+    spec = rec.spec
+    max_steps, every = spec.budget.max_steps, spec.budget.eval_every
+    trials = rec.trials()
+    assert sorted(t.params["lr"] for t in trials) == sorted(LRS)  # the grid, each point once
+    statuses = Counter(t.user_attrs["status"] for t in trials)
+    assert statuses["completed"] >= 1 and statuses["stopped_early"] >= 1 and statuses["diverged"] == 1
+    assert sum(statuses.values()) == spec.budget.num_samples
+    assert summary.counts == dict(statuses)
+
+    rungs = {spec.budget.grace_period * 2**k for k in range(4)} - {max_steps}
+    for t in trials:
+        status, step = t.user_attrs["status"], t.user_attrs.get("status_step")
+        if status == "completed":
+            # COMPLETE only for a full-budget trial, its value the final evaluation
+            assert t.state == TrialState.COMPLETE and step == max_steps
+            assert t.value == t.intermediate_values[max_steps]
+        elif status == "stopped_early":
+            assert t.state == TrialState.PRUNED and step in rungs, (step, rungs)
+            assert t.value == t.intermediate_values[step]  # Optuna gives a pruned trial its last intermediate value
+        else:
+            assert status == "diverged" and t.state == TrialState.FAIL and t.params["lr"] == DIVERGING_LR
+            assert step == 2 and t.intermediate_values == {}  # loss inf at step 2, before any evaluation
+            continue
+        # intermediate values at the training steps of every evaluation up to the last one, the stopping one included
+        assert sorted(t.intermediate_values) == list(range(every, step + 1, every))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value)
+    assert summary.best["value"] == best.value and summary.best["trial_id"] == best.user_attrs["tune_trial_id"]
+
+
+@pytest.mark.slow
+def test_mlflow_has_one_parent_run_and_one_child_run_per_trial(asha):
+    path, _, _, rec = asha
+    (parent,) = rec.parents()
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["budget.max_steps"] == "60" and parent.data.params["sampler"] == "grid"
+    artifacts = {a.path for a in rec.client.list_artifacts(parent.info.run_id)}
+    assert path.name in artifacts
+    copy = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path=path.name,
+                                               tracking_uri=rec.spec.tracking_uri, dst_path=str(path.parent / "dl"))
+    assert Path(copy).read_text() == path.read_text()
+
+    trials = rec.by_tune_id()
+    children = rec.children()
+    assert sorted(r.data.tags[TAG_TRIAL_ID] for r in children) == sorted(trials)  # exactly one run per trial
+    for run in children:
+        t = trials[run.data.tags[TAG_TRIAL_ID]]
+        tags, params = run.data.tags, run.data.params
+        assert tags[TAG_PARENT] == parent.info.run_id and tags[TAG_ATTEMPTS] == "1"
+        status = t.user_attrs["status"]
+        assert tags[TAG_STATUS] == status and run.info.status == STATUS_TO_RUN_STATUS[status]
+        assert tags[TAG_STATUS_PREFIX + "step"] == str(t.user_attrs["status_step"])
+        assert float(params["lr"]) == t.params["lr"]
+        assert (params["model"], params["model.hidden_size"], params["max_steps"], params["seed"]) == \
+            ("lstm", "16", "60", "0")
+        if status == "diverged":
+            continue
+        assert set(run.data.metrics) == EVAL_KEYS
+        # one point per evaluation step, the same values Optuna holds
+        history = rec.history(run.info.run_id, "error")
+        assert [s for s, _, _ in history] == sorted(t.intermediate_values)
+        for step, value, _ in history:
+            assert math.isclose(value, t.intermediate_values[step], rel_tol=1e-6)
+        for key in EVAL_KEYS:
+            assert [s for s, _, _ in rec.history(run.info.run_id, key)] == sorted(t.intermediate_values)
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_recorded_and_the_sweep_goes_on(asha):
+    _, summary, out, rec = asha
+    (t,) = [t for t in rec.trials() if t.params["lr"] == DIVERGING_LR]
+    (run,) = [r for r in rec.children() if r.data.tags[TAG_TRIAL_ID] == t.user_attrs["tune_trial_id"]]
+    assert run.info.status == "FAILED" and run.data.tags[TAG_STATUS] == "diverged"
+    assert run.data.tags[TAG_STATUS_PREFIX + "step"] == "2"
+    assert run.data.tags[TAG_STATUS_PREFIX + "message"].startswith("diverged at step 2: loss is inf")
+    assert run.data.metrics == {}
+    assert t.state == TrialState.FAIL and t.user_attrs["status_step"] == 2
+    # Tune's record: one result, the worst value, so ASHA ranks it last
+    (result,) = rec.results()[t.user_attrs["tune_trial_id"]]
+    assert result["trial_status"] == "diverged" and result["error"] == math.inf
+    # the other trials ran on: every one finished, and the progress shows each
+    assert sum(summary.counts.values()) == len(LRS)
+    for tune_id, trial in rec.by_tune_id().items():
+        assert f"{tune_id} {trial.user_attrs['status']}" in out
+
+
+@pytest.mark.slow
+def test_reports_say_where_and_from_which_step_each_attempt_ran(asha, ray_cluster):
+    _, _, _, rec = asha
+    head = ray_cluster.head_node.node_id
+    for tune_id, rows in rec.results().items():
+        assert {r["node_id"] for r in rows} == {head} and {r["start_step"] for r in rows} == {0}
+        assert len({r["mlflow_run_id"] for r in rows}) == 1
+        for r in rows:
+            assert 0 <= r["train_cpu_s"] <= r["cpu_s"] <= r["process_cpu_s"], (tune_id, r)
+
+
+@pytest.mark.slow
+def test_an_existing_study_is_refused_without_resume_and_nothing_is_lost(asha, study_file, tmp_path):
+    path, _, _, rec = asha
+    before = ([(t.number, t.state, t.value, t.datetime_complete) for t in rec.trials()],
+              sorted((r.info.run_id, r.info.status, r.info.end_time) for r in rec.children()),
+              [(r.info.status, r.info.end_time) for r in rec.parents()],
+              sorted(p.name for p in rec.exp_dir.iterdir()))
+    with pytest.raises(SweepError) as info:
+        run_sweep(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "--resume" in message
+    after = ([(t.number, t.state, t.value, t.datetime_complete) for t in rec.trials()],
+             sorted((r.info.run_id, r.info.status, r.info.end_time) for r in rec.children()),
+             [(r.info.status, r.info.end_time) for r in rec.parents()],
+             sorted(p.name for p in rec.exp_dir.iterdir()))
+    assert after == before
+
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    import ray
+    from study.sweep import run_sweep
+    out = []
+    for path, resume in json.loads(sys.argv[1]):
+        try:
+            run_sweep(path, resume=resume)
+            out.append({"path": path, "type": None})
+        except Exception as err:
+            out.append({"path": path, "type": type(err).__name__, "message": str(err)})
+        out[-1]["ray"] = ray.is_initialized()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_bad_study_files_and_an_unreachable_server_launch_nothing(study_file, tmp_path, ray_env):
+    good = study_file("asha", tmp_path / "good", fresh=True)
+    text = (STUDIES / "asha.yaml").read_text() + "results_dir: RESULTS\n"
+    cases = {}  # file -> (exception, words its one line must hold)
+
+    def case(name: str, old: str, new: str, error: str, *words: str) -> None:
+        assert old in text
+        folder = tmp_path / name
+        folder.mkdir()
+        path = folder / f"{name}.yaml"
+        path.write_text(text.replace(old, new).replace("RESULTS", str(folder / "results")))
+        cases[str(path)] = (error, words)
+
+    case("syntax", "models: [lstm]", "models: [lstm", "SpecError", "line")
+    case("unknown_key", "concurrency: 2", "concurrency: 2\nbudgett: 3", "SpecError", "budgett", "a known key")
+    case("bad_value", "reduction_factor: 2", "reduction_factor: 1", "SpecError", "budget.reduction_factor",
+         "above 1")
+    case("bad_model_key", "model.hidden_size: 16", "model.memory_size: 16", "SpecError", "fixed.model.memory_size")
+    case("unreachable", "concurrency: 2", f"concurrency: 2\ntracking_uri: http://127.0.0.1:{free_port()}",
+         "TrackingError", "unreachable", "http://127.0.0.1:")
+    missing = tmp_path / "missing.yaml"
+    cases[str(missing)] = ("SpecError", ("missing.yaml",))
+    args = [[p, False] for p in cases] + [[str(good), True]]  # --resume of a study that never ran
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**ray_env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["path"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+    for path, (error, words) in cases.items():
+        r = results[path]
+        assert r["type"] == error and not r["ray"], r
+        assert "\n" not in r["message"] and Path(path).name in r["message"], r
+        for word in words:
+            assert word in r["message"], (word, r)
+    resumed = results[str(good)]
+    assert resumed["type"] == "SweepError" and "--resume" in resumed["message"] and not resumed["ray"]
+    # nothing was written: no results folder (no Optuna or MLflow database, no Tune state)
+    for path in [*cases, str(good)]:
+        assert not (Path(path).parent / "results").exists(), path
+
+
+# ------------------------------------------------------------------------------------------------ without Ray
+
+
+@pytest.mark.slow
+def test_reconcile_ends_runs_left_running_as_optuna_recorded_them(study_file, tmp_path, record):
+    path = study_file("asha", tmp_path)
+    spec = load_spec(path)
+    uri = spec.tracking_uri
+    experiment_id = prepare_experiment(uri, spec.name)
+    parent = start_study_run(uri, experiment_id, spec.name, {"name": spec.name}, path)
+    trackers = {tid: TrialTracker(uri, experiment_id, parent, tid, params={"lr": 0.01})
+                for tid in ("stopped", "lost", "done")}
+    # "stopped": its process wrote the status tag, then Ray ended it before the run was ended (seen in a sweep)
+    trackers["stopped"].client.set_tag(trackers["stopped"].run_id, TAG_STATUS, "stopped_early")
+    trackers["done"].set_status("completed", step=60)
+    study = optuna.create_study(study_name=spec.name, storage=spec.storage)
+    for tid in trackers:
+        trial = study.ask()
+        trial.set_user_attr("tune_trial_id", tid)
+        if tid == "stopped":
+            trial.set_user_attr("status", "stopped_early")
+            trial.set_user_attr("status_step", 20)
+            trial.report(2.5, 20)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif tid == "done":
+            trial.set_user_attr("status", "completed")
+            trial.set_user_attr("status_step", 60)
+            study.tell(trial, 1.0)
+
+    assert reconcile(spec, uri, parent, "lost: in a test") == {"optuna": 1, "mlflow": 2}
+    runs = {r.data.tags[TAG_TRIAL_ID]: r for r in record(path).children()}
+    stopped, lost, done = runs["stopped"], runs["lost"], runs["done"]
+    assert (stopped.info.status, stopped.data.tags[TAG_STATUS], stopped.data.tags[TAG_STATUS_PREFIX + "step"]) == \
+        ("KILLED", "stopped_early", "20")
+    assert (lost.info.status, lost.data.tags[TAG_STATUS]) == ("FAILED", "failed")
+    assert lost.data.tags[TAG_STATUS_PREFIX + "message"] == "lost: in a test"
+    assert (done.info.status, done.data.tags[TAG_STATUS]) == ("FINISHED", "completed")
+    (orphan,) = [t for t in study.trials if t.user_attrs["tune_trial_id"] == "lost"]
+    assert orphan.state == optuna.trial.TrialState.FAIL and orphan.user_attrs["status"] == "not_run"
+
+
+def test_a_torn_tune_state_is_restored_from_the_last_complete_copy(tmp_path):
+    exp = tmp_path / "tune"
+    exp.mkdir()
+    state, searcher = "experiment_state-2026-01-01_00-00-00.json", "searcher-state-2026-01-01_00-00-00.pkl"
+    complete = {state: b'{"trial_data": []}', searcher: pickle.dumps({"trials": 3})}
+    (exp / STATE_BACKUP).write_bytes(pickle.dumps(complete))
+    (exp / state).write_text('{"trial_da')  # a kill mid-write
+    (exp / searcher).write_bytes(complete[searcher][:5])
+    later = exp / "experiment_state-2026-01-02_00-00-00.json"  # written after the last complete save
+    later.write_text('{"trial_data": [')
+    assert sorted(restore_state_backup(exp)) == sorted(complete)
+    for name, data in complete.items():
+        assert (exp / name).read_bytes() == data
+    assert not later.exists() and later.with_name(later.name + ".stale").exists()
+
+    # no complete copy and a damaged state: refused in one line rather than Tune starting the study over
+    (exp / STATE_BACKUP).unlink()
+    (exp / state).write_text("{")
+    with pytest.raises(SweepError) as info:
+        restore_state_backup(exp)
+    assert "\n" not in str(info.value) and "damaged" in str(info.value) and state in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_restored_attempt_finds_the_end_an_earlier_attempt_recorded(study_file, tmp_path):
+    path = study_file("asha", tmp_path)
+    spec = load_spec(path)
+    uri = spec.tracking_uri
+    experiment_id = prepare_experiment(uri, spec.name)
+    parent = start_study_run(uri, experiment_id, spec.name, {"name": spec.name}, path)
+    context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent)
+    ended = {"completed": 60, "stopped_early": 20, "diverged": 2}
+    for status, step in [*ended.items(), ("failed", 30), ("running", None)]:
+        tracker = TrialTracker(uri, experiment_id, parent, status, params={"lr": 0.01})
+        for s in range(10, (step or 30) + 1, 10):
+            tracker.log_metrics({"error": 3.0 - s / 100, "accuracy": s / 100}, s)
+        if step is not None:
+            tracker.set_status(status, step=step)
+        tracker.close()
+    for status, step in ended.items():
+        run_id, result = _recorded_end(context, status)
+        assert result["step"] == step and result["trial_status"] == status
+        assert result["error"] == (math.inf if status == "diverged" else 3.0 - step / 100)  # the last point logged
+    # a failed attempt is retried, a running one continues, a trial never seen starts: none of them has ended
+    assert _recorded_end(context, "failed") is None and _recorded_end(context, "running") is None
+    assert _recorded_end(context, "never") is None
