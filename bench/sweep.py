@@ -233,12 +233,14 @@ def main(argv=None) -> int:
 
     deadline = time.monotonic() + 10  # Ray's processes exit in the moments after ray.shutdown()
     while True:
-        leftover = [p for p in sampler.kind if sampler.kind[p] != "other" and Path(f"/proc/{p}").exists()]
+        sampler.kind.clear()  # look at every process again, started late or not
+        sampler.sample()
+        leftover = [p for p, k in sampler.kind.items() if k != "other"]
         if not leftover or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     if leftover:
-        print(f"warning: {len(leftover)} Ray processes still running: {leftover}", file=sys.stderr)
+        print(f"warning: {len(leftover)} Ray processes of this run still running: {leftover}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     return 0

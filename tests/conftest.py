@@ -77,6 +77,24 @@ def kill_pids(pids: list[int], timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def end_ray_folder(path: str, timeout_s: float = 30.0) -> list[int]:
+    """End every process marked with ``RAY_TMPDIR=path`` and remove the folder; return the pids ended.
+
+    Repeats until a scan finds nothing twice in a row: a Ray process may be starting a worker at the
+    moment of a kill, and a process left alive writes into the folder after it was removed.
+    """
+    ended, quiet = [], 0
+    deadline = time.monotonic() + timeout_s
+    while quiet < 2 and time.monotonic() < deadline:
+        pids = processes_with_env("RAY_TMPDIR", path)
+        kill_pids(pids)
+        ended += pids
+        quiet = 0 if pids else quiet + 1
+        time.sleep(0.2)
+    shutil.rmtree(path, ignore_errors=True)
+    return ended
+
+
 def kill_group(pgid: int) -> None:
     """SIGKILL a whole process group (a driver started with ``start_new_session=True``)."""
     with contextlib.suppress(ProcessLookupError):
@@ -91,8 +109,7 @@ def ray_tmpdir():
     """A private, short Ray temp folder (Ray's socket paths must stay under ~107 characters)."""
     path = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     yield path
-    kill_pids(processes_with_env("RAY_TMPDIR", path))
-    shutil.rmtree(path, ignore_errors=True)
+    end_ray_folder(path)
 
 
 @pytest.fixture(scope="session")
