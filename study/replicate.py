@@ -570,15 +570,10 @@ def run_replication(
 
     import ray
 
+    from study.sweep import connect_ray
     from study.trainable import TrialContext
 
-    started_ray = False
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-        started_ray = True
+    started_ray = connect_ray(address, num_cpus)
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))

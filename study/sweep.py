@@ -336,6 +336,22 @@ def summarize(spec: StudySpec) -> SweepSummary:
     return summary
 
 
+def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Use this process's Ray if it has one, else start a local one (``address`` None) or join ``address``.
+
+    Returns True when this call connected (the caller then shuts Ray down when done).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    return True
+
+
 def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool = False,
               num_cpus: int | None = None, callbacks: Sequence[Callback] = ()) -> SweepSummary:
     """Run (or ``resume``) the study in ``path`` to the end; return its summary.
@@ -375,13 +391,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
 
     from study.trainable import TrialContext
 
-    started_ray = False
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-        started_ray = True
+    started_ray = connect_ray(address, num_cpus)
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))
