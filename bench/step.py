@@ -90,10 +90,9 @@ def build(label: str, impl: str, device: torch.device, dtype: torch.dtype):
     name, overrides = CONFIGS[label]
     overrides = dict(overrides)
     cfg = make_model_config(name, {})
-    if impl != "reference" and name != "lstm":
-        if hasattr(cfg, "impl"):  # wired into the model: the config chooses
-            overrides["impl"] = impl
-        else:  # not wired yet: call the fast path directly
+    if hasattr(cfg, "impl"):  # wired into the model: the config chooses (its default "auto" would pick fast)
+        overrides["impl"] = impl
+    elif impl != "reference" and name != "lstm":  # not wired: call the fast path directly
             import mann.fast as fast
 
             cfg = make_model_config(name, overrides)
