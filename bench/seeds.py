@@ -35,18 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mann.multiseed import _FoldEngine, _start, lstm_update  # noqa: E402
 from mann.train import make_train_config  # noqa: E402
 
-BATCH = 16
-LENGTH = 20  # copy length: 2 * 20 + 1 = 41 time steps
-THREADS = 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step import BATCH, LENGTH, THREADS  # noqa: E402
+from step import CONFIGS as STEP_CONFIGS  # noqa: E402
 
-# label -> (registry name, model overrides). ntm: the reference NTM (128 x 20, LSTM 100, 1 read + 1 write head);
-# dnc-small: a DNC of the size the learning tests use; dnc64: the reference DNC of bench/step.py.
+# The reference sizes, batch, copy length and threads are bench/step.py's; dnc-small is the DNC of the learning tests.
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "ntm": ("ntm", {"memory_size": 128, "word_size": 20, "controller_size": 100, "read_heads": 1,
-                    "write_heads": 1}),
+    "ntm": STEP_CONFIGS["ntm"],
     "dnc-small": ("dnc", {"memory_size": 16, "word_size": 16, "read_heads": 2, "controller_size": 64}),
-    "dnc64": ("dnc", {"memory_size": 64, "word_size": 32, "read_heads": 4, "controller_size": 128}),
-    "lstm": ("lstm", {}),
+    "dnc64": STEP_CONFIGS["dnc64"],
+    "lstm": STEP_CONFIGS["lstm"],
 }
 
 
