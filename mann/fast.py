@@ -47,17 +47,19 @@ def _sqrt_floor(squares: Tensor) -> Tensor:
     return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
 
 
-def content_forward(memory: Tensor, keys: Tensor, strengths: Tensor, mask: Tensor | None = None
-                    ) -> tuple[Tensor, tuple]:
+def content_forward(memory: Tensor, keys: Tensor, strengths: Tensor, mask: Tensor | None = None,
+                    mem_norm: Tensor | None = None) -> tuple[Tensor, tuple]:
     """Content weighting softmax(beta * D(k, M[i])) (NTM Eq. 5-6; DNC C(M, k, beta)) and what backward needs.
 
     memory: [B, N, W]; keys: [B, H, W]; strengths: [B, H, 1]; mask [B, H, W] or None (Csordás & Schmidhuber's
-    masked D(k * m, M[i] * m)) -> ([B, H, N], saved).
+    masked D(k * m, M[i] * m)) -> ([B, H, N], saved). Without a mask, ``mem_norm`` [B, 1, N] may pass |M[i]| in
+    when it is already known (``saved[4]`` of an earlier call on the same memory).
     """
     if mask is None:
         m2 = masked_keys = None
         key_norm = slot_norm(keys)[..., None]  # [B, H, 1]
-        mem_norm = slot_norm(memory)[:, None, :]  # [B, 1, N]
+        if mem_norm is None:
+            mem_norm = slot_norm(memory)[:, None, :]  # [B, 1, N]
     else:
         m2 = mask.square()
         masked_keys = keys * m2  # (k m) . (M[i] m) = (k m^2) . M[i]
@@ -79,15 +81,17 @@ def content_backward(gw: Tensor, saved: tuple) -> tuple[Tensor, Tensor, Tensor, 
     g_dot = gz * strengths / denom  # D = dot / denom
     g_denom = g_dot * similarity  # = -dL/d denom: the sign is folded into the subtractions below
     g_key_norm = (g_denom * mem_norm).sum(-1, keepdim=True) / key_norm  # [B, H, 1], negated, over |k|
-    g_mem_norm = g_denom * key_norm  # [B, H, N], negated
     if mask is None:
         g_keys = torch.addcmul(torch.bmm(g_dot, memory), keys, g_key_norm, value=-1)
-        g_mem_norm = g_mem_norm.sum(1, keepdim=True) / mem_norm  # [B, 1, N]
-        g_memory = torch.addcmul(torch.bmm(g_dot.transpose(1, 2), keys), memory, g_mem_norm.transpose(1, 2),
-                                 value=-1)
+        # [B, 1, N], negated, over |M[i]|: sum_h g_denom_h |k_h|
+        g_mem_norm = (g_denom * key_norm if keys.shape[1] == 1 else torch.bmm(key_norm.transpose(1, 2), g_denom))
+        g_mem_norm = g_mem_norm / mem_norm
+        # one head: an outer product, which broadcasting runs ~3x faster than bmm here
+        g_dot_keys = g_dot.transpose(1, 2) * keys if keys.shape[1] == 1 else torch.bmm(g_dot.transpose(1, 2), keys)
+        g_memory = torch.addcmul(g_dot_keys, memory, g_mem_norm.transpose(1, 2), value=-1)
         return g_memory, g_keys, g_strengths, None
     g_masked_keys = torch.bmm(g_dot, memory)  # d(k m^2)
-    g_mem_norm = g_mem_norm / mem_norm
+    g_mem_norm = g_denom * key_norm / mem_norm  # [B, H, N], negated
     g_keys = g_masked_keys * m2 - g_key_norm * masked_keys
     g_m2 = (g_masked_keys * keys - 0.5 * g_key_norm * keys.square()
             - 0.5 * torch.bmm(g_mem_norm, memory.square()))
@@ -218,10 +222,57 @@ def clip_pass(raw: Tensor, clip: float | None) -> Tensor | float:
 def output_backward(gy: Tensor, y_raw: Tensor, hr: Tensor, w_out: Tensor, clip: float | None):
     """Back through y = clip(W_o [h, r] + b_o) for all steps at once. gy [B, T, O]; y_raw [T, B, O];
     hr [T, B, C + R W] -> (gradient of hr [T, B, C + R W], of W_o, of b_o)."""
-    T, B = y_raw.shape[:2]
     gy = gy.transpose(0, 1) * clip_pass(y_raw, clip)
-    flat = gy.reshape(T * B, -1)
-    return (flat @ w_out).view(T, B, -1), flat.t() @ hr.view(T * B, -1), flat.sum(0)
+    return linear_steps(gy, w_out), weight_grad(gy, hr, w_out), bias_grad(gy, w_out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Linear maps of one model, or of S seeds at once (mann.multiseed). A weight with a leading seed axis, [S, ...],
+# applies to S equal blocks of rows: rows s*B .. (s+1)*B - 1 of a [S*B, ...] batch through seed s's weights (one
+# bmm for all seeds). Everything else in the fast paths is per row already, so this is all that seeds change.
+
+
+def linear(x: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
+    """x @ w (+ add). x: [rows, k]; w: [k, n] or [S, k, n]; add: [n] or [rows, n], or [S, n] (a per-seed bias)."""
+    if w.dim() == 2:
+        return x @ w if add is None else torch.addmm(add, x, w)
+    S, _, n = w.shape
+    xs = x.view(S, -1, x.shape[-1])
+    y = torch.bmm(xs, w) if add is None else torch.baddbmm(add.reshape(S, -1, n), xs, w)
+    return y.view(x.shape[0], n)
+
+
+def seed_major(a: Tensor, seeds: int) -> Tensor:
+    """[T, S*B, k] -> [S, T*B, k]: every step's rows of one seed in one block."""
+    T, rows, k = a.shape
+    return a.view(T, seeds, rows // seeds, k).transpose(0, 1).reshape(seeds, -1, k)
+
+
+def linear_steps(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """:func:`linear` on every step at once: a [T, rows, k] -> [T, rows, n]."""
+    T, rows, k = a.shape
+    if w.dim() == 2:
+        return linear(a.reshape(T * rows, k), w, bias).view(T, rows, -1)
+    S, _, n = w.shape
+    xs = seed_major(a, S)
+    y = torch.bmm(xs, w) if bias is None else torch.baddbmm(bias[:, None], xs, w)  # [S, T*B, n]
+    return y.view(S, T, rows // S, n).transpose(0, 1).reshape(T, rows, n)
+
+
+def weight_grad(g: Tensor, a: Tensor, like: Tensor) -> Tensor:
+    """Gradient of W in y = a W^T summed over steps and rows: g [T, rows, n], a [T, rows, k] -> [n, k], or
+    [S, n, k] when ``like`` (the weight) is stacked per seed."""
+    if like.dim() == 2:
+        return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+    S = like.shape[0]
+    return torch.bmm(seed_major(g, S).transpose(1, 2), seed_major(a, S))
+
+
+def bias_grad(g: Tensor, like: Tensor) -> Tensor:
+    """Gradient of a bias added to every row of every step: g [T, rows, n] -> [n], or [S, n] (``like`` stacked)."""
+    if like.dim() == 2:
+        return g.reshape(-1, g.shape[-1]).sum(0)
+    return seed_major(g, like.shape[0]).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,14 +307,21 @@ def use_fast(model, x: Tensor) -> bool:
     Only where it was measured to be faster (docs/performance.md): on CPU. On CUDA it has not been measured
     yet, so "auto" keeps the reference code there; ``impl: "fast"`` forces it.
     """
+    if unsupported(model) is not None:
+        return False
     impl = getattr(model.cfg, "impl", "auto")
-    if impl == "reference" or unsupported(model) is not None:
+    if impl == "reference":
         return False
     return impl == "fast" or x.device.type == "cpu"
 
 
-def forward(model, x: Tensor, state=None, memory_size: int | None = None) -> Tensor:
-    """model(x, state, memory_size) through the fast path; x [B, T, I] -> logits [B, T, O]."""
+def forward(model, x: Tensor, state=None, memory_size: int | None = None, params=None) -> Tensor:
+    """model(x, state, memory_size) through the fast path; x [B, T, I] -> logits [B, T, O].
+
+    ``params``: weights to use instead of the model's, named by :func:`param_names` (same order), each either of
+    the model's shape or stacked for S seeds ([S, ...]; x, state and logits then hold S blocks of B/S rows, block s
+    run with seed s's weights: how mann.multiseed trains many seeds at once).
+    """
     from mann.ntm import NTM
 
     why = unsupported(model)
@@ -272,7 +330,18 @@ def forward(model, x: Tensor, state=None, memory_size: int | None = None) -> Ten
     if isinstance(model, NTM):
         from mann.fast_ntm import ntm_forward
 
-        return ntm_forward(model, x, state, memory_size)
+        return ntm_forward(model, x, state, memory_size, params)
     from mann.fast_dnc import dnc_forward
 
-    return dnc_forward(model, x, state, memory_size)
+    return dnc_forward(model, x, state, memory_size, params)
+
+
+def param_names(model) -> tuple[str, ...]:
+    """The names of the parameters the fast path of ``model`` differentiates, in the order ``forward`` takes them."""
+    from mann.ntm import NTM
+
+    if isinstance(model, NTM):
+        from mann.fast_ntm import param_names as names
+    else:
+        from mann.fast_dnc import param_names as names
+    return names(model)

@@ -26,10 +26,13 @@ from torch import Tensor
 
 from mann.fast import (
     SOFTPLUS_THRESHOLD,
+    bias_grad,
     clip_pass,
     content_backward,
     content_forward,
     flatten_tree,
+    linear,
+    linear_steps,
     lstm_backward_constants,
     lstm_forward,
     lstm_step_backward,
@@ -37,6 +40,7 @@ from mann.fast import (
     prod_others,
     softmax_backward,
     unflatten_tree,
+    weight_grad,
     write_backward,
     write_forward,
 )
@@ -54,8 +58,7 @@ def allocation_forward(usage: Tensor) -> tuple[Tensor, tuple]:
     usage: [B, N] -> ([B, N], saved).
     """
     sorted_usage, phi = torch.sort(usage, dim=-1, stable=True)
-    ones = torch.ones_like(sorted_usage[:, :1])
-    prod_before = torch.cumprod(torch.cat([ones, sorted_usage[:, :-1]], dim=-1), dim=-1)
+    prod_before = torch.cumprod(F.pad(sorted_usage[:, :-1], (1, 0), value=1.0), dim=-1)
     a = torch.empty_like(usage).scatter_(-1, phi, (1 - sorted_usage) * prod_before)
     return a, (sorted_usage, phi, prod_before)
 
@@ -68,15 +71,13 @@ def allocation_backward(ga: Tensor, saved: tuple) -> Tensor:
     # P_j = prod_{i<j} u_i, so dL/du_j = sum_{k>j} gP_k prod_{i<k, i != j} u_i.
     # j = 0: prod_{0<i<k} u_i = P_k / u_0, computed as the cumulative product of u_1.. (no division).
     # j > 0: (sum_{k>j} gP_k P_k) / u_j where u_j > 0. u is sorted ascending, so if u_j = 0 (j > 0) then u_0 = 0
-    # too, every term holds the factor u_0 and the gradient is exactly 0.
-    ones = torch.ones_like(u[:, :1])
-    P_without_first = torch.cumprod(torch.cat([ones, u[:, 1:-1]], dim=-1), dim=-1)  # prod_{0<i<k} u_i, k >= 1
+    # too, every term of the sum holds the factor u_0: the sum is exactly 0, and so is 0 / (u_j floored).
+    P_without_first = torch.cumprod(F.pad(u[:, 1:-1], (1, 0), value=1.0), dim=-1)  # prod_{0<i<k} u_i, k >= 1
     g_first = (gP[:, 1:] * P_without_first).sum(-1, keepdim=True)
     gPP = gP * P
     after = gPP.flip(-1).cumsum(-1).flip(-1) - gPP  # sum_{k>j} gP_k P_k
-    positive = u[:, 1:] > 0
-    g_rest = torch.where(positive, after[:, 1:] / torch.where(positive, u[:, 1:], 1), 0)
-    gu = torch.cat([g_first, g_rest], dim=-1) - ga * P
+    g_rest = after[:, 1:] / u[:, 1:].clamp_min(torch.finfo(u.dtype).tiny)
+    gu = torch.cat([g_first, g_rest], dim=-1).addcmul_(ga, P, value=-1)
     return torch.empty_like(gu).scatter_(-1, phi, gu)
 
 
@@ -115,17 +116,16 @@ def link_backward(gL: Tensor, L_prev: Tensor, ww: Tensor, p_prev: Tensor, scratc
     place; returns the gradients of w^w_t and p_{t-1}, [B, Hw, N] each. ``scratch``: an N x N buffer.
 
     dL/dw_i = sum_j gL[i, j] (p_j - L_{t-1}[i, j]) - sum_j gL[j, i] L_{t-1}[j, i];  dL/dp_j = sum_i gL[i, j] w_i.
-    With X = gL * (p_j - L_{t-1}) the second sum is p_i colsum(gL)_i - colsum(X)_i: no batched matrix-vector
-    product, which MKL runs slowly here (~20x a pass over the matrix).
+    With X = gL * (p_j - L_{t-1}) the second sum is p_i colsum(gL)_i - colsum(X)_i: sums, which ran faster here
+    than a matrix product with L_{t-1} (and than stacking [1; w] into one bmm for colsum(gL) and w^T gL).
     """
     B, Hw, N = ww.shape
     torch.sub(p_prev[..., None, :], L_prev, out=scratch).mul_(gL)
-    col = torch.bmm(torch.stack([torch.ones_like(ww), ww], dim=2).view(B * Hw, 2, N), gL.view(B * Hw, N, N))
-    col = col.view(B, Hw, 2, N)  # (colsum(gL), w^T gL)
-    g_ww = scratch.sum(-1) + scratch.sum(-2) - p_prev * col[:, :, 0]
+    g_p = torch.bmm(ww.view(B * Hw, 1, N), gL.view(B * Hw, N, N)).view(B, Hw, N)  # w^T gL
+    g_ww = scratch.sum(-1) + scratch.sum(-2) - p_prev * gL.sum(-2)
     torch.sub(1 - ww[..., :, None], ww[..., None, :], out=scratch)
     gL.mul_(scratch)
-    return g_ww, col[:, :, 1]
+    return g_ww, g_p
 
 
 def directional(L: Tensor, read_prev: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,8 +135,9 @@ def directional(L: Tensor, read_prev: Tensor) -> tuple[Tensor, Tensor]:
     R = read_prev.shape[1]
     flat = L.view(B * Hw, N, N)
     w = read_prev if Hw == 1 else read_prev[:, None].expand(B, Hw, R, N).reshape(B * Hw, R, N)
-    # L w^T rather than w L^T: MKL ran this orientation ~1.4x faster here
-    fwd = torch.bmm(flat, w.transpose(1, 2)).transpose(1, 2).reshape(B, Hw, R, N).transpose(1, 2)
+    # f^T = w L^T: a bmm on L's transposed view, which MKL reads directly; L w^T then transposed back needed a copy
+    # and ran ~1.7x slower here (N = 64; 1.3x at N = 256)
+    fwd = torch.bmm(w, flat.transpose(1, 2)).view(B, Hw, R, N).transpose(1, 2)
     bwd = torch.bmm(w, flat).view(B, Hw, R, N).transpose(1, 2)
     return fwd, bwd
 
@@ -168,17 +169,22 @@ class LinkHistory:
     """
 
     def __init__(self, link0: Tensor, steps: int, save: bool):
-        self.L = link0.clone()
         self.decay = torch.empty_like(link0)
         nbytes = link0.numel() * link0.element_size()
         self.every = 1 if steps * nbytes <= LINK_KEEP_BYTES else max(2, round(math.sqrt(steps)))
         self.steps, self.save = steps, save
+        self.keep_all = save and self.every == 1  # then each L_t is a new tensor (kept), else one buffer
+        self.L = link0 if self.keep_all else link0.clone()
         self.kept = [link0] if save else []  # every == 1: L_{-1}, L_0, ...; else L_{-1}, L_{k-1}, L_{2k-1}, ...
 
     def step(self, t: int, ww: Tensor, p_prev: Tensor) -> Tensor:
-        """L_t (the internal buffer: read it before the next step)."""
+        """L_t (unless every L_t is kept, the internal buffer: read it before the next step)."""
+        if self.keep_all:
+            self.L = link_update(self.L, ww, p_prev, torch.empty_like(self.L), self.decay)
+            self.kept.append(self.L)
+            return self.L
         link_update(self.L, ww, p_prev, self.L, self.decay)
-        if self.save and (self.every == 1 or ((t + 1) % self.every == 0 and t < self.steps - 1)):
+        if self.save and (t + 1) % self.every == 0 and t < self.steps - 1:
             self.kept.append(self.L.clone())
         return self.L
 
@@ -271,6 +277,7 @@ class Carry(NamedTuple):
     reads: Tensor  # r: [B, R W]
     h: Tensor
     c: Tensor
+    mem_norm: Tensor | None = None  # |M[i]| [B, 1, N] when the last content read computed it (no masks), else None
 
 
 def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Tensor, w_if: Tensor, b_if: Tensor):
@@ -282,15 +289,17 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
     R, Hw, W, clip = cfg.read_heads, cfg.write_heads, cfg.word_size, cfg.clip_value
     B = xp.shape[0]
     # 1. controller on [x_t, r_{t-1}]
-    h, c, act, tanh_c = lstm_forward(torch.addmm(xp, torch.cat([s.reads, s.h], dim=1), w_rec), s.c)
+    h, c, act, tanh_c = lstm_forward(linear(torch.cat([s.reads, s.h], dim=1), w_rec, xp), s.c)
     # 2. interface vector xi_t
-    raw = torch.addmm(b_if, h, w_if.t())
+    raw = linear(h, w_if.mT, b_if)
     q = interface_parts(model, raw if clip is None else raw.clamp(-clip, clip))
     # 3. allocation from the previous weightings: psi_t, u_t, a_t
     psi_factors = 1 - q["free_gates"][..., None] * s.read_w  # [B, R, N]
     psi = torch.prod(psi_factors, dim=1)
-    written = 1 - torch.prod(1 - s.write_w, dim=1)  # several write heads act as one write weighting
-    usage_inner = s.usage + written - s.usage * written
+    # several write heads act as one write weighting 1 - prod_h (1 - w^w_h)
+    written = s.write_w[:, 0] if Hw == 1 else 1 - torch.prod(1 - s.write_w, dim=1)
+    unused = 1 - s.usage
+    usage_inner = torch.addcmul(s.usage, written, unused)  # u + w - u w
     u = usage_inner * psi
     share = q["write_gates"] * q["alloc_gates"]  # g^w g^a: how much of each head's write goes via allocation
     alloc_usages, alloc_saved, allocs = [], [], []
@@ -298,17 +307,19 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
     for k in range(Hw):
         a, a_saved = allocation_forward(uh)
         alloc_usages.append(uh), alloc_saved.append(a_saved), allocs.append(a)
-        uh = uh + (1 - uh) * share[:, k, None] * a
-    alloc = torch.stack(allocs, dim=1)  # [B, Hw, N]
+        if k < Hw - 1:  # the next head allocates after this one's write
+            uh = uh + (1 - uh) * share[:, k, None] * a
+    alloc = allocs[0][:, None] if Hw == 1 else torch.stack(allocs, dim=1)  # [B, Hw, N]
     # 4. write weighting, (de-allocation,) erase and add
-    cw, cw_saved = content_forward(s.memory, q["write_keys"], q["write_strengths"], q["write_masks"])
+    cw, cw_saved = content_forward(s.memory, q["write_keys"], q["write_strengths"], q["write_masks"], s.mem_norm)
     write_inner = torch.lerp(cw, alloc, q["alloc_gates"][..., None])  # g^a a + (1 - g^a) c^w
     ww = q["write_gates"][..., None] * write_inner
     M_written = s.memory * psi[..., None] if cfg.deallocation else s.memory  # the memory the write acts on
     M, write_saved = write_forward(M_written, ww, q["erase"], q["write_vectors"])
     # 5. temporal links (from p_{t-1}), precedence, directional weightings (from w^r_{t-1})
     L = links.step(t, ww, s.precedence)
-    p = (1 - ww.sum(-1, keepdim=True)) * s.precedence + ww
+    p_keep = 1 - ww.sum(-1, keepdim=True)  # [B, Hw, 1]: how much of p_{t-1} the write leaves
+    p = torch.addcmul(ww, p_keep, s.precedence)
     fwd_raw, bwd_raw = directional(L, s.read_w)
     fwd, bwd, fwd_saved, bwd_saved = fwd_raw, bwd_raw, None, None
     if cfg.sharpness:
@@ -320,13 +331,15 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
     wr = (q["read_modes"][:, :, None, :] @ modes_stack).squeeze(2)
     r = torch.bmm(wr, M).view(B, R * W)
     saved = dict(
-        raw=raw, act=act, c=c, tanh_c=tanh_c, parts=q, prev=s._replace(h=None, c=None, reads=None),
-        psi_factors=psi_factors, psi=psi, written=written, usage_inner=usage_inner, alloc_usages=alloc_usages,
-        alloc_saved=alloc_saved, alloc=alloc, write_content=cw_saved, write_inner=write_inner, write_w=ww,
+        raw=raw, act=act, c=c, tanh_c=tanh_c, parts=q, prev=s._replace(h=None, c=None, reads=None, mem_norm=None),
+        psi_factors=psi_factors, psi=psi, written=written, unused=unused, usage_inner=usage_inner, p_keep=p_keep,
+        alloc_usages=alloc_usages, alloc_saved=alloc_saved, alloc=alloc, write_content=cw_saved,
+        write_inner=write_inner, write_w=ww,
         write=write_saved, forward_sharp=fwd_saved, backward_sharp=bwd_saved, modes_stack=modes_stack,
         read_content=cr_saved, read_w=wr,
     )
-    return Carry(M, wr, ww, p, u, r, h, c), saved
+    mem_norm = cr_saved[4] if q["read_masks"] is None else None  # the next step's write addressing reuses |M_t[i]|
+    return Carry(M, wr, ww, p, u, r, h, c, mem_norm), saved
 
 
 class Grads(NamedTuple):
@@ -356,7 +369,7 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
     M_t = s["read_content"][0]
     gr = g.reads.view(B, R, W)
     # 6. read r = w^r M_t; read weighting w^r = pi . (b, c^r, f)
-    g_wr = g.read_w + torch.bmm(gr, M_t.transpose(1, 2))
+    g_wr = torch.baddbmm(g.read_w, gr, M_t.transpose(1, 2))
     gM = torch.baddbmm(g.memory, wr.transpose(1, 2), gr)
     modes = q["read_modes"]
     gq["read_modes"] = softmax_backward(modes, (s["modes_stack"] @ g_wr[..., None]).squeeze(-1))
@@ -371,17 +384,15 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
     g_wr_prev = directional_backward(gL, L_t, wr_prev, g_fwd, g_bwd)
     gL.diagonal(dim1=-2, dim2=-1).zero_()  # L_t's diagonal is cleared: no gradient flows through it
     g_ww = g.write_w + g.precedence - (g.precedence * p_prev).sum(-1, keepdim=True)
-    gp = (1 - ww.sum(-1, keepdim=True)) * g.precedence
     g_ww_link, gp_link = link_backward(gL, L_prev, ww, p_prev, scratch)
-    g_ww, gp = g_ww + g_ww_link, gp + gp_link
+    g_ww, gp = g_ww + g_ww_link, torch.addcmul(gp_link, s["p_keep"], g.precedence)
     # 4. write M_t = M' * prod_h (1 - w_h e_h^T) + w^T v, with M' = M_{t-1} (* psi with de-allocation)
     gM, g_ww_write, gq["erase"], gq["write_vectors"] = write_backward(gM, s["write"])
     g_ww = g_ww + g_ww_write
+    g_psi = None  # of the retention psi_t, from the de-allocation (if any) and the usage below
     if cfg.deallocation:
         g_psi = (gM * prev.memory).sum(-1)
         gM = gM * s["psi"][..., None]
-    else:
-        g_psi = torch.zeros_like(s["psi"])
     # write weighting w^w = g^w (g^a a + (1 - g^a) c^w)
     ga, gw = q["alloc_gates"], q["write_gates"]
     gq["write_gates"] = (g_ww * s["write_inner"]).sum(-1)
@@ -392,24 +403,22 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
         g_inner - g_alloc, s["write_content"])
     gM = gM + gM_content
     # 3. allocation: u^(k+1) = u^(k) + (1 - u^(k)) g^w_k g^a_k a_k with a_k = alloc(u^(k)), u^(0) = u_t
-    share = gw * ga
-    g_share = torch.zeros_like(share)
-    g_u = torch.zeros_like(g.usage)  # w.r.t. the usage after head k (nothing reads the last one's)
-    for k in range(Hw - 1, -1, -1):
-        uk, ak, g_ak = s["alloc_usages"][k], s["alloc"][:, k], g_alloc[:, k]
-        if k < Hw - 1:
-            g_ak = g_ak + g_u * (1 - uk) * share[:, k, None]
-            g_share[:, k] = (g_u * (1 - uk) * ak).sum(-1)
-            g_u = g_u * (1 - share[:, k, None] * ak)
-        g_u = g_u + allocation_backward(g_ak, s["alloc_saved"][k])
+    g_u = allocation_backward(g_alloc[:, Hw - 1], s["alloc_saved"][Hw - 1])  # nothing reads the last head's usage
     if Hw > 1:
+        share = gw * ga
+        g_share = torch.zeros_like(share)
+        for k in range(Hw - 2, -1, -1):  # g_u: w.r.t. the usage after head k
+            uk, ak = s["alloc_usages"][k], s["alloc"][:, k]
+            g_ak = g_alloc[:, k] + g_u * (1 - uk) * share[:, k, None]
+            g_share[:, k] = (g_u * (1 - uk) * ak).sum(-1)
+            g_u = g_u * (1 - share[:, k, None] * ak) + allocation_backward(g_ak, s["alloc_saved"][k])
         gq["write_gates"] = gq["write_gates"] + g_share * ga
         gq["alloc_gates"] = gq["alloc_gates"] + g_share * gw
     g_u = g_u + g.usage
     # usage u_t = (u_{t-1} + w - u_{t-1} w) psi_t, with w = 1 - prod_h (1 - w^w_{t-1,h})
-    g_psi = g_psi + g_u * s["usage_inner"]
+    g_psi = g_u * s["usage_inner"] if g_psi is None else torch.addcmul(g_psi, g_u, s["usage_inner"])
     g_inner_u = g_u * s["psi"]
-    g_written = g_inner_u * (1 - prev.usage)
+    g_written = g_inner_u * s["unused"]
     g_u_prev = g_inner_u * (1 - s["written"])
     g_ww_prev = g_written[:, None] if Hw == 1 else g_written[:, None] * prod_others(1 - prev.write_w, 1)
     # retention psi_t = prod_r (1 - f_r w^r_{t-1,r})
@@ -419,8 +428,8 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
     # 2. the interface vector, in its layout
     g_xi = torch.cat([gq[n].reshape(B, -1) for n in part_names(cfg)], dim=1) * d_xi
     # 1. controller
-    g_pre, g_c = lstm_step_backward(torch.addmm(g.h, g_xi, w_if), g.c, *lstm_t)
-    g_in = g_pre @ w_rec.t()  # [B, R W + C]
+    g_pre, g_c = lstm_step_backward(linear(g_xi, w_if, g.h), g.c, *lstm_t)
+    g_in = linear(g_pre, w_rec.mT)  # [B, R W + C]
     grads = Grads(gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_in[:, : R * W], g_in[:, R * W :], g_c)
     return grads, g_pre, g_xi
 
@@ -447,10 +456,17 @@ class DNCSequence(torch.autograd.Function):
 STATE_FIELDS = ("memory", "read_weights", "write_weights", "link", "precedence", "usage", "reads")
 
 
+PARAM_NAMES = ("controller.weight_ih", "controller.weight_hh", "controller.bias_ih", "controller.bias_hh",
+               "interface.weight", "interface.bias", "output.weight", "output.bias")
+
+
+def param_names(model) -> tuple[str, ...]:
+    """The names of the weights DNCSequence differentiates, in its order."""
+    return PARAM_NAMES
+
+
 def dnc_params(model) -> tuple[Tensor, ...]:
-    ctrl = model.controller
-    return (ctrl.weight_ih, ctrl.weight_hh, ctrl.bias_ih, ctrl.bias_hh, model.interface.weight, model.interface.bias,
-            model.output.weight, model.output.bias)
+    return tuple(model.get_parameter(name) for name in PARAM_NAMES)
 
 
 def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, h, c, *params, save: bool):
@@ -458,9 +474,9 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     clip = model.cfg.clip_value
     B, T, I = x.shape
     w_ih, w_hh, b_ih, b_hh, w_if, b_if, w_out, b_out = params
-    w_rec = torch.cat([w_ih[:, I:], w_hh], dim=1).t()  # [R W + C, 4C]
+    w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT  # [R W + C, 4C] (or [S, ...]: see mann.fast.linear)
     # the input's share of the controller pre-activations, every step in one matmul
-    xproj = torch.addmm(b_ih + b_hh, x.transpose(0, 1).reshape(T * B, I), w_ih[:, :I].t()).view(T, B, -1)
+    xproj = linear_steps(x.transpose(0, 1), w_ih[..., :I].mT, b_ih + b_hh)
     state = Carry(memory, read_w, write_w, precedence, usage, reads.reshape(B, -1), h, c)
     links = LinkHistory(link, T, save)
     steps, hs, rs = [], [], []
@@ -471,7 +487,7 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
         hs.append(state.h), rs.append(state.reads)
     H_all, R_all = torch.stack(hs), torch.stack(rs)
     hr = torch.cat([H_all, R_all], dim=2)
-    y_raw = torch.addmm(b_out, hr.view(T * B, -1), w_out.t()).view(T, B, -1)  # output layer, every step at once
+    y_raw = linear_steps(hr, w_out.mT, b_out)  # output layer, every step at once
     y = (y_raw if clip is None else y_raw.clamp(-clip, clip)).transpose(0, 1)
     if not save:
         return y, None
@@ -492,7 +508,7 @@ def dnc_backward(ctx, gy: Tensor):
     w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
     B, _, I = x.shape
     C = H_all.shape[2]
-    w_rec = torch.cat([w_ih[:, I:], w_hh], dim=1).t()
+    w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, model.cfg.clip_value)
     gh_out, gr_out = g_hr[..., :C].unbind(0), g_hr[..., C:].unbind(0)
     d_xi = interface_derivative(model, torch.stack([s["raw"] for s in steps])).unbind(0)
@@ -514,22 +530,22 @@ def dnc_backward(ctx, gy: Tensor):
         g_pres.append(g_pre), g_xis.append(g_xi)
 
     # weight gradients, every step in one matmul
-    g_pre = torch.stack(g_pres[::-1]).view(T * B, -1)
-    g_xi = torch.stack(g_xis[::-1]).view(T * B, -1)
+    g_pre, g_xi = torch.stack(g_pres[::-1]), torch.stack(g_xis[::-1])  # [T, B, 4C], [T, B, P]
     r_prev = torch.cat([reads.reshape(1, B, -1), R_all[:-1]])
-    g_w_ih = g_pre.t() @ torch.cat([x.transpose(0, 1), r_prev], dim=2).view(T * B, -1)
-    g_w_hh = g_pre.t() @ torch.cat([h0[None], H_all[:-1]]).view(T * B, -1)
-    g_bias = g_pre.sum(0)
-    g_x = (g_pre @ w_ih[:, :I]).view(T, B, I).transpose(0, 1) if ctx.needs_input_grad[1] else None
+    g_w_ih = weight_grad(g_pre, torch.cat([x.transpose(0, 1), r_prev], dim=2), w_ih)
+    g_w_hh = weight_grad(g_pre, torch.cat([h0[None], H_all[:-1]]), w_hh)
+    g_bias = bias_grad(g_pre, w_ih)
+    g_x = linear_steps(g_pre, w_ih[..., :I]).transpose(0, 1) if ctx.needs_input_grad[1] else None
     return (g_x, g.memory, g.read_w, g.write_w, gL, g.precedence, g.usage, g.reads.view_as(reads), g.h, g.c,
-            g_w_ih, g_w_hh, g_bias, g_bias, g_xi.t() @ H_all.view(T * B, -1), g_xi.sum(0), g_w_out, g_b_out)
+            g_w_ih, g_w_hh, g_bias, g_bias, weight_grad(g_xi, H_all, w_if), bias_grad(g_xi, w_if), g_w_out, g_b_out)
 
 
-def dnc_forward(model, x: Tensor, state=None, memory_size: int | None = None) -> Tensor:
-    """DNC.forward through the fast path: x [B, T, I] -> logits [B, T, O]."""
+def dnc_forward(model, x: Tensor, state=None, memory_size: int | None = None, params=None) -> Tensor:
+    """DNC.forward through the fast path: x [B, T, I] -> logits [B, T, O]. ``params``: the weights to use instead of
+    the model's, in :func:`param_names`' order, each as the model's or stacked per seed (see mann.fast.linear)."""
     if state is None:
         state = model.initial_state(x.shape[0], memory_size)
-    params = dnc_params(model)
+    params = dnc_params(model) if params is None else tuple(params)
     h, c = state.controller
     inputs = tuple(t.contiguous() for t in (x, *(getattr(state, f) for f in STATE_FIELDS), h, c))
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params))):

@@ -19,16 +19,20 @@ from torch import Tensor
 from mann.fast import (
     SHARPEN_EPS,
     SOFTPLUS_THRESHOLD,
+    bias_grad,
     clip_pass,
     content_backward,
     content_forward,
     flatten_tree,
+    linear,
+    linear_steps,
     lstm_backward_constants,
     lstm_forward,
     lstm_step_backward,
     output_backward,
     softmax_backward,
     unflatten_tree,
+    weight_grad,
     write_backward,
     write_forward,
 )
@@ -74,12 +78,12 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
     B, H = M.shape[0], R + Hw
     # 1. controller on [x_t, r_{t-1}]
     if d.lstm:
-        h, c, act, tanh_c = lstm_forward(torch.addmm(xp, torch.cat([r, h], dim=1), w_rec), c)
+        h, c, act, tanh_c = lstm_forward(linear(torch.cat([r, h], dim=1), w_rec, xp), c)
     else:
-        h = torch.tanh(torch.addmm(xp, r, w_rec))
+        h = torch.tanh(linear(r, w_rec, xp))
         act = tanh_c = None
     # 2. head parameters from one layer, clipped, split and squashed; scalars stay [B, H, 1] to broadcast over slots
-    raw = torch.addmm(b_if, h, w_if.t())
+    raw = linear(h, w_if.mT, b_if)
     p = raw if clip is None else raw.clamp(-clip, clip)
     key, beta, gate, shift_w, gamma = p[:, : H * hp].view(B, H, hp).split([W, 1, 1, S, 1], dim=-1)
     key, beta, gate = torch.tanh(key), F.softplus(beta), torch.sigmoid(gate)  # k in (-1, 1), beta >= 0, g in (0, 1)
@@ -134,13 +138,13 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     g_heads = torch.cat([g_key, g_beta, g_gate, softmax_backward(shift_w, g_shift), g_gamma], dim=-1)
     g_raw = torch.cat([g_heads.view(B, H * hp), torch.cat([g_erase, g_add], dim=-1).view(B, Hw * 2 * W)], dim=1)
     g_raw = g_raw * d_raw
-    gh = torch.addmm(gh, g_raw, w_if)
+    gh = linear(g_raw, w_if, gh)
     # 1. controller
     if d.lstm:
         g_pre, gc = lstm_step_backward(gh, gc, *lstm_t)
     else:
         g_pre = gh * lstm_t
-    g_in = g_pre @ w_rec.t()  # [B, R W (+ C)]
+    g_in = linear(g_pre, w_rec.mT)  # [B, R W (+ C)]
     gh_prev = g_in[:, R * W :] if d.lstm else None
     return g_M + g_M_content, g_w_prev, g_in[:, : R * W], gh_prev, gc, g_pre, g_raw
 
@@ -180,14 +184,17 @@ class NTMSequence(torch.autograd.Function):
         return (None, *ntm_backward(ctx, gy))
 
 
-def ntm_params(model) -> tuple[Tensor, ...]:
-    """The weights NTMSequence differentiates: controller, interface, output."""
-    ctrl = model.controller
+def param_names(model) -> tuple[str, ...]:
+    """The names of the weights NTMSequence differentiates, in its order: controller, interface, output."""
     if model.cfg.controller == "lstm":
-        ctrl_params = (ctrl.weight_ih, ctrl.weight_hh, ctrl.bias_ih, ctrl.bias_hh)
+        ctrl = ("controller.weight_ih", "controller.weight_hh", "controller.bias_ih", "controller.bias_hh")
     else:
-        ctrl_params = (ctrl.weight, ctrl.bias)
-    return (*ctrl_params, model.interface.weight, model.interface.bias, model.output.weight, model.output.bias)
+        ctrl = ("controller.weight", "controller.bias")
+    return (*ctrl, "interface.weight", "interface.bias", "output.weight", "output.bias")
+
+
+def ntm_params(model) -> tuple[Tensor, ...]:
+    return tuple(model.get_parameter(name) for name in param_names(model))
 
 
 def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
@@ -196,12 +203,13 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
     B, T, I = x.shape
     if d.lstm:
         w_ih, w_hh, b_ih, b_hh, w_if, b_if, w_out, b_out = params
-        bias, w_rec = b_ih + b_hh, torch.cat([w_ih[:, I:], w_hh], dim=1).t()  # [R W + C, 4C]
+        # [R W + C, 4C] (or [S, ...]: see mann.fast.linear)
+        bias, w_rec = b_ih + b_hh, torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
     else:
         w_ih, bias, w_if, b_if, w_out, b_out = params
-        w_rec = w_ih[:, I:].t()
+        w_rec = w_ih[..., I:].mT
     # the input's share of the controller pre-activations, every step in one matmul
-    xproj = torch.addmm(bias, x.transpose(0, 1).reshape(T * B, I), w_ih[:, :I].t()).view(T, B, -1)
+    xproj = linear_steps(x.transpose(0, 1), w_ih[..., :I].mT, bias)
     src, _ = shift_index(memory.shape[1], d.S, x.device)
     h0, c0 = h, c
     M, w, r = memory, weights, reads.reshape(B, -1)
@@ -213,7 +221,7 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
         hs.append(h), rs.append(r)
     H_all, R_all = torch.stack(hs), torch.stack(rs)  # [T, B, C], [T, B, R W]
     hr = torch.cat([H_all, R_all], dim=2)
-    y_raw = torch.addmm(b_out, hr.view(T * B, -1), w_out.t()).view(T, B, -1)  # output layer, every step at once
+    y_raw = linear_steps(hr, w_out.mT, b_out)  # output layer, every step at once
     y = (y_raw if d.clip is None else y_raw.clamp(-d.clip, d.clip)).transpose(0, 1)
     if not save:
         return y, None
@@ -228,20 +236,20 @@ def ntm_backward(ctx, gy: Tensor):
     saved = ctx.saved_tensors
     nb, T = lay["batched"], lay["T"]
     x, memory, weights, reads, h0, c0, H_all, R_all, hr, y_raw = saved[:nb]
-    params = saved[-len(ntm_params(model)) :]
+    params = saved[-len(param_names(model)) :]
     steps = unflatten_tree(lay["spec"], saved[nb : -len(params)])
     B, _, I = x.shape
     C = H_all.shape[2]
     RW = d.R * d.W
     if d.lstm:
         w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
-        w_rec = torch.cat([w_ih[:, I:], w_hh], dim=1).t()
+        w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
         act, tanh_c = torch.stack([s[1] for s in steps]), torch.stack([s[3] for s in steps])
         c_prev = torch.stack([c0, *(s[2] for s in steps[:-1])])
         lstm_consts = lstm_backward_constants(act, c_prev, tanh_c)
     else:
         w_ih, _b, w_if, _b_if, w_out, _b_out = params
-        w_rec = w_ih[:, I:].t()
+        w_rec = w_ih[..., I:].mT
         lstm_consts = (1 - H_all.square()).unbind(0)  # d tanh / d pre
     _, dst = shift_index(memory.shape[1], d.S, x.device)
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, d.clip)
@@ -260,26 +268,26 @@ def ntm_backward(ctx, gy: Tensor):
         g_pres.append(g_pre), g_raws.append(g_raw)
 
     # weight gradients, every step in one matmul
-    g_pre = torch.stack(g_pres[::-1]).view(T * B, -1)
-    g_raw = torch.stack(g_raws[::-1]).view(T * B, -1)
+    g_pre, g_raw = torch.stack(g_pres[::-1]), torch.stack(g_raws[::-1])  # [T, B, 4C (or C)], [T, B, P]
     r_prev = torch.cat([reads.reshape(1, B, RW), R_all[:-1]])
-    g_w_ih = g_pre.t() @ torch.cat([x.transpose(0, 1), r_prev], dim=2).view(T * B, -1)
-    g_bias = g_pre.sum(0)
-    g_x = (g_pre @ w_ih[:, :I]).view(T, B, I).transpose(0, 1) if ctx.needs_input_grad[1] else None
-    g_iface = (g_raw.t() @ H_all.view(T * B, -1), g_raw.sum(0))
+    g_w_ih = weight_grad(g_pre, torch.cat([x.transpose(0, 1), r_prev], dim=2), w_ih)
+    g_bias = bias_grad(g_pre, w_ih)
+    g_x = linear_steps(g_pre, w_ih[..., :I]).transpose(0, 1) if ctx.needs_input_grad[1] else None
+    g_iface = (weight_grad(g_raw, H_all, w_if), bias_grad(g_raw, w_if))
     if d.lstm:
-        g_w_hh = g_pre.t() @ torch.cat([h0[None], H_all[:-1]]).view(T * B, -1)
+        g_w_hh = weight_grad(g_pre, torch.cat([h0[None], H_all[:-1]]), params[1])
         ctrl = (g_w_ih, g_w_hh, g_bias, g_bias)
     else:
         ctrl, gh, gc = (g_w_ih, g_bias), None, None
     return (g_x, gM, gw, gr.view(B, d.R, d.W), gh, gc, *ctrl, *g_iface, g_w_out, g_b_out)
 
 
-def ntm_forward(model, x: Tensor, state=None, memory_size: int | None = None) -> Tensor:
-    """NTM.forward through the fast path: x [B, T, I] -> logits [B, T, O]."""
+def ntm_forward(model, x: Tensor, state=None, memory_size: int | None = None, params=None) -> Tensor:
+    """NTM.forward through the fast path: x [B, T, I] -> logits [B, T, O]. ``params``: the weights to use instead of
+    the model's, in :func:`param_names`' order, each as the model's or stacked per seed (see mann.fast.linear)."""
     if state is None:
         state = model.initial_state(x.shape[0], memory_size)
-    params = ntm_params(model)
+    params = ntm_params(model) if params is None else tuple(params)
     h, c = state.controller if model.cfg.controller == "lstm" else (None, None)
     weights = torch.cat([state.read_weights, state.write_weights], dim=1)
     inputs = (x, state.memory.contiguous(), weights, state.reads.contiguous(), h, c)
