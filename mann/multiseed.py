@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mann import fast
 from mann.config import ConfigError
 from mann.train import FitResult, TrainConfig, _Run
 
@@ -296,6 +297,7 @@ class _FoldEngine:
                 raise NotFoldable(f"buffer {name} differs between seeds")
         self.stacked = _Stacked()
         self.folded = fold_model(base, self.stacked)
+        self.base, self.fast_names = base, _fast_names(base, self.names, seeds[0].run.device)
         self.axes = _batch_axes(base)
         self.initial = {id(s): _Method(s.run.model, "initial_state") for s in seeds}
         self._check(seeds)
@@ -320,7 +322,11 @@ class _FoldEngine:
         """inputs: S tensors [B, T_s, I] -> logits [S, B, T, O], T = max T_s (shorter ones zero-padded at the end)."""
         T = max(x.shape[1] for x in inputs)
         x = torch.cat([F.pad(x, (0, 0, 0, T - x.shape[1])) for x in inputs])
-        logits = self.folded(x, state=state)
+        if self.fast_names is not None:
+            params = [self.stacked.tensors[name] for name in self.fast_names]
+            logits = fast.forward(self.base, x, state=state, params=params)
+        else:
+            logits = self.folded(x, state=state)
         return logits.view(len(inputs), inputs[0].shape[0], *logits.shape[1:])
 
     @torch.no_grad()
@@ -370,6 +376,15 @@ class _FoldEngine:
             out.append((losses[i].detach(), norm))
         self.stacked.tensors = {}
         return out
+
+
+def _fast_names(model: nn.Module, trainable: list[str], device: torch.device) -> tuple[str, ...] | None:
+    """The parameters to hand the model's fast path (mann.fast), stacked per seed, if the model would run its fast
+    path on ``device`` and every weight it takes is trained; else None (the folded model's layers run instead)."""
+    if not fast.use_fast(model, torch.empty(0, device=device)):
+        return None
+    names = fast.param_names(model)
+    return names if set(names) <= set(trainable) else None
 
 
 def _make_engine(engine: Engine, seeds: list[_Seed]) -> _FoldEngine | _LoopEngine:

@@ -209,3 +209,46 @@ def test_link_update_and_backward_match_the_reference_functions():
     g_w, g_p = fast_dnc.link_backward(gL_fast, L, w.detach(), p.detach(), torch.empty_like(L))
     for a, b in zip(refs, (gL_fast, g_w, g_p), strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+# -- Seeds stacked (mann.multiseed's fold through the fast path) --------------------------------------------------
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("ntm", NTM_TINY),
+    ("ntm", {**NTM_TINY, "controller": "feedforward", "read_heads": 2}),
+    ("dnc", DNC_TINY),
+    ("dnc-mds", {**DNC_TINY, "write_heads": 2}),
+])
+def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides):
+    """S models' weights stacked [S, ...] run S blocks of rows at once: block s gets model s's logits and every
+    gradient model s gets alone (its weights, its input, its initial state)."""
+    S = 3
+    models = []
+    for s in range(S):
+        torch.manual_seed(10 + s)  # each "seed" its own weights
+        models.append(build_model(name, make_model_config(name, {**overrides, "impl": "fast"}), I, O).double())
+    names = fast.param_names(models[0])
+    stacked = [torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_() for n in names]
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(B, T, I, dtype=torch.float64, generator=g).requires_grad_() for _ in range(S)]
+    states = [_random_state(m, B) for m in models]
+    folded_state = type(states[0])(*(
+        tuple(torch.cat(parts) for parts in zip(*fields, strict=True)) if isinstance(fields[0], tuple)
+        else torch.cat(fields) for fields in zip(*states, strict=True)))
+    y = fast.forward(models[0], torch.cat(xs), folded_state, params=stacked).view(S, B, T, O)
+    probe = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    g_stacked = torch.autograd.grad(y, stacked + xs + _leaves(states[0]) + _leaves(states[1]), probe)
+    g_params, g_x = g_stacked[: len(names)], g_stacked[len(names) : len(names) + S]
+    g_state1 = g_stacked[len(names) + S + len(_leaves(states[0])) :]
+    for s, model in enumerate(models):
+        y_own = fast.forward(model, xs[s], states[s])
+        assert torch.allclose(y[s], y_own, rtol=TOL, atol=TOL), (name, s)
+        own = torch.autograd.grad(y_own, [*(model.get_parameter(n) for n in names), xs[s], *_leaves(states[s])],
+                                  probe[s])
+        for n, a, b in zip(names, own[: len(names)], [gp[s] for gp in g_params], strict=True):
+            assert torch.allclose(a, b, rtol=TOL, atol=TOL), (name, s, n)
+        assert torch.allclose(own[len(names)], g_x[s], rtol=TOL, atol=TOL)
+        if s == 1:  # the initial state's gradient reaches the right block
+            for a, b in zip(own[len(names) + 1 :], g_state1, strict=True):
+                assert torch.allclose(a, b, rtol=TOL, atol=TOL), name

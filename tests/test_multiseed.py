@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mann.config import ConfigError
-from mann.multiseed import NotFoldable, fit_seeds
+from mann.multiseed import NotFoldable, _make_engine, _start, fit_seeds
 from mann.registry import MODELS, ModelEntry
 from mann.tasks import TASKS, CopyConfig, CopyTask, TaskEntry
 from mann.train import fit, load_checkpoint, make_train_config
@@ -61,9 +61,13 @@ def assert_same_run(batched, single, rtol: float = 1e-9) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=rtol, atol=rtol, msg=key)
 
 
-@pytest.mark.parametrize("model", ["lstm", "ntm", "dnc"])
-def test_each_seed_gets_what_fit_gives_it_alone(model, tmp_path):
-    cfg = tiny(model, checkpoint_dir=str(tmp_path / "batched"))
+@pytest.mark.parametrize("model,impl", [("lstm", None), ("ntm", None), ("dnc", None), ("dnc", "reference")])
+def test_each_seed_gets_what_fit_gives_it_alone(model, impl, tmp_path):
+    """NTM and DNC fold through their fast path on CPU (mann.fast with stacked weights); with impl "reference"
+    (and the LSTM) through the folded model's swapped layers."""
+    cfg = tiny(model, checkpoint_dir=str(tmp_path / "batched"), **({"model.impl": impl} if impl else {}))
+    engine = _make_engine("fold", _start(cfg, SEEDS))
+    assert (engine.fast_names is not None) == (model != "lstm" and impl is None)
     calls = []
     results = fit_seeds(cfg, SEEDS, on_eval=lambda seed, m, save: calls.append((seed, m["step"], m["level"])),
                         engine="fold")
