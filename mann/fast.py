@@ -14,7 +14,8 @@ fast path, :func:`use_fast` is the ``impl: "auto"`` rule, :func:`unsupported` sa
 :mod:`mann.fast_ntm` and :mod:`mann.fast_dnc` hold each architecture's step, its reverse, and the
 ``autograd.Function`` over the sequence.
 
-Conventions: time-major inside (``[T, B, ...]``), ``g*`` is the gradient of the loss w.r.t. ``*``.
+Conventions: per-step tensors are kept in lists over time; tensors over all steps are batch-major (``[B, T, ...]``,
+the models' layout); ``g*`` is the gradient of the loss w.r.t. ``*``.
 """
 
 from __future__ import annotations
@@ -220,59 +221,47 @@ def clip_pass(raw: Tensor, clip: float | None) -> Tensor | float:
 
 
 def output_backward(gy: Tensor, y_raw: Tensor, hr: Tensor, w_out: Tensor, clip: float | None):
-    """Back through y = clip(W_o [h, r] + b_o) for all steps at once. gy [B, T, O]; y_raw [T, B, O];
-    hr [T, B, C + R W] -> (gradient of hr [T, B, C + R W], of W_o, of b_o)."""
-    gy = gy.transpose(0, 1) * clip_pass(y_raw, clip)
-    return linear_steps(gy, w_out), weight_grad(gy, hr, w_out), bias_grad(gy, w_out)
+    """Back through y = clip(W_o [h, r] + b_o) for all steps at once. gy, y_raw [B, T, O]; hr [B, T, C + R W]
+    -> (gradient of hr [B, T, C + R W], of W_o, of b_o)."""
+    gy = gy * clip_pass(y_raw, clip)
+    return linear(gy, w_out), weight_grad(gy, hr, w_out), bias_grad(gy, w_out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Linear maps of one model, or of S seeds at once (mann.multiseed). A weight with a leading seed axis, [S, ...],
 # applies to S equal blocks of rows: rows s*B .. (s+1)*B - 1 of a [S*B, ...] batch through seed s's weights (one
 # bmm for all seeds). Everything else in the fast paths is per row already, so this is all that seeds change.
+# Tensors over all steps are batch-major, [S*B, T, ...], so that each seed's block is contiguous: no copies.
 
 
 def linear(x: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
-    """x @ w (+ add). x: [rows, k]; w: [k, n] or [S, k, n]; add: [n] or [rows, n], or [S, n] (a per-seed bias)."""
+    """x @ w (+ add). x: [rows, ..., k]; w: [k, n] or [S, k, n]; add: [n], x's shape with n, or [S, n] (a bias
+    per seed, with stacked w)."""
+    n = w.shape[-1]
     if w.dim() == 2:
-        return x @ w if add is None else torch.addmm(add, x, w)
-    S, _, n = w.shape
-    xs = x.view(S, -1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        y = flat @ w if add is None else torch.addmm(add if add.dim() == 1 else add.reshape(-1, n), flat, w)
+        return y.view(*x.shape[:-1], n)
+    S = w.shape[0]
+    xs = x.reshape(S, -1, x.shape[-1])
     y = torch.bmm(xs, w) if add is None else torch.baddbmm(add.reshape(S, -1, n), xs, w)
-    return y.view(x.shape[0], n)
-
-
-def seed_major(a: Tensor, seeds: int) -> Tensor:
-    """[T, S*B, k] -> [S, T*B, k]: every step's rows of one seed in one block."""
-    T, rows, k = a.shape
-    return a.view(T, seeds, rows // seeds, k).transpose(0, 1).reshape(seeds, -1, k)
-
-
-def linear_steps(a: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """:func:`linear` on every step at once: a [T, rows, k] -> [T, rows, n]."""
-    T, rows, k = a.shape
-    if w.dim() == 2:
-        return linear(a.reshape(T * rows, k), w, bias).view(T, rows, -1)
-    S, _, n = w.shape
-    xs = seed_major(a, S)
-    y = torch.bmm(xs, w) if bias is None else torch.baddbmm(bias[:, None], xs, w)  # [S, T*B, n]
-    return y.view(S, T, rows // S, n).transpose(0, 1).reshape(T, rows, n)
+    return y.view(*x.shape[:-1], n)
 
 
 def weight_grad(g: Tensor, a: Tensor, like: Tensor) -> Tensor:
-    """Gradient of W in y = a W^T summed over steps and rows: g [T, rows, n], a [T, rows, k] -> [n, k], or
-    [S, n, k] when ``like`` (the weight) is stacked per seed."""
+    """Gradient of W in y = a W^T (+ b), summed over rows and steps: g [rows, ..., n], a [rows, ..., k] -> [n, k],
+    or [S, n, k] when ``like`` (the weight) is stacked per seed."""
+    n, k = g.shape[-1], a.shape[-1]
     if like.dim() == 2:
-        return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        return g.reshape(-1, n).t() @ a.reshape(-1, k)
     S = like.shape[0]
-    return torch.bmm(seed_major(g, S).transpose(1, 2), seed_major(a, S))
+    return torch.bmm(g.reshape(S, -1, n).transpose(1, 2), a.reshape(S, -1, k))
 
 
 def bias_grad(g: Tensor, like: Tensor) -> Tensor:
-    """Gradient of a bias added to every row of every step: g [T, rows, n] -> [n], or [S, n] (``like`` stacked)."""
-    if like.dim() == 2:
-        return g.reshape(-1, g.shape[-1]).sum(0)
-    return seed_major(g, like.shape[0]).sum(1)
+    """Gradient of a bias added to every row and step: g [rows, ..., n] -> [n], or [S, n] (``like`` stacked)."""
+    n = g.shape[-1]
+    return g.reshape(-1, n).sum(0) if like.dim() == 2 else g.reshape(like.shape[0], -1, n).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

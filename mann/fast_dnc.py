@@ -32,7 +32,6 @@ from mann.fast import (
     content_forward,
     flatten_tree,
     linear,
-    linear_steps,
     lstm_backward_constants,
     lstm_forward,
     lstm_step_backward,
@@ -476,19 +475,19 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     w_ih, w_hh, b_ih, b_hh, w_if, b_if, w_out, b_out = params
     w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT  # [R W + C, 4C] (or [S, ...]: see mann.fast.linear)
     # the input's share of the controller pre-activations, every step in one matmul
-    xproj = linear_steps(x.transpose(0, 1), w_ih[..., :I].mT, b_ih + b_hh)
+    xproj = linear(x, w_ih[..., :I].mT, b_ih + b_hh)  # [B, T, 4C]
     state = Carry(memory, read_w, write_w, precedence, usage, reads.reshape(B, -1), h, c)
     links = LinkHistory(link, T, save)
     steps, hs, rs = [], [], []
     for t in range(T):
-        state, step_saved = dnc_step(model, t, xproj[t], state, links, w_rec, w_if, b_if)
+        state, step_saved = dnc_step(model, t, xproj[:, t], state, links, w_rec, w_if, b_if)
         if save:
             steps.append(step_saved)
         hs.append(state.h), rs.append(state.reads)
-    H_all, R_all = torch.stack(hs), torch.stack(rs)
+    H_all, R_all = torch.stack(hs, dim=1), torch.stack(rs, dim=1)  # [B, T, C], [B, T, R W]
     hr = torch.cat([H_all, R_all], dim=2)
-    y_raw = linear_steps(hr, w_out.mT, b_out)  # output layer, every step at once
-    y = (y_raw if clip is None else y_raw.clamp(-clip, clip)).transpose(0, 1)
+    y_raw = linear(hr, w_out.mT, b_out)  # output layer, every step at once
+    y = y_raw if clip is None else y_raw.clamp(-clip, clip)
     if not save:
         return y, None
     flat, spec = flatten_tree(steps)
@@ -510,7 +509,7 @@ def dnc_backward(ctx, gy: Tensor):
     C = H_all.shape[2]
     w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, model.cfg.clip_value)
-    gh_out, gr_out = g_hr[..., :C].unbind(0), g_hr[..., C:].unbind(0)
+    gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
     d_xi = interface_derivative(model, torch.stack([s["raw"] for s in steps])).unbind(0)
     c_prev = torch.stack([c0, *(s["c"] for s in steps[:-1])])
     lstm_consts = lstm_backward_constants(torch.stack([s["act"] for s in steps]), c_prev,
@@ -530,12 +529,12 @@ def dnc_backward(ctx, gy: Tensor):
         g_pres.append(g_pre), g_xis.append(g_xi)
 
     # weight gradients, every step in one matmul
-    g_pre, g_xi = torch.stack(g_pres[::-1]), torch.stack(g_xis[::-1])  # [T, B, 4C], [T, B, P]
-    r_prev = torch.cat([reads.reshape(1, B, -1), R_all[:-1]])
-    g_w_ih = weight_grad(g_pre, torch.cat([x.transpose(0, 1), r_prev], dim=2), w_ih)
-    g_w_hh = weight_grad(g_pre, torch.cat([h0[None], H_all[:-1]]), w_hh)
+    g_pre, g_xi = torch.stack(g_pres[::-1], dim=1), torch.stack(g_xis[::-1], dim=1)  # [B, T, 4C], [B, T, P]
+    r_prev = torch.cat([reads.reshape(B, 1, -1), R_all[:, :-1]], dim=1)
+    g_w_ih = weight_grad(g_pre, torch.cat([x, r_prev], dim=2), w_ih)
+    g_w_hh = weight_grad(g_pre, torch.cat([h0[:, None], H_all[:, :-1]], dim=1), w_hh)
     g_bias = bias_grad(g_pre, w_ih)
-    g_x = linear_steps(g_pre, w_ih[..., :I]).transpose(0, 1) if ctx.needs_input_grad[1] else None
+    g_x = linear(g_pre, w_ih[..., :I]) if ctx.needs_input_grad[1] else None
     return (g_x, g.memory, g.read_w, g.write_w, gL, g.precedence, g.usage, g.reads.view_as(reads), g.h, g.c,
             g_w_ih, g_w_hh, g_bias, g_bias, weight_grad(g_xi, H_all, w_if), bias_grad(g_xi, w_if), g_w_out, g_b_out)
 

@@ -25,7 +25,6 @@ from mann.fast import (
     content_forward,
     flatten_tree,
     linear,
-    linear_steps,
     lstm_backward_constants,
     lstm_forward,
     lstm_step_backward,
@@ -54,13 +53,12 @@ def dims_of(model) -> NTMDims:
                    cfg.clip_value, cfg.controller == "lstm")
 
 
-def shift_index(N: int, S: int, device) -> tuple[Tensor, Tensor]:
-    """[N, S] slot indices: the source of each (slot i, offset m), (i - off_m) mod N, for the forward
-    convolution, and (j + off_m) mod N, where slot j's weight went, for its backward. Offsets run -k..k."""
+def rotations(w: Tensor, S: int, sign: int = 1) -> Tensor:
+    """w [B, H, N] rotated by each offset off_m = m - k (m = 0..2k, S = 2k + 1): [B, H, S, N] with
+    out[..., m, i] = w[(i - sign * off_m) mod N]. torch.roll ran ~1.5x (B = 16) to ~8x (B = 128) faster here than
+    gathering w[..., index] for the same [B, H, N, S] numbers."""
     k = S // 2
-    offsets = torch.arange(-k, k + 1, device=device)
-    slots = torch.arange(N, device=device)[:, None]
-    return (slots - offsets) % N, (slots + offsets) % N
+    return torch.stack([torch.roll(w, sign * (m - k), dims=-1) for m in range(S)], dim=-2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ def shift_index(N: int, S: int, device) -> tuple[Tensor, Tensor]:
 
 
 def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tensor, w_prev: Tensor, w_rec: Tensor,
-             w_if: Tensor, b_if: Tensor, src: Tensor, d: NTMDims):
+             w_if: Tensor, b_if: Tensor, d: NTMDims):
     """NTM.step without autograd. xp: [B, 4C] (or [B, C]) the controller's input projection of x_t plus biases;
     r: [B, R W]; h, c: [B, C] (None for a feedforward controller); M: [B, N, W]; w_prev: [B, H, N].
 
@@ -93,20 +91,20 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
     # 3. addressing (Sec. 3.3) of all heads on M_{t-1}
     wc, content_saved = content_forward(M, key, beta)
     wg = torch.lerp(w_prev, wc, gate)  # g w^c + (1 - g) w_{t-1}
-    gathered = wg[..., src]  # [B, H, N, S]: w^g[(i - offset) mod N]
-    ws_eps = (gathered @ shift_w[..., None]).squeeze(-1) + SHARPEN_EPS  # w~ + eps
+    rotated = rotations(wg, S)  # [B, H, S, N]: w^g[(i - offset) mod N]
+    ws_eps = (rotated * shift_w[..., None]).sum(-2) + SHARPEN_EPS  # w~ = sum_m s_m w^g[(i - off_m) mod N], + eps
     log_ws = torch.log(ws_eps)
     w = torch.softmax(gamma * log_ws, dim=-1)  # w~^gamma / sum w~^gamma
     # 4. read from M_{t-1}, then erase and add
     r = torch.bmm(w[:, :R], M).view(B, R * W)
     M_next, write_saved = write_forward(M, w[:, R:], erase, add)
-    saved = (raw, act, c, tanh_c, content_saved, w_prev, wc, gate, gathered, shift_w, ws_eps, log_ws, gamma, w,
+    saved = (raw, act, c, tanh_c, content_saved, w_prev, wc, gate, rotated, shift_w, ws_eps, log_ws, gamma, w,
              write_saved)
     return h, c, r, M_next, w, saved
 
 
 def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor | None, saved: tuple,
-                      d_raw: Tensor, lstm_t: tuple | Tensor, w_if: Tensor, w_rec: Tensor, dst: Tensor, d: NTMDims):
+                      d_raw: Tensor, lstm_t: tuple | Tensor, w_if: Tensor, w_rec: Tensor, d: NTMDims):
     """The reverse of :func:`ntm_step`: gradients of its outputs (M_t, w_t, r_t, h_t, c_t) -> those of its inputs
     (M_{t-1}, w_{t-1}, r_{t-1}, h_{t-1}, c_{t-1}) and of its pre-activations (controller [B, 4C], head raw
     parameters [B, P]), from which the caller gets the weight gradients.
@@ -115,7 +113,7 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     :func:`mann.fast.lstm_backward_constants` (or d tanh/d pre for a feedforward controller).
     """
     R, Hw, W, hp = d.R, d.Hw, d.W, d.hp
-    (_raw, _act, _c, _tanh_c, content_saved, w_prev, wc, gate, gathered, shift_w, ws_eps, log_ws, gamma, w,
+    (_raw, _act, _c, _tanh_c, content_saved, w_prev, wc, gate, rotated, shift_w, ws_eps, log_ws, gamma, w,
      write_saved) = saved
     M = content_saved[0]  # M_{t-1}
     B, H = M.shape[0], R + Hw
@@ -128,8 +126,8 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     gz = softmax_backward(w, torch.cat([g_w_read, g_w_write], dim=1) + gw)
     g_gamma = (gz * log_ws).sum(-1, keepdim=True)
     g_ws = gz * gamma / ws_eps
-    g_shift = (g_ws[..., None, :] @ gathered).squeeze(-2)  # [B, H, S]
-    g_wg = (g_ws[..., dst] @ shift_w[..., None]).squeeze(-1)
+    g_shift = (rotated * g_ws[..., None, :]).sum(-1)  # [B, H, S]
+    g_wg = (rotations(g_ws, d.S, sign=-1) * shift_w[..., None]).sum(-2)  # sum_m s_m dw~[(j + off_m) mod N]
     g_wc = g_wg * gate
     g_w_prev = g_wg - g_wc  # (1 - g) dw^g
     g_gate = (g_wg * (wc - w_prev)).sum(-1, keepdim=True)
@@ -209,20 +207,19 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
         w_ih, bias, w_if, b_if, w_out, b_out = params
         w_rec = w_ih[..., I:].mT
     # the input's share of the controller pre-activations, every step in one matmul
-    xproj = linear_steps(x.transpose(0, 1), w_ih[..., :I].mT, bias)
-    src, _ = shift_index(memory.shape[1], d.S, x.device)
+    xproj = linear(x, w_ih[..., :I].mT, bias)  # [B, T, 4C (or C)]
     h0, c0 = h, c
     M, w, r = memory, weights, reads.reshape(B, -1)
     steps, hs, rs = [], [], []
     for t in range(T):
-        h, c, r, M, w, step_saved = ntm_step(xproj[t], r, h, c, M, w, w_rec, w_if, b_if, src, d)
+        h, c, r, M, w, step_saved = ntm_step(xproj[:, t], r, h, c, M, w, w_rec, w_if, b_if, d)
         if save:
             steps.append(step_saved)
         hs.append(h), rs.append(r)
-    H_all, R_all = torch.stack(hs), torch.stack(rs)  # [T, B, C], [T, B, R W]
+    H_all, R_all = torch.stack(hs, dim=1), torch.stack(rs, dim=1)  # [B, T, C], [B, T, R W]
     hr = torch.cat([H_all, R_all], dim=2)
-    y_raw = linear_steps(hr, w_out.mT, b_out)  # output layer, every step at once
-    y = (y_raw if d.clip is None else y_raw.clamp(-d.clip, d.clip)).transpose(0, 1)
+    y_raw = linear(hr, w_out.mT, b_out)  # output layer, every step at once
+    y = y_raw if d.clip is None else y_raw.clamp(-d.clip, d.clip)
     if not save:
         return y, None
     flat, spec = flatten_tree(steps)
@@ -250,10 +247,9 @@ def ntm_backward(ctx, gy: Tensor):
     else:
         w_ih, _b, w_if, _b_if, w_out, _b_out = params
         w_rec = w_ih[..., I:].mT
-        lstm_consts = (1 - H_all.square()).unbind(0)  # d tanh / d pre
-    _, dst = shift_index(memory.shape[1], d.S, x.device)
+        lstm_consts = (1 - H_all.square()).unbind(1)  # d tanh / d pre
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, d.clip)
-    gh_out, gr_out = g_hr[..., :C].unbind(0), g_hr[..., C:].unbind(0)
+    gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
     d_raw = head_derivative(torch.stack([s[0] for s in steps]), d).unbind(0)
 
     gM, gw = torch.zeros_like(memory), torch.zeros_like(weights)
@@ -264,18 +260,18 @@ def ntm_backward(ctx, gy: Tensor):
     for t in range(T - 1, -1, -1):
         gh_t = gh_out[t] if gh is None else gh + gh_out[t]
         gM, gw, gr, gh, gc, g_pre, g_raw = ntm_step_backward(gM, gw, gr + gr_out[t], gh_t, gc, steps[t], d_raw[t],
-                                                            lstm_consts[t], w_if, w_rec, dst, d)
+                                                            lstm_consts[t], w_if, w_rec, d)
         g_pres.append(g_pre), g_raws.append(g_raw)
 
     # weight gradients, every step in one matmul
-    g_pre, g_raw = torch.stack(g_pres[::-1]), torch.stack(g_raws[::-1])  # [T, B, 4C (or C)], [T, B, P]
-    r_prev = torch.cat([reads.reshape(1, B, RW), R_all[:-1]])
-    g_w_ih = weight_grad(g_pre, torch.cat([x.transpose(0, 1), r_prev], dim=2), w_ih)
+    g_pre, g_raw = torch.stack(g_pres[::-1], dim=1), torch.stack(g_raws[::-1], dim=1)  # [B, T, 4C (or C)], [B, T, P]
+    r_prev = torch.cat([reads.reshape(B, 1, RW), R_all[:, :-1]], dim=1)
+    g_w_ih = weight_grad(g_pre, torch.cat([x, r_prev], dim=2), w_ih)
     g_bias = bias_grad(g_pre, w_ih)
-    g_x = linear_steps(g_pre, w_ih[..., :I]).transpose(0, 1) if ctx.needs_input_grad[1] else None
+    g_x = linear(g_pre, w_ih[..., :I]) if ctx.needs_input_grad[1] else None
     g_iface = (weight_grad(g_raw, H_all, w_if), bias_grad(g_raw, w_if))
     if d.lstm:
-        g_w_hh = weight_grad(g_pre, torch.cat([h0[None], H_all[:-1]]), params[1])
+        g_w_hh = weight_grad(g_pre, torch.cat([h0[:, None], H_all[:, :-1]], dim=1), params[1])
         ctrl = (g_w_ih, g_w_hh, g_bias, g_bias)
     else:
         ctrl, gh, gc = (g_w_ih, g_bias), None, None
