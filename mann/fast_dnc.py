@@ -121,7 +121,7 @@ def link_backward(gL: Tensor, L_prev: Tensor, ww: Tensor, p_prev: Tensor, scratc
     B, Hw, N = ww.shape
     torch.sub(p_prev[..., None, :], L_prev, out=scratch).mul_(gL)
     g_p = torch.bmm(ww.view(B * Hw, 1, N), gL.view(B * Hw, N, N)).view(B, Hw, N)  # w^T gL
-    g_ww = scratch.sum(-1) + scratch.sum(-2) - p_prev * gL.sum(-2)
+    g_ww = torch.addcmul(scratch.sum(-1) + scratch.sum(-2), p_prev, gL.sum(-2), value=-1)
     torch.sub(1 - ww[..., :, None], ww[..., None, :], out=scratch)
     gL.mul_(scratch)
     return g_ww, g_p
@@ -371,11 +371,10 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
     g_wr = torch.baddbmm(g.read_w, gr, M_t.transpose(1, 2))
     gM = torch.baddbmm(g.memory, wr.transpose(1, 2), gr)
     modes = q["read_modes"]
-    gq["read_modes"] = softmax_backward(modes, (s["modes_stack"] @ g_wr[..., None]).squeeze(-1))
+    gq["read_modes"] = softmax_backward(modes, (s["modes_stack"] * g_wr[:, :, None, :]).sum(-1))
     g_stack = modes[..., None] * g_wr[:, :, None, :]
     g_bwd, g_cr, g_fwd = g_stack[:, :, :Hw], g_stack[:, :, Hw], g_stack[:, :, Hw + 1 :]
-    gM_content, gq["read_keys"], gq["read_strengths"], gq["read_masks"] = content_backward(g_cr, s["read_content"])
-    gM = gM + gM_content
+    gM, gq["read_keys"], gq["read_strengths"], gq["read_masks"] = content_backward(g_cr, s["read_content"], gM)
     if cfg.sharpness:
         g_fwd, gq["forward_sharpness"] = sharpen_backward(g_fwd, s["forward_sharp"])
         g_bwd, gq["backward_sharpness"] = sharpen_backward(g_bwd, s["backward_sharp"])
@@ -398,9 +397,8 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
     g_inner = g_ww * gw[..., None]
     gq["alloc_gates"] = (g_inner * (s["alloc"] - s["write_content"][7])).sum(-1)  # [7]: c^w
     g_alloc = g_inner * ga[..., None]
-    gM_content, gq["write_keys"], gq["write_strengths"], gq["write_masks"] = content_backward(
-        g_inner - g_alloc, s["write_content"])
-    gM = gM + gM_content
+    gM, gq["write_keys"], gq["write_strengths"], gq["write_masks"] = content_backward(
+        g_inner - g_alloc, s["write_content"], gM)
     # 3. allocation: u^(k+1) = u^(k) + (1 - u^(k)) g^w_k g^a_k a_k with a_k = alloc(u^(k)), u^(0) = u_t
     g_u = allocation_backward(g_alloc[:, Hw - 1], s["alloc_saved"][Hw - 1])  # nothing reads the last head's usage
     if Hw > 1:
@@ -418,12 +416,12 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
     g_psi = g_u * s["usage_inner"] if g_psi is None else torch.addcmul(g_psi, g_u, s["usage_inner"])
     g_inner_u = g_u * s["psi"]
     g_written = g_inner_u * s["unused"]
-    g_u_prev = g_inner_u * (1 - s["written"])
+    g_u_prev = torch.addcmul(g_inner_u, g_inner_u, s["written"], value=-1)  # * (1 - w)
     g_ww_prev = g_written[:, None] if Hw == 1 else g_written[:, None] * prod_others(1 - prev.write_w, 1)
     # retention psi_t = prod_r (1 - f_r w^r_{t-1,r})
     g_factors = g_psi[:, None] * prod_others(s["psi_factors"], 1)  # [B, R, N]
     gq["free_gates"] = -(g_factors * wr_prev).sum(-1)
-    g_wr_prev = g_wr_prev - g_factors * q["free_gates"][..., None]
+    g_wr_prev = torch.addcmul(g_wr_prev, g_factors, q["free_gates"][..., None], value=-1)
     # 2. the interface vector, in its layout
     g_xi = torch.cat([gq[n].reshape(B, -1) for n in part_names(cfg)], dim=1) * d_xi
     # 1. controller

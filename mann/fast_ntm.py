@@ -131,7 +131,7 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     g_wc = g_wg * gate
     g_w_prev = g_wg - g_wc  # (1 - g) dw^g
     g_gate = (g_wg * (wc - w_prev)).sum(-1, keepdim=True)
-    g_M_content, g_key, g_beta, _ = content_backward(g_wc, content_saved)
+    g_M, g_key, g_beta, _ = content_backward(g_wc, content_saved, g_M)
     # 2. head parameters in the interface layout: per head (k, beta, g, s, gamma), then per write head (e, a)
     g_heads = torch.cat([g_key, g_beta, g_gate, softmax_backward(shift_w, g_shift), g_gamma], dim=-1)
     g_raw = torch.cat([g_heads.view(B, H * hp), torch.cat([g_erase, g_add], dim=-1).view(B, Hw * 2 * W)], dim=1)
@@ -144,7 +144,7 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
         g_pre = gh * lstm_t
     g_in = linear(g_pre, w_rec.mT)  # [B, R W (+ C)]
     gh_prev = g_in[:, R * W :] if d.lstm else None
-    return g_M + g_M_content, g_w_prev, g_in[:, : R * W], gh_prev, gc, g_pre, g_raw
+    return g_M, g_w_prev, g_in[:, : R * W], gh_prev, gc, g_pre, g_raw
 
 
 def head_derivative(raws: Tensor, d: NTMDims) -> Tensor:
