@@ -280,8 +280,8 @@ def bias_grad(g: Tensor, like: Tensor) -> Tensor:
 def unsupported(model) -> str | None:
     """Why ``model`` has no fast path (None: it has one).
 
-    The fast paths read the weights of the model's own layers, so a model whose layers were swapped (e.g.
-    mann.multiseed's folded copy, whose layers hold one weight per seed) runs its reference code.
+    The fast paths read the weights of the model's own layers (or take them as ``params``), so a model whose
+    layers were swapped (e.g. mann.multiseed's folded copy for other models) runs its reference code.
     """
     from torch import nn
 

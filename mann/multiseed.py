@@ -8,10 +8,12 @@ slice of the gradient, which it clips and applies with its own optimizer. Each s
 checks, evaluation and checkpoints are fit's own code; only the forward/backward is shared.
 
 How the seeds share one forward ("fold"): the seed axis is folded into the batch axis. Rows
-``s*B .. (s+1)*B - 1`` of a [S*B, ...] batch belong to seed s; the model's own ``step`` runs unchanged on
-S*B rows (memory, addressing and state are per row anyway), and only its parametric layers (``nn.Linear``,
-``nn.LSTMCell``, ``nn.LSTM``) are swapped for versions that apply seed s's weights to seed s's rows with one
-batched matmul (``nn.LSTM``: one fused call per seed, faster here than a step-by-step batched LSTM).
+``s*B .. (s+1)*B - 1`` of a [S*B, ...] batch belong to seed s; memory, addressing and state are per row anyway,
+so only the parametric layers need seed s's weights for seed s's rows. An NTM or DNC that would run its fast
+path (mann.fast: CPU, or ``impl: fast``) runs it with the stacked weights, which it applies block by block in
+one bmm (mann.fast.linear). Any other model runs its own code on S*B rows, its ``nn.Linear``/``nn.LSTMCell``/
+``nn.LSTM`` layers swapped for per-seed versions (``nn.LSTM``: one fused call per seed, faster here than a
+step-by-step batched LSTM).
 ``torch.func.vmap`` over ``functional_call`` was the other candidate: it cannot batch ``nn.LSTMCell`` (no rule
 for ``aten::lstm_cell``) and, with the cell rewritten, measured slower than the fold here (bench/seeds.py).
 A model the fold cannot handle (parameters used outside those layers, randomness in ``step``, per-seed
