@@ -74,7 +74,12 @@ CPUS = 2
 
 class ProcessSampler(threading.Thread):
     """Samples utime+stime of every process whose environment has ``RAY_TMPDIR=<marker>`` (the processes
-    of this run's Ray), keeping each one's last value; splits them into workers and Ray's own processes."""
+    of this run's Ray), keeping each one's last value; splits them into workers and Ray's own processes.
+
+    A worker is a process the raylet started to run tasks and actors: the raylet gives it ``RAY_JOB_ID`` in its
+    environment (its agents get none). Not the command line: Ray retitles workers (``ray::IDLE``,
+    ``ray::ImplicitFunc.train``) and its agents (``ray::DashboardAgent``), and the raylet's names default_worker.py.
+    """
 
     def __init__(self, marker: str, period_s: float = 0.25):
         super().__init__(daemon=True)
@@ -93,11 +98,12 @@ class ProcessSampler(threading.Thread):
             pid = int(entry.name)
             try:
                 if pid not in self.kind:
-                    if self.needle not in (entry / "environ").read_bytes().split(b"\0"):
+                    environ = (entry / "environ").read_bytes().split(b"\0")
+                    if self.needle not in environ:
                         self.kind[pid] = "other"
                         continue
-                    cmdline = (entry / "cmdline").read_bytes()
-                    self.kind[pid] = "worker" if b"default_worker.py" in cmdline else "ray"
+                    worker = any(v.startswith(b"RAY_JOB_ID=") for v in environ)
+                    self.kind[pid] = "worker" if worker else "ray"
                 if self.kind[pid] == "other":
                     continue
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
@@ -196,13 +202,14 @@ def main(argv=None) -> int:
     trained_steps = sum(r.get("step", 0) for r in last)
     print(f"wall {wall:.0f} s; {result.line()}; {trained_steps} training steps in all")
     each = ", ".join(f"{c:.1f}" for c in per_worker)
-    print(f"(a) worker processes: {worker_cpu:.1f} CPU s ({each}); inside training steps {train_cpu:.1f} s = "
-          f"{100 * train_cpu / worker_cpu:.1f}% (target >= 85%)")
+    print(f"(a) worker processes ({len(per_worker)}): {worker_cpu:.1f} CPU s ({each}); inside training steps "
+          f"{train_cpu:.1f} s = {100 * train_cpu / worker_cpu:.1f}% (target >= 85%)")
     print(f"    training thread in all (with evaluation, checkpoints, MLflow, reporting): {thread_cpu:.1f} s = "
           f"{100 * thread_cpu / worker_cpu:.1f}%; the rest (process start-up and imports, Ray threads, idle "
           f"workers): {worker_cpu - thread_cpu:.1f} s")
-    # One-time costs of a worker process: before its first trial runs (Ray worker, torch import, actor set-up),
-    # and in that first trial's thread (MLflow, mann and torch._dynamo imports, first use of torch ops).
+    # One-time costs of a worker process, before its first trial's clock starts: the Ray worker and Tune's actor,
+    # then study.trainable._prepare_process (torch, torch._dynamo, mann, MLflow and its store); and in that first
+    # trial's thread, first use of torch ops.
     firsts = {}
     for trial_id, (_, first) in sorted(timing.first.items(), key=lambda kv: kv[1][0]):
         firsts.setdefault(first.get("pid"), trial_id)
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
     later = [v for t, v in side.items() if t not in firsts.values()]
     if later:
         print(f"    thread CPU outside training steps per trial: first trial of a process "
-              f"{statistics.median(side[t] for t in firsts.values()):.2f} s (one-time imports), later trials median "
+              f"{statistics.median(side[t] for t in firsts.values()):.2f} s, later trials median "
               f"{statistics.median(later):.2f} s (evaluation, checkpoints, MLflow, reporting)")
     print(f"    without the worker processes' start-up before their first trial ({before_first:.1f} s): "
           f"{100 * train_cpu / (worker_cpu - before_first):.1f}%")

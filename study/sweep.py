@@ -45,6 +45,11 @@ RAY_ENV = {
     # Ask the searcher for one trial ahead, not many: a trial asked but never started is an orphan
     # if the driver dies (reconcile() then marks it not_run).
     "TUNE_MAX_PENDING_TRIALS_PG": "1",
+    # A local Ray (started by connect_ray) would prestart one idle worker per CPU when the driver connects and
+    # make ray.init wait for them; Tune never uses them (its trial actors carry a runtime_env, so they get
+    # workers of their own). 2 CPUs: ray.init 5.3 s -> 2.3 s, and ~0.9 CPU s of idle workers saved. Ray's
+    # RAY_<config> variable for its prestart_worker_first_driver setting; no effect on a cluster started apart.
+    "RAY_prestart_worker_first_driver": "0",
 }
 for _key, _value in RAY_ENV.items():
     os.environ.setdefault(_key, _value)

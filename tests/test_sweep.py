@@ -319,3 +319,29 @@ def test_a_restored_attempt_finds_the_end_an_earlier_attempt_recorded(study_file
     # a failed attempt is retried, a running one continues, a trial never seen starts: none of them has ended
     assert _recorded_end(context, "failed") is None and _recorded_end(context, "running") is None
     assert _recorded_end(context, "never") is None
+
+
+def test_a_worker_process_is_prepared_once_with_the_collector_paused(tmp_path, monkeypatch):
+    import gc
+
+    from study import trainable
+
+    monkeypatch.setattr(trainable, "_process_prepared", False)  # as in a fresh worker process
+    before = gc.get_freeze_count()
+    # a store that cannot be opened: the error propagates (the trial fails and is retried), the collector runs
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError):
+        trainable._prepare_process(f"sqlite:///{tmp_path}/a-file/mlflow.db")
+    assert gc.isenabled() and not trainable._process_prepared and gc.get_freeze_count() == before
+    try:
+        trainable._prepare_process(f"sqlite:///{tmp_path}/mlflow.db")
+        assert gc.isenabled() and trainable._process_prepared
+        assert {"torch._dynamo", "mann.train", "mlflow.store.tracking.sqlalchemy_store"} <= set(sys.modules)
+        frozen = gc.get_freeze_count()
+        assert frozen > before
+        later = [[i] for i in range(1000)]  # a later trial's objects: not frozen with the process's
+        trainable._prepare_process(f"sqlite:///{tmp_path}/mlflow.db")
+        assert gc.get_freeze_count() == frozen
+        del later
+    finally:
+        gc.unfreeze()
