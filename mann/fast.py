@@ -20,6 +20,9 @@ the models' layout); ``g*`` is the gradient of the loss w.r.t. ``*``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -30,6 +33,31 @@ SHARPEN_EPS = 1e-12  # mann.addressing.sharpen's eps
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared mechanics: forward values and their backward, no autograd
+
+
+ONE_THREAD_BELOW = 2**18  # numbers in a step's largest tensor under which its loop runs on one thread
+
+
+@contextlib.contextmanager
+def one_thread(x: Tensor, largest: int) -> Iterator[None]:
+    """Run the body (a loop over time steps whose largest tensor holds ``largest`` numbers) on one intra-op CPU
+    thread if that is small; the caller's thread count is restored after.
+
+    ATen splits ops of more than ~32k numbers across its threads. For a step's small ops the fork and join cost
+    more than the split saves: bench/step.py at 2 threads ran the DNC N=64 step (link matrices of 65k numbers)
+    in 116 ms and 232 ms of CPU, on one thread in 81-85 ms. At N=256 (1M numbers) two threads were faster
+    (~290 against ~330 ms), hence the size limit. The all-steps matmuls outside the loops (input projection,
+    output layer, weight gradients) keep every thread. No effect on CUDA tensors.
+    """
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or threads == 1 or largest >= ONE_THREAD_BELOW:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def softmax_backward(y: Tensor, gy: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ from mann.fast import (
     lstm_backward_constants,
     lstm_forward,
     lstm_step_backward,
+    one_thread,
     output_backward,
     prod_others,
     softmax_backward,
@@ -477,11 +478,12 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     state = Carry(memory, read_w, write_w, precedence, usage, reads.reshape(B, -1), h, c)
     links = LinkHistory(link, T, save)
     steps, hs, rs = [], [], []
-    for t in range(T):
-        state, step_saved = dnc_step(model, t, xproj[:, t], state, links, w_rec, w_if, b_if)
-        if save:
-            steps.append(step_saved)
-        hs.append(state.h), rs.append(state.reads)
+    with one_thread(x, max(link.numel(), memory.numel())):
+        for t in range(T):
+            state, step_saved = dnc_step(model, t, xproj[:, t], state, links, w_rec, w_if, b_if)
+            if save:
+                steps.append(step_saved)
+            hs.append(state.h), rs.append(state.reads)
     H_all, R_all = torch.stack(hs, dim=1), torch.stack(rs, dim=1)  # [B, T, C], [B, T, R W]
     hr = torch.cat([H_all, R_all], dim=2)
     y_raw = linear(hr, w_out.mT, b_out)  # output layer, every step at once
@@ -520,11 +522,12 @@ def dnc_backward(ctx, gy: Tensor):
     pairs = LinkHistory.reverse(kept, lay["every"], T, [s["write_w"] for s in steps],
                                 [s["prev"].precedence for s in steps])
     g_pres, g_xis = [], []
-    for t, L_t, L_prev in pairs:
-        g = g._replace(reads=g.reads + gr_out[t], h=g.h + gh_out[t])
-        g, g_pre, g_xi = dnc_step_backward(model, g, gL, steps[t], L_t, L_prev, d_xi[t], lstm_consts[t], w_rec, w_if,
-                                           scratch)
-        g_pres.append(g_pre), g_xis.append(g_xi)
+    with one_thread(x, max(link.numel(), memory.numel())):
+        for t, L_t, L_prev in pairs:
+            g = g._replace(reads=g.reads + gr_out[t], h=g.h + gh_out[t])
+            g, g_pre, g_xi = dnc_step_backward(model, g, gL, steps[t], L_t, L_prev, d_xi[t], lstm_consts[t], w_rec,
+                                               w_if, scratch)
+            g_pres.append(g_pre), g_xis.append(g_xi)
 
     # weight gradients, every step in one matmul
     g_pre, g_xi = torch.stack(g_pres[::-1], dim=1), torch.stack(g_xis[::-1], dim=1)  # [B, T, 4C], [B, T, P]

@@ -28,6 +28,7 @@ from mann.fast import (
     lstm_backward_constants,
     lstm_forward,
     lstm_step_backward,
+    one_thread,
     output_backward,
     softmax_backward,
     unflatten_tree,
@@ -211,11 +212,12 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
     h0, c0 = h, c
     M, w, r = memory, weights, reads.reshape(B, -1)
     steps, hs, rs = [], [], []
-    for t in range(T):
-        h, c, r, M, w, step_saved = ntm_step(xproj[:, t], r, h, c, M, w, w_rec, w_if, b_if, d)
-        if save:
-            steps.append(step_saved)
-        hs.append(h), rs.append(r)
+    with one_thread(x, memory.numel()):
+        for t in range(T):
+            h, c, r, M, w, step_saved = ntm_step(xproj[:, t], r, h, c, M, w, w_rec, w_if, b_if, d)
+            if save:
+                steps.append(step_saved)
+            hs.append(h), rs.append(r)
     H_all, R_all = torch.stack(hs, dim=1), torch.stack(rs, dim=1)  # [B, T, C], [B, T, R W]
     hr = torch.cat([H_all, R_all], dim=2)
     y_raw = linear(hr, w_out.mT, b_out)  # output layer, every step at once
@@ -257,11 +259,12 @@ def ntm_backward(ctx, gy: Tensor):
     gh = x.new_zeros(B, C)
     gc = x.new_zeros(B, C) if d.lstm else None
     g_pres, g_raws = [], []
-    for t in range(T - 1, -1, -1):
-        gh_t = gh_out[t] if gh is None else gh + gh_out[t]
-        gM, gw, gr, gh, gc, g_pre, g_raw = ntm_step_backward(gM, gw, gr + gr_out[t], gh_t, gc, steps[t], d_raw[t],
-                                                            lstm_consts[t], w_if, w_rec, d)
-        g_pres.append(g_pre), g_raws.append(g_raw)
+    with one_thread(x, memory.numel()):
+        for t in range(T - 1, -1, -1):
+            gh_t = gh_out[t] if gh is None else gh + gh_out[t]
+            gM, gw, gr, gh, gc, g_pre, g_raw = ntm_step_backward(gM, gw, gr + gr_out[t], gh_t, gc, steps[t],
+                                                                d_raw[t], lstm_consts[t], w_if, w_rec, d)
+            g_pres.append(g_pre), g_raws.append(g_raw)
 
     # weight gradients, every step in one matmul
     g_pre, g_raw = torch.stack(g_pres[::-1], dim=1), torch.stack(g_raws[::-1], dim=1)  # [B, T, 4C (or C)], [B, T, P]
