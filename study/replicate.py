@@ -211,10 +211,11 @@ def replication_id(grid: Sequence[Mapping[str, Any]]) -> str:
 def run_replica(config: dict, context) -> None:
     """Tune function trainable: one item of the grid. ``seeds`` (a batch): :func:`run_replica_seeds`; ``seed``
     (one pair): the sweep's own trainable. The item decides, so a restored replication keeps its layout."""
-    from study.trainable import run_trial
+    from study.trainable import _prepare_process, run_trial
 
     replica = config["replica"]
     if "seeds" in replica:
+        _prepare_process(context.tracking_uri)  # run_trial does it itself
         run_replica_seeds(replica, context)
     else:
         run_trial({**replica["params"], "seed": replica["seed"]}, context)
