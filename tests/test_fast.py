@@ -252,3 +252,38 @@ def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides):
         if s == 1:  # the initial state's gradient reaches the right block
             for a, b in zip(own[len(names) + 1 :], g_state1, strict=True):
                 assert torch.allclose(a, b, rtol=TOL, atol=TOL), name
+
+
+def test_small_steps_run_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
+    """mann.fast.one_thread: a loop over small steps runs on one intra-op thread; large ones keep the caller's
+    count; either way the caller's count is restored, also when the loop raises."""
+    model = _model("dnc", DNC_TINY, impl="fast")
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    seen = []
+    step = fast_dnc.dnc_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(fast_dnc, "dnc_step", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast.forward(model, x).sum().backward()
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(fast, "ONE_THREAD_BELOW", 1)  # every step counts as large
+        fast.forward(model, x).sum().backward()
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+        monkeypatch.setattr(fast, "ONE_THREAD_BELOW", 2**18)
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("step failed")
+
+        monkeypatch.setattr(fast_dnc, "dnc_step", boom)
+        with pytest.raises(RuntimeError, match="step failed"):
+            fast.forward(model, x)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
