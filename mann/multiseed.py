@@ -456,8 +456,7 @@ def fit_seeds(
         train_loss = (s.loss_sum / max(s.loss_count, 1)).item() if s.loss_count else math.nan
         s.loss_sum.zero_()
         s.loss_count = 0
-        run.metrics = metrics = run.evaluate(train_loss)
-        run.task.update_curriculum(metrics["error"])
+        metrics = run.evaluate_and_advance(train_loss)
         s.evaluations += 1
         if cfg.checkpoint_dir is not None and s.evaluations % cfg.checkpoint_every == 0:
             s.last_checkpoint, s.saved_at = save(s, run.cfg.checkpoint_dir), run.step
@@ -469,10 +468,7 @@ def fit_seeds(
         run = s.run
         if cfg.checkpoint_dir is not None and (s.last_checkpoint is None or s.saved_at != run.step):
             s.last_checkpoint = save(s, run.cfg.checkpoint_dir)
-        keys = ("error", "bit_error", "accuracy")
-        summary = ", ".join(f"{k} {run.metrics[k]:.4g}" for k in keys if k in run.metrics)
-        message = f"{status} at step {run.step}" + (f": {summary}" if summary else "")
-        s.result = FitResult(status, run.step, dict(run.metrics), message, s.last_checkpoint)
+        s.result = FitResult(status, run.step, dict(run.metrics), run.end_message(status), s.last_checkpoint)
 
     active = [s for s in states if s.run.step < cfg.max_steps]
     for s in states:
@@ -491,13 +487,9 @@ def fit_seeds(
             run = s.run
             run.step += 1
             if overflow is not None or not ok:
-                if overflow is not None:
-                    why = f"the optimizer step overflowed ({overflow})"
-                else:
-                    why = f"loss is {loss.item()}" if not torch.isfinite(loss) else f"gradient norm is {norm.item()}"
                 run.wall_time += clock - s.clock_mark
-                s.result = FitResult("diverged", run.step, dict(run.metrics), f"diverged at step {run.step}: {why}",
-                                     s.last_checkpoint)
+                message = f"diverged at step {run.step}: {run.divergence(loss, norm, overflow)}"
+                s.result = FitResult("diverged", run.step, dict(run.metrics), message, s.last_checkpoint)
                 continue
             s.loss_sum += loss
             s.loss_count += 1

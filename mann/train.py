@@ -221,6 +221,26 @@ class _Run:
             return str(err).strip().splitlines()[0]
         return None
 
+    def divergence(self, loss: torch.Tensor, norm: torch.Tensor, overflow: str | None) -> str:
+        """Why the last step diverged: its optimizer step overflowed, or its loss or gradient norm is not finite."""
+        if overflow is not None:
+            return f"the optimizer step overflowed ({overflow})"
+        return f"loss is {loss.item()}" if not torch.isfinite(loss) else f"gradient norm is {norm.item()}"
+
+    def evaluate_and_advance(self, train_loss: float) -> dict[str, float]:
+        """Evaluate (``self.metrics``), then let the task's curriculum (a no-op when off) advance on the error.
+
+        The level reported is the one just evaluated; a checkpoint taken after this carries the updated one."""
+        self.metrics = metrics = self.evaluate(train_loss)
+        self.task.update_curriculum(metrics["error"])
+        return metrics
+
+    def end_message(self, status: str) -> str:
+        """"<status> at step <n>: <error, bit error, accuracy>" for a FitResult."""
+        keys = ("error", "bit_error", "accuracy")
+        summary = ", ".join(f"{k} {self.metrics[k]:.4g}" for k in keys if k in self.metrics)
+        return f"{status} at step {self.step}" + (f": {summary}" if summary else "")
+
     @torch.no_grad()
     def evaluate(self, train_loss: float) -> dict[str, float]:
         """Metrics at the training difficulty and at each generalization scale, on the fixed evaluation data."""
@@ -386,10 +406,7 @@ def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | o
         train_loss = (loss_sum / loss_count).item()  # mean since the last evaluation (>= 1 step)
         loss_sum.zero_()
         loss_count = 0
-        run.metrics = metrics = run.evaluate(train_loss)
-        # The curriculum is the task's (task.curriculum; a no-op when off). The level reported is the one just
-        # evaluated; the checkpoint carries the updated one.
-        run.task.update_curriculum(metrics["error"])
+        metrics = run.evaluate_and_advance(train_loss)
         evaluations += 1
         if cfg.checkpoint_dir is not None and evaluations % cfg.checkpoint_every == 0:
             last_checkpoint, saved_at = run.save(cfg.checkpoint_dir), run.step
@@ -406,12 +423,8 @@ def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | o
         overflow = run.apply_update(norm) if finite else None
         run.step += 1
         if not finite or overflow is not None:
-            if overflow is not None:
-                why = f"the optimizer step overflowed ({overflow})"
-            else:
-                why = f"loss is {loss.item()}" if not torch.isfinite(loss) else f"gradient norm is {norm.item()}"
             run.wall_time += time.perf_counter() - started
-            message = f"diverged at step {run.step}: {why}"
+            message = f"diverged at step {run.step}: {run.divergence(loss, norm, overflow)}"
             return FitResult("diverged", run.step, dict(run.metrics), message, last_checkpoint)
         loss_sum += loss
         loss_count += 1
@@ -422,6 +435,4 @@ def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | o
 
     if cfg.checkpoint_dir is not None and (last_checkpoint is None or saved_at != run.step):
         last_checkpoint = run.save(cfg.checkpoint_dir)
-    summary = ", ".join(f"{k} {run.metrics[k]:.4g}" for k in ("error", "bit_error", "accuracy") if k in run.metrics)
-    message = f"{status} at step {run.step}" + (f": {summary}" if summary else "")
-    return FitResult(status, run.step, dict(run.metrics), message, last_checkpoint)
+    return FitResult(status, run.step, dict(run.metrics), run.end_message(status), last_checkpoint)
