@@ -46,7 +46,7 @@ def one_thread(x: Tensor, largest: int) -> Iterator[None]:
     ATen splits ops of more than ~32k numbers across its threads. For a step's small ops the fork and join cost
     more than the split saves: bench/step.py at 2 threads ran the DNC N=64 step (link matrices of 65k numbers)
     in 116 ms and 232 ms of CPU, on one thread in 81-85 ms. At N=256 (1M numbers) two threads were faster
-    (~290 against ~330 ms), hence the size limit. The all-steps matmuls outside the loops (input projection,
+    (236-244 against 355-451 ms), hence the size limit. The all-steps matmuls outside the loops (input projection,
     output layer, weight gradients) keep every thread. No effect on CUDA tensors.
     """
     threads = torch.get_num_threads()

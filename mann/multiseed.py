@@ -298,8 +298,9 @@ class _FoldEngine:
             if not all(torch.equal(value, b[name]) for b in buffers[1:]):
                 raise NotFoldable(f"buffer {name} differs between seeds")
         self.stacked = _Stacked()
-        self.folded = fold_model(base, self.stacked)
         self.base, self.fast_names = base, _fast_names(base, self.names, seeds[0].run.device)
+        # the layer-swapped copy only where the fast path does not run the seeds
+        self.folded = fold_model(base, self.stacked) if self.fast_names is None else None
         self.axes = _batch_axes(base)
         self.initial = {id(s): _Method(s.run.model, "initial_state") for s in seeds}
         self._check(seeds)
