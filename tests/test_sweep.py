@@ -332,7 +332,8 @@ def test_a_worker_process_is_prepared_once_with_the_collector_paused(tmp_path, m
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError):
         trainable._prepare_process(f"sqlite:///{tmp_path}/a-file/mlflow.db")
-    assert gc.isenabled() and not trainable._process_prepared and gc.get_freeze_count() == before
+    # frozen objects that die leave the permanent generation, so the count may fall meanwhile, never rise
+    assert gc.isenabled() and not trainable._process_prepared and gc.get_freeze_count() <= before
     try:
         trainable._prepare_process(f"sqlite:///{tmp_path}/mlflow.db")
         assert gc.isenabled() and trainable._process_prepared
@@ -341,7 +342,7 @@ def test_a_worker_process_is_prepared_once_with_the_collector_paused(tmp_path, m
         assert frozen > before
         later = [[i] for i in range(1000)]  # a later trial's objects: not frozen with the process's
         trainable._prepare_process(f"sqlite:///{tmp_path}/mlflow.db")
-        assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() <= frozen  # the 1001 later objects would raise it
         del later
     finally:
         gc.unfreeze()
