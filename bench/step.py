@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from mann import native  # noqa: E402
 from mann.registry import build_model, make_model_config  # noqa: E402
 from mann.tasks import build_task, make_task_config  # noqa: E402
 
@@ -270,6 +271,10 @@ def peak_mb(step, batch, device: torch.device) -> float | None:
 
 def measure(label: str, impl: str, device: torch.device, dtype: torch.dtype, warmup: int, iters: int,
             probe_memory: bool) -> dict:
+    """One row. ``fast-ops``: the fast path with mann/csrc's kernels off (the PyTorch ops run instead)."""
+    if impl == "fast-ops":
+        with native.disabled():
+            return {**measure(label, "fast", device, dtype, warmup, iters, probe_memory), "impl": impl}
     t0 = time.perf_counter()
     if impl == "floor":
         model, forward = build_floor(label, device, dtype)
@@ -295,7 +300,8 @@ def measure(label: str, impl: str, device: torch.device, dtype: torch.dtype, war
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--impl", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
+    p.add_argument("--impl", nargs="+", default=["reference", "fast"], choices=["reference", "fast", "fast-ops"],
+                   help="fast-ops: the fast path with mann/csrc's kernels off")
     p.add_argument("--quick", action="store_true", help="few iterations, no memory probes (CI smoke test)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per figure (default 30; --quick 2)")
     p.add_argument("--device", default="cpu")

@@ -67,9 +67,10 @@ def rotations(w: Tensor, S: int, sign: int = 1) -> Tensor:
 
 
 def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tensor, w_prev: Tensor, w_rec: Tensor,
-             w_if: Tensor, b_if: Tensor, d: NTMDims):
+             w_if: Tensor, b_if: Tensor, d: NTMDims, kern=None):
     """NTM.step without autograd. xp: [B, 4C] (or [B, C]) the controller's input projection of x_t plus biases;
     r: [B, R W]; h, c: [B, C] (None for a feedforward controller); M: [B, N, W]; w_prev: [B, H, N].
+    ``kern``: the fused heads (:func:`heads_kernels`) to run steps 2-4 with, or None for the PyTorch ops.
 
     Returns (h, c, r, M_t, w_t, saved): the next state and what :func:`ntm_step_backward` needs.
     """
@@ -83,6 +84,9 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
         act = tanh_c = None
     # 2. head parameters from one layer, clipped, split and squashed; scalars stay [B, H, 1] to broadcast over slots
     raw = linear(h, w_if.mT, b_if)
+    if kern is not None:  # steps 2-4 in one call: same maths, see mann/csrc/ntm_heads.cpp
+        r, M_next, w, aux = kern.heads_forward(raw, M, w_prev, R, Hw, S, clip or 0.0)
+        return h, c, r, M_next, w, (raw, act, c, tanh_c, M, w_prev, w, aux)
     p = raw if clip is None else raw.clamp(-clip, clip)
     key, beta, gate, shift_w, gamma = p[:, : H * hp].view(B, H, hp).split([W, 1, 1, S, 1], dim=-1)
     key, beta, gate = torch.tanh(key), F.softplus(beta), torch.sigmoid(gate)  # k in (-1, 1), beta >= 0, g in (0, 1)
@@ -105,15 +109,22 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
 
 
 def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor | None, saved: tuple,
-                      d_raw: Tensor, lstm_t: tuple | Tensor, w_if: Tensor, w_rec: Tensor, d: NTMDims):
+                      d_raw: Tensor | None, lstm_t: tuple | Tensor, w_if: Tensor, w_rec: Tensor, d: NTMDims,
+                      kern=None):
     """The reverse of :func:`ntm_step`: gradients of its outputs (M_t, w_t, r_t, h_t, c_t) -> those of its inputs
     (M_{t-1}, w_{t-1}, r_{t-1}, h_{t-1}, c_{t-1}) and of its pre-activations (controller [B, 4C], head raw
     parameters [B, P]), from which the caller gets the weight gradients.
 
     d_raw: d(squashed)/d(raw) of the head parameters at this step; lstm_t: this step's
-    :func:`mann.fast.lstm_backward_constants` (or d tanh/d pre for a feedforward controller).
+    :func:`mann.fast.lstm_backward_constants` (or d tanh/d pre for a feedforward controller). With ``kern`` (the
+    forward ran it) steps 4-2 are one call that applies the head derivatives itself (``d_raw`` unused).
     """
     R, Hw, W, hp = d.R, d.Hw, d.W, d.hp
+    if kern is not None:
+        raw, _act, _c, _tanh_c, M, w_prev, w, aux = saved
+        g_M, g_w_prev, g_raw = kern.heads_backward(raw, M, w_prev, w, aux, gM, gw, gr.contiguous(), R, Hw, d.S,
+                                                   d.clip or 0.0)
+        return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_rec, d), g_raw)
     (_raw, _act, _c, _tanh_c, content_saved, w_prev, wc, gate, rotated, shift_w, ws_eps, log_ws, gamma, w,
      write_saved) = saved
     M = content_saved[0]  # M_{t-1}
@@ -137,15 +148,27 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     g_heads = torch.cat([g_key, g_beta, g_gate, softmax_backward(shift_w, g_shift), g_gamma], dim=-1)
     g_raw = torch.cat([g_heads.view(B, H * hp), torch.cat([g_erase, g_add], dim=-1).view(B, Hw * 2 * W)], dim=1)
     g_raw = g_raw * d_raw
-    gh = linear(g_raw, w_if, gh)
-    # 1. controller
+    return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_rec, d), g_raw)
+
+
+def _controller_backward(gh: Tensor, gc: Tensor | None, lstm_t: tuple | Tensor, w_rec: Tensor, d: NTMDims):
+    """Step 1's reverse: (g r_{t-1} [B, R W], g h_{t-1}, g c_{t-1}, g pre-activations) from those of h_t, c_t."""
     if d.lstm:
         g_pre, gc = lstm_step_backward(gh, gc, *lstm_t)
     else:
         g_pre = gh * lstm_t
     g_in = linear(g_pre, w_rec.mT)  # [B, R W (+ C)]
-    gh_prev = g_in[:, R * W :] if d.lstm else None
-    return g_M, g_w_prev, g_in[:, : R * W], gh_prev, gc, g_pre, g_raw
+    gh_prev = g_in[:, d.R * d.W :] if d.lstm else None
+    return g_in[:, : d.R * d.W], gh_prev, gc, g_pre
+
+
+def heads_kernels(x: Tensor):
+    """The fused heads (mann.native's ``ntm_heads``) where they run for ``x`` (CPU, float32/64), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    from mann import native
+
+    return native.kernels("ntm_heads")
 
 
 def head_derivative(raws: Tensor, d: NTMDims) -> Tensor:
@@ -212,9 +235,10 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
     h0, c0 = h, c
     M, w, r = memory, weights, reads.reshape(B, -1)
     steps, hs, rs = [], [], []
+    kern = heads_kernels(x)
     with one_thread(x, memory.numel()):
         for t in range(T):
-            h, c, r, M, w, step_saved = ntm_step(xproj[:, t], r, h, c, M, w, w_rec, w_if, b_if, d)
+            h, c, r, M, w, step_saved = ntm_step(xproj[:, t], r, h, c, M, w, w_rec, w_if, b_if, d, kern)
             if save:
                 steps.append(step_saved)
             hs.append(h), rs.append(r)
@@ -226,7 +250,8 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
         return y, None
     flat, spec = flatten_tree(steps)
     batched = [x, memory, weights, reads, h0, c0, H_all, R_all, hr, y_raw]
-    return y, {"tensors": [*batched, *flat, *params], "layout": dict(batched=len(batched), spec=spec, T=T)}
+    layout = dict(batched=len(batched), spec=spec, T=T, kernels=kern is not None)
+    return y, {"tensors": [*batched, *flat, *params], "layout": layout}
 
 
 def ntm_backward(ctx, gy: Tensor):
@@ -252,7 +277,8 @@ def ntm_backward(ctx, gy: Tensor):
         lstm_consts = (1 - H_all.square()).unbind(1)  # d tanh / d pre
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, d.clip)
     gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
-    d_raw = head_derivative(torch.stack([s[0] for s in steps]), d).unbind(0)
+    kern = heads_kernels(x) if lay["kernels"] else None
+    d_raw = [None] * T if kern else head_derivative(torch.stack([s[0] for s in steps]), d).unbind(0)
 
     gM, gw = torch.zeros_like(memory), torch.zeros_like(weights)
     gr = x.new_zeros(B, RW)
@@ -263,7 +289,7 @@ def ntm_backward(ctx, gy: Tensor):
         for t in range(T - 1, -1, -1):
             gh_t = gh_out[t] if gh is None else gh + gh_out[t]
             gM, gw, gr, gh, gc, g_pre, g_raw = ntm_step_backward(gM, gw, gr + gr_out[t], gh_t, gc, steps[t],
-                                                                d_raw[t], lstm_consts[t], w_if, w_rec, d)
+                                                                d_raw[t], lstm_consts[t], w_if, w_rec, d, kern)
             g_pres.append(g_pre), g_raws.append(g_raw)
 
     # weight gradients, every step in one matmul

@@ -40,6 +40,15 @@ RAY_TEST_ENV = {
 STUDY_ENV = ("MLFLOW_TRACKING_URI", "MANNSTUDY_STORAGE", "MANNSTUDY_RESULTS_DIR")
 
 
+def pytest_sessionstart(session):
+    """Build mann/csrc's kernels (or find them built) before any test: ~35 s once per machine, paid here rather
+    than inside whichever test, or Ray worker, first runs an NTM on the CPU."""
+    from mann import native
+
+    for name in native.SOURCES:
+        native.kernels(name)
+
+
 # ------------------------------------------------------------------------------------------------ processes
 
 

@@ -11,7 +11,8 @@ import torch
 
 import mann.fast as fast
 import mann.fast_dnc as fast_dnc
-from mann import addressing
+import mann.fast_ntm as fast_ntm
+from mann import addressing, native
 from mann.registry import build_model, make_model_config, model_fields
 
 I, O, B, T = 5, 4, 3, 9
@@ -81,6 +82,19 @@ def _compare(model, state=None):
 # -- NTM ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["kernel", "ops"])
+def ntm_heads(request):
+    """The NTM's heads through mann/csrc's fused kernel (the CPU default), or through PyTorch ops (CUDA, or
+    where the kernel cannot be built): both must match the reference."""
+    if request.param == "ops":
+        with native.disabled():
+            assert fast_ntm.heads_kernels(torch.zeros(1)) is None
+            yield request.param
+        return
+    assert fast_ntm.heads_kernels(torch.zeros(1)) is not None, native._why_not.get("ntm_heads")
+    yield request.param
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     {"read_heads": 2, "write_heads": 2, "shift_range": 2},
@@ -90,12 +104,12 @@ def _compare(model, state=None):
     {"memory_init": "random"},
     {"clip_value": None},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-def test_ntm_fast_matches_reference(overrides):
+def test_ntm_fast_matches_reference(overrides, ntm_heads):
     _compare(_model("ntm", {**NTM_TINY, **overrides}))
 
 
 @pytest.mark.parametrize("name,tiny", [("ntm", NTM_TINY), ("dnc", DNC_TINY)])
-def test_fast_matches_reference_with_active_clipping(name, tiny):
+def test_fast_matches_reference_with_active_clipping(name, tiny, ntm_heads):
     model = _model(name, {**tiny, "clip_value": 0.7}, weight_scale=4.0)
     raws = []
     model.interface.register_forward_hook(lambda module, args, out: raws.append(out.detach()))
@@ -104,12 +118,35 @@ def test_fast_matches_reference_with_active_clipping(name, tiny):
     assert 0 < clipped.float().mean() < 1  # the clip bites somewhere but not everywhere: its mask is tested
 
 
-def test_ntm_fast_matches_reference_from_a_given_state_and_larger_memory():
+def test_ntm_fast_matches_reference_from_a_given_state_and_larger_memory(ntm_heads):
     model = _model("ntm", NTM_TINY)
     _compare(model, _random_state(model, B))
     x = torch.randn(B, T, I, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(fast.forward(model, x, memory_size=16), model(x, memory_size=16), rtol=TOL, atol=TOL)
+
+
+def test_ntm_fast_matches_reference_on_a_blank_memory_and_saturated_heads(ntm_heads):
+    """Degenerate inputs: M_0 = 0 (every |M_i| at its floor, K = 0) and weights large enough to saturate the
+    squashes (sharp softmaxes, gates at 0 or 1) without a clip: finite, and still the reference's numbers."""
+    model = _model("ntm", {**NTM_TINY, "clip_value": None, "memory_init": "constant"}, weight_scale=3.0)
+    state = _random_state(model, B)
+    blank = state._replace(memory=torch.zeros_like(state.memory).requires_grad_())
+    y = _compare(model, blank)
+    assert torch.isfinite(y).all()
+
+
+def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+    assert native.kernels("ntm_heads") is not None, native._why_not.get("ntm_heads")  # CI has a C++ compiler
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("MANN_NATIVE_DIR", str(tmp_path))  # nothing built there
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails
+    with pytest.warns(RuntimeWarning, match="ntm_heads kernels could not be built"):
+        assert native.kernels("ntm_heads") is None
+    model = _model("ntm", NTM_TINY)
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    with torch.no_grad():  # the PyTorch ops run instead
+        assert torch.allclose(fast.forward(model, x), model(x), rtol=TOL, atol=TOL)
 
 
 # -- DNC ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,409 @@
+// NTM heads fused: one time step's addressing, read and write for every head, forward and backward, on CPU.
+//
+// Why a kernel of its own: on a CPU the NTM step is ~50 small ATen ops forward and ~60 backward, and each op
+// costs ~3-7 us of dispatch, allocation and TensorIterator set-up whatever its size (measured here: the same
+// 12-op chain took 86 us from Python and 101 us from C++ ATen calls, so moving the ops to C++ buys nothing).
+// Here the ops from the head parameters to the read vectors and the new memory are plain loops over one batch
+// row at a time, which stays in L1: one call forward, one backward.
+//
+// Same maths, same order, as mann/fast_ntm.py's ntm_step / ntm_step_backward (Graves et al. 2014, Sec. 3.3):
+// key k = tanh, strength beta = softplus, gate g = sigmoid, shift s = softmax, gamma = 1 + softplus, erase e =
+// sigmoid, add a = tanh; content w^c = softmax(beta K(k, M_i)) with K the cosine similarity (norms floored at
+// sqrt(smallest normal), eps 1e-6 outside their product); w^g = lerp(w_{t-1}, w^c, g); w~ = circular
+// convolution of w^g with s (+ 1e-12); w = softmax(gamma log w~); r = w M_{t-1};
+// M_t = M_{t-1} prod_h (1 - w_h e_h^T) + sum_h w_h a_h^T.
+//
+// Layouts (all contiguous, batch-first): raw [B, P] with P = H hp + Hw 2W, per head (k W, beta, g, s S, gamma)
+// then per write head (e W, a W); M [B, N, W]; w [B, H, N] with the R read heads first; r [B, R W];
+// aux [B, 4H + 1, N]: w^c, w^g, w~ (with eps) and K per head, then |M_i|: what the backward reads back.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr double kSoftplusThreshold = 20.0;  // F.softplus's default
+constexpr double kContentEps = 1e-6;
+constexpr double kSharpenEps = 1e-12;
+
+struct Dims {
+  int64_t B, N, W, R, Hw, H, S, hp, P;
+  double clip;  // <= 0: no clip
+};
+
+template <typename T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+T softplus(T x) {
+  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+}
+
+template <typename T>
+T clipped(T x, double clip) {
+  return clip > 0 ? std::min(std::max(x, T(-clip)), T(clip)) : x;
+}
+
+// i mod N for -N <= i < 2N (shift offsets are at most N / 2), without an integer division
+inline int64_t wrap(int64_t i, int64_t N) { return i < 0 ? i + N : (i >= N ? i - N : i); }
+
+// y = softmax(z) over n numbers, in place.
+template <typename T>
+void softmax(T* z, int64_t n) {
+  T m = *std::max_element(z, z + n);
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = std::exp(z[i] - m);
+    sum += z[i];
+  }
+  for (int64_t i = 0; i < n; ++i) z[i] /= sum;
+}
+
+// g <- y * (g - sum(g * y)): the gradient of softmax's input from that of its output, in place.
+template <typename T>
+void softmax_backward(const T* y, T* g, int64_t n) {
+  T dot = 0;
+  for (int64_t i = 0; i < n; ++i) dot += g[i] * y[i];
+  for (int64_t i = 0; i < n; ++i) g[i] = y[i] * (g[i] - dot);
+}
+
+// torch.lerp's formula (exact at both ends).
+template <typename T>
+T lerp(T start, T end, T weight) {
+  return weight < T(0.5) ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
+}
+
+// sum_j a_j b_j with four running sums: a single sum is a chain of dependent adds (~4 cycles each), which is
+// what made a first version of these loops slower than the PyTorch ops they replace.
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    s0 += a[j] * b[j];
+    s1 += a[j + 1] * b[j + 1];
+    s2 += a[j + 2] * b[j + 2];
+    s3 += a[j + 3] * b[j + 3];
+  }
+  for (; j < n; ++j) s0 += a[j] * b[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename T>
+T floored_norm(const T* x, int64_t n) {
+  return std::max(std::sqrt(dot(x, x, n)), std::sqrt(std::numeric_limits<T>::min()));
+}
+
+// The squashed parameters of head h, from the row's raw numbers.
+template <typename T>
+struct Head {
+  T beta, gate, gamma, key_norm;
+  std::vector<T> key, shift;
+
+  Head(const T* raw, const Dims& d, int64_t h) : key(d.W), shift(d.S) {
+    const T* q = raw + h * d.hp;
+    for (int64_t j = 0; j < d.W; ++j) key[j] = std::tanh(clipped(q[j], d.clip));
+    beta = softplus(clipped(q[d.W], d.clip));
+    gate = sigmoid(clipped(q[d.W + 1], d.clip));
+    for (int64_t m = 0; m < d.S; ++m) shift[m] = clipped(q[d.W + 2 + m], d.clip);
+    softmax(shift.data(), d.S);
+    gamma = T(1) + softplus(clipped(q[d.W + 2 + d.S], d.clip));
+    key_norm = floored_norm(key.data(), d.W);
+  }
+};
+
+// The write heads' erase (sigmoid) and add (tanh) vectors, [Hw, W] each, from the row's raw numbers.
+template <typename T>
+void squash_write(const Dims& d, const T* raw, T* erase, T* add) {
+  const T* ea = raw + d.H * d.hp;  // per write head: erase W, add W
+  for (int64_t v = 0; v < d.Hw; ++v) {
+    for (int64_t j = 0; j < d.W; ++j) {
+      erase[v * d.W + j] = sigmoid(clipped(ea[v * 2 * d.W + j], d.clip));
+      add[v * d.W + j] = std::tanh(clipped(ea[v * 2 * d.W + d.W + j], d.clip));
+    }
+  }
+}
+
+template <typename T>
+void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r, T* M_next, T* w, T* aux) {
+  const int64_t N = d.N, W = d.W, H = d.H, k = d.S / 2;
+  T* mem_norm = aux + 4 * H * N;
+  for (int64_t i = 0; i < N; ++i) mem_norm[i] = floored_norm(M + i * W, W);
+  for (int64_t h = 0; h < H; ++h) {
+    Head<T> p(raw, d, h);
+    T* wc = aux + h * N;
+    T* wg = aux + (H + h) * N;
+    T* ws = aux + (2 * H + h) * N;
+    T* sim = aux + (3 * H + h) * N;
+    T* wh = w + h * N;
+    const T* wp = w_prev + h * N;
+    for (int64_t i = 0; i < N; ++i) {  // content: K(k, M_i), then softmax(beta K)
+      sim[i] = dot(p.key.data(), M + i * W, W) / (p.key_norm * mem_norm[i] + T(kContentEps));
+      wc[i] = p.beta * sim[i];
+    }
+    softmax(wc, N);
+    for (int64_t i = 0; i < N; ++i) wg[i] = lerp(wp[i], wc[i], p.gate);
+    for (int64_t i = 0; i < N; ++i) {  // w~_i = sum_m s_m w^g[(i - (m - k)) mod N]
+      T acc = 0;
+      for (int64_t m = 0; m < d.S; ++m) acc += p.shift[m] * wg[wrap(i - m + k, N)];
+      ws[i] = acc + T(kSharpenEps);
+      wh[i] = p.gamma * std::log(ws[i]);
+    }
+    softmax(wh, N);
+  }
+  for (int64_t h = 0; h < d.R; ++h) {  // read from M_{t-1}: r_h = sum_i w_h[i] M_i (one running sum per j)
+    T* rh = r + h * W;
+    std::fill(rh, rh + W, T(0));
+    for (int64_t i = 0; i < N; ++i) {
+      const T wi = w[h * N + i];
+      for (int64_t j = 0; j < W; ++j) rh[j] += wi * M[i * W + j];
+    }
+  }
+  std::vector<T> erase(d.Hw * W), add(d.Hw * W);
+  squash_write(d, raw, erase.data(), add.data());
+  for (int64_t i = 0; i < N; ++i) {
+    const T* Mi = M + i * W;
+    T* out = M_next + i * W;
+    if (d.Hw == 1) {  // M + w (a - M e): one pass
+      const T ww = w[d.R * N + i];
+      for (int64_t j = 0; j < W; ++j) out[j] = Mi[j] + ww * (add[j] - Mi[j] * erase[j]);
+      continue;
+    }
+    for (int64_t j = 0; j < W; ++j) {
+      T keep = 1, added = 0;
+      for (int64_t v = 0; v < d.Hw; ++v) {
+        const T ww = w[(d.R + v) * N + i];
+        keep *= T(1) - ww * erase[v * W + j];
+        added += ww * add[v * W + j];
+      }
+      out[j] = Mi[j] * keep + added;
+    }
+  }
+}
+
+// The gradient of a squashed head number w.r.t. its raw number (clip's pass-through included).
+template <typename T>
+T pass(T raw, double clip) {
+  return clip > 0 && (raw < T(-clip) || raw > T(clip)) ? T(0) : T(1);
+}
+
+template <typename T>
+T softplus_grad(T x) {
+  return x > T(kSoftplusThreshold) ? T(1) : sigmoid(x);
+}
+
+// Step 4's reverse: the write's and the read's gradients w.r.t. M_{t-1} (into g_M), w (added to g_w), e and a.
+template <typename T>
+void write_read_backward(const Dims& d, const T* M, const T* w, const T* gM, const T* gr, const T* erase,
+                         const T* add, T* g_M, T* g_w, T* g_erase, T* g_add) {
+  const int64_t N = d.N, W = d.W, R = d.R, Hw = d.Hw;
+  std::vector<T> gm_m(W), factor(Hw);
+  for (int64_t i = 0; i < N; ++i) {
+    const T* Mi = M + i * W;
+    const T* gMi = gM + i * W;
+    T* out = g_M + i * W;
+    if (Hw == 1) {  // M_t = M + w (a - M e)
+      const T ww = w[R * N + i];
+      for (int64_t j = 0; j < W; ++j) {
+        out[j] = gMi[j] * (T(1) - ww * erase[j]);
+        gm_m[j] = gMi[j] * Mi[j];
+        g_add[j] += ww * gMi[j];
+        g_erase[j] -= ww * gm_m[j];
+      }
+      g_w[R * N + i] += dot(gMi, add, W) - dot(gm_m.data(), erase, W);
+    } else {
+      for (int64_t j = 0; j < W; ++j) {
+        const T g = gMi[j];
+        T keep = 1;
+        for (int64_t v = 0; v < Hw; ++v) {
+          factor[v] = T(1) - w[(R + v) * N + i] * erase[v * W + j];
+          keep *= factor[v];
+        }
+        for (int64_t v = 0; v < Hw; ++v) {
+          const T ww = w[(R + v) * N + i];
+          T others = 1;  // prod of the other heads' factors, no division (a factor can be 0)
+          for (int64_t u = 0; u < Hw; ++u) {
+            if (u != v) others *= factor[u];
+          }
+          const T g_factor = g * Mi[j] * others;
+          g_add[v * W + j] += ww * g;
+          g_erase[v * W + j] -= ww * g_factor;
+          g_w[(R + v) * N + i] += g * add[v * W + j] - g_factor * erase[v * W + j];
+        }
+        out[j] = g * keep;
+      }
+    }
+    for (int64_t h = 0; h < R; ++h) {  // r_h = w_h M_{t-1}
+      const T wi = w[h * N + i];
+      for (int64_t j = 0; j < W; ++j) out[j] += wi * gr[h * W + j];
+      g_w[h * N + i] += dot(gr + h * W, Mi, W);
+    }
+  }
+}
+
+template <typename T>
+void backward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, const T* w, const T* aux, const T* gM,
+                  const T* gw, const T* gr, T* g_M, T* g_w_prev, T* g_raw) {
+  const int64_t N = d.N, W = d.W, H = d.H, Hw = d.Hw, k = d.S / 2;
+  const T* mem_norm = aux + 4 * H * N;
+  const T* ea = raw + H * d.hp;
+  T* g_ea = g_raw + H * d.hp;
+  std::vector<T> g_w(gw, gw + H * N), g_mem_norm(N, T(0)), erase(Hw * W), add(Hw * W), g_erase(Hw * W, T(0)),
+      g_add(Hw * W, T(0));
+  squash_write(d, raw, erase.data(), add.data());
+  // 4. write M_t = M_{t-1} prod_v (1 - w_v e_v^T) + sum_v w_v a_v^T, and read r = w^r M_{t-1}
+  write_read_backward(d, M, w, gM, gr, erase.data(), add.data(), g_M, g_w.data(), g_erase.data(), g_add.data());
+  for (int64_t v = 0; v < Hw; ++v) {
+    for (int64_t j = 0; j < W; ++j) {
+      const T e = erase[v * W + j], a = add[v * W + j];
+      g_ea[v * 2 * W + j] = g_erase[v * W + j] * e * (T(1) - e) * pass(ea[v * 2 * W + j], d.clip);
+      g_ea[v * 2 * W + W + j] = g_add[v * W + j] * (T(1) - a * a) * pass(ea[v * 2 * W + W + j], d.clip);
+    }
+  }
+  // 3. per head: sharpen, shift, interpolate, content
+  std::vector<T> g_ws(N), g_wg(N), g_wc(N), g_dot(N), g_s(d.S), g_key(W);
+  for (int64_t h = 0; h < H; ++h) {
+    Head<T> p(raw, d, h);
+    const T* wc = aux + h * N;
+    const T* wg = aux + (H + h) * N;
+    const T* ws = aux + (2 * H + h) * N;
+    const T* sim = aux + (3 * H + h) * N;
+    const T* wh = w + h * N;
+    const T* wp = w_prev + h * N;
+    T* gz = g_w.data() + h * N;
+    softmax_backward(wh, gz, N);  // w = softmax(gamma log w~)
+    T g_gamma = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      g_gamma += gz[i] * std::log(ws[i]);
+      g_ws[i] = gz[i] * p.gamma / ws[i];
+    }
+    std::fill(g_s.begin(), g_s.end(), T(0));
+    std::fill(g_wg.begin(), g_wg.end(), T(0));
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t m = 0; m < d.S; ++m) {
+        const int64_t src = wrap(i - m + k, N);
+        g_s[m] += wg[src] * g_ws[i];
+        g_wg[src] += p.shift[m] * g_ws[i];
+      }
+    }
+    T g_gate = 0;
+    T* g_wp = g_w_prev + h * N;
+    for (int64_t i = 0; i < N; ++i) {
+      g_wc[i] = g_wg[i] * p.gate;
+      g_wp[i] = g_wg[i] - g_wc[i];
+      g_gate += g_wg[i] * (wc[i] - wp[i]);
+    }
+    softmax_backward(wc, g_wc.data(), N);  // now d(beta K)
+    T g_beta = 0, g_key_norm = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      const T denom = p.key_norm * mem_norm[i] + T(kContentEps);
+      g_beta += g_wc[i] * sim[i];
+      g_dot[i] = g_wc[i] * p.beta / denom;
+      const T g_denom = g_dot[i] * sim[i];  // negated
+      g_key_norm += g_denom * mem_norm[i];
+      g_mem_norm[i] += g_denom * p.key_norm;
+    }
+    g_key_norm /= p.key_norm;
+    for (int64_t j = 0; j < W; ++j) g_key[j] = -p.key[j] * g_key_norm;
+    for (int64_t i = 0; i < N; ++i) {  // K's dot k . M_i: both ways at once, one running sum per j
+      for (int64_t j = 0; j < W; ++j) {
+        g_key[j] += g_dot[i] * M[i * W + j];
+        g_M[i * W + j] += g_dot[i] * p.key[j];
+      }
+    }
+    T* gq = g_raw + h * d.hp;
+    const T* q = raw + h * d.hp;
+    for (int64_t j = 0; j < W; ++j) gq[j] = g_key[j] * (T(1) - p.key[j] * p.key[j]) * pass(q[j], d.clip);
+    gq[W] = g_beta * softplus_grad(clipped(q[W], d.clip)) * pass(q[W], d.clip);
+    gq[W + 1] = g_gate * p.gate * (T(1) - p.gate) * pass(q[W + 1], d.clip);
+    softmax_backward(p.shift.data(), g_s.data(), d.S);
+    for (int64_t m = 0; m < d.S; ++m) gq[W + 2 + m] = g_s[m] * pass(q[W + 2 + m], d.clip);
+    gq[W + 2 + d.S] = g_gamma * softplus_grad(clipped(q[W + 2 + d.S], d.clip)) * pass(q[W + 2 + d.S], d.clip);
+  }
+  for (int64_t i = 0; i < N; ++i) {  // |M_i|: d|x|/dx = x / |x|
+    const T g = g_mem_norm[i] / mem_norm[i];
+    for (int64_t j = 0; j < W; ++j) g_M[i * W + j] -= M[i * W + j] * g;
+  }
+}
+
+Dims dims_of(const at::Tensor& raw, const at::Tensor& M, int64_t R, int64_t Hw, int64_t S, double clip) {
+  Dims d{M.size(0), M.size(1), M.size(2), R, Hw, R + Hw, S, 0, raw.size(1), clip};
+  d.hp = d.W + 3 + S;
+  TORCH_CHECK(raw.size(0) == d.B && d.P == d.H * d.hp + Hw * 2 * d.W, "ntm_heads: raw parameters of shape ",
+              raw.sizes(), " do not fit memory ", M.sizes(), " with R=", R, " Hw=", Hw, " S=", S);
+  return d;
+}
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(), "ntm_heads: ",
+              name, " must be a contiguous CPU tensor of ", like.scalar_type());
+}
+
+// Rows per task: enough work per thread that splitting pays (a row is ~10 N W flops forward).
+int64_t grain(const Dims& d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 10 * d.N * d.W)); }
+
+std::vector<at::Tensor> heads_forward(at::Tensor raw, at::Tensor M, at::Tensor w_prev, int64_t R, int64_t Hw,
+                                      int64_t S, double clip) {
+  for (auto* t : {&raw, &M, &w_prev}) check(*t, M, "every input");
+  const Dims d = dims_of(raw, M, R, Hw, S, clip);
+  auto r = at::empty({d.B, R * d.W}, M.options());
+  auto M_next = at::empty_like(M);
+  auto w = at::empty({d.B, d.H, d.N}, M.options());
+  auto aux = at::empty({d.B, 4 * d.H + 1, d.N}, M.options());
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "ntm_heads_forward", [&] {
+    const auto* raw_p = raw.data_ptr<scalar_t>();
+    const auto* M_p = M.data_ptr<scalar_t>();
+    const auto* wp_p = w_prev.data_ptr<scalar_t>();
+    auto* r_p = r.data_ptr<scalar_t>();
+    auto* Mn_p = M_next.data_ptr<scalar_t>();
+    auto* w_p = w.data_ptr<scalar_t>();
+    auto* aux_p = aux.data_ptr<scalar_t>();
+    at::parallel_for(0, d.B, grain(d), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        forward_row(d, raw_p + b * d.P, M_p + b * d.N * d.W, wp_p + b * d.H * d.N, r_p + b * R * d.W,
+                    Mn_p + b * d.N * d.W, w_p + b * d.H * d.N, aux_p + b * (4 * d.H + 1) * d.N);
+      }
+    });
+  });
+  return {r, M_next, w, aux};
+}
+
+std::vector<at::Tensor> heads_backward(at::Tensor raw, at::Tensor M, at::Tensor w_prev, at::Tensor w, at::Tensor aux,
+                                       at::Tensor gM, at::Tensor gw, at::Tensor gr, int64_t R, int64_t Hw, int64_t S,
+                                       double clip) {
+  for (auto* t : {&raw, &M, &w_prev, &w, &aux, &gM, &gw, &gr}) check(*t, M, "every input");
+  const Dims d = dims_of(raw, M, R, Hw, S, clip);
+  auto g_M = at::empty_like(M);
+  auto g_w_prev = at::empty_like(w_prev);
+  auto g_raw = at::empty_like(raw);
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "ntm_heads_backward", [&] {
+    at::parallel_for(0, d.B, grain(d), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t nw = d.N * d.W, hn = d.H * d.N;
+        backward_row(d, raw.data_ptr<scalar_t>() + b * d.P, M.data_ptr<scalar_t>() + b * nw,
+                     w_prev.data_ptr<scalar_t>() + b * hn, w.data_ptr<scalar_t>() + b * hn,
+                     aux.data_ptr<scalar_t>() + b * (4 * d.H + 1) * d.N, gM.data_ptr<scalar_t>() + b * nw,
+                     gw.data_ptr<scalar_t>() + b * hn, gr.data_ptr<scalar_t>() + b * R * d.W,
+                     g_M.data_ptr<scalar_t>() + b * nw, g_w_prev.data_ptr<scalar_t>() + b * hn,
+                     g_raw.data_ptr<scalar_t>() + b * d.P);
+      }
+    });
+  });
+  return {g_M, g_w_prev, g_raw};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("heads_forward", &heads_forward, "NTM heads, one step: (raw, M, w_prev, R, Hw, S, clip) -> (r, M_t, w, aux)");
+  m.def("heads_backward", &heads_backward,
+        "Reverse of heads_forward: (raw, M, w_prev, w, aux, gM, gw, gr, R, Hw, S, clip) -> (gM_prev, gw_prev, g_raw)");
+}

@@ -1,0 +1,117 @@
+"""The fused CPU kernels in ``mann/csrc``: built once per machine with the local C++ compiler, then loaded.
+
+Why not ATen ops from C++: on a CPU each small ATen op costs ~3-7 us whoever calls it (a 12-op chain took 86 us
+from Python, 101 us from C++ here), so the kernels are plain loops over one batch row (see ntm_heads.cpp).
+
+Building uses torch.utils.cpp_extension (g++ and ninja; ~30 s on 2 cores) into a folder named by a hash of the
+source, torch's version and the flags, under ``$MANN_NATIVE_DIR`` (default ``~/.cache/mannstudy/native``). A
+later process that finds the built library there imports it directly (milliseconds), so a sweep's workers pay
+the build once per machine, and only if ``python -m mann.native`` (cluster.yaml's setup runs it) has not.
+
+``MANN_NATIVE=0`` turns the kernels off; where they cannot be built the fast paths run their PyTorch ops instead
+and a warning says why, once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCES = {"ntm_heads": Path(__file__).parent / "csrc" / "ntm_heads.cpp"}
+# No -march=native: a cache folder shared by nodes with different CPUs must run on all of them. (-mavx2 -mfma and
+# -ffast-math-style reassociation measured no faster here: the loops are short and the time is in exp/log.)
+CFLAGS = os.environ.get("MANN_NATIVE_CFLAGS", "-O3").split()
+
+_loaded: dict[str, ModuleType | None] = {}
+_why_not: dict[str, str] = {}
+_switched_off = False
+
+
+def enabled() -> bool:
+    return not _switched_off and os.environ.get("MANN_NATIVE", "1") not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within: the fast paths run their PyTorch ops, as where the kernels cannot be built (tests, benchmarks)."""
+    global _switched_off
+    before, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = before
+
+
+def build_dir(name: str) -> Path:
+    """Where ``name``'s library is built: one folder per (source, torch version, flags)."""
+    digest = hashlib.sha256()
+    digest.update(SOURCES[name].read_bytes())
+    digest.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS}".encode())
+    root = Path(os.environ.get("MANN_NATIVE_DIR", Path.home() / ".cache" / "mannstudy" / "native"))
+    return root / f"{name}-{digest.hexdigest()[:16]}"
+
+
+def _import_built(name: str, folder: Path) -> ModuleType | None:
+    library = folder / f"mann_{name}.so"
+    if not library.exists():
+        return None
+    loader = importlib.machinery.ExtensionFileLoader(f"mann_{name}", str(library))
+    spec = importlib.util.spec_from_file_location(f"mann_{name}", library, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def build(name: str) -> ModuleType:
+    """Build (if not built yet) and load kernel module ``name``; raises if the compiler fails."""
+    folder = build_dir(name)
+    module = _import_built(name, folder)
+    if module is not None:
+        return module
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:  # the ninja package's binary, when the venv's bin folder is not on PATH
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    folder.mkdir(parents=True, exist_ok=True)
+    # load() takes a file lock in the folder, so processes building at once wait for one build
+    return load(name=f"mann_{name}", sources=[str(SOURCES[name])], extra_cflags=CFLAGS, build_directory=str(folder),
+                verbose=False)
+
+
+def kernels(name: str) -> ModuleType | None:
+    """Kernel module ``name``, or None where it is turned off or cannot be built (a warning says why, once)."""
+    if not enabled():
+        return None
+    if name not in _loaded:
+        try:
+            _loaded[name] = build(name)
+        except Exception as exc:  # a missing compiler, ninja or header: the PyTorch ops still run
+            _loaded[name] = None
+            _why_not[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            warnings.warn(f"mann.native: the {name} kernels could not be built, the slower PyTorch ops run instead "
+                          f"({_why_not[name]})", RuntimeWarning, stacklevel=2)
+    return _loaded[name]
+
+
+def main() -> int:
+    """``python -m mann.native``: build every kernel now (e.g. in a cluster node's setup), print where."""
+    for name in SOURCES:
+        build(name)
+        print(f"{name}: {build_dir(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
