@@ -19,7 +19,6 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -78,11 +77,11 @@ def build(name: str) -> ModuleType:
     module = _import_built(name, folder)
     if module is not None:
         return module
+    import ninja
     from torch.utils.cpp_extension import load
 
-    if shutil.which("ninja") is None:  # the ninja package's binary, when the venv's bin folder is not on PATH
-        import ninja
-
+    # torch runs `ninja` from PATH, where the venv's bin folder (the ninja package's binary) may not be
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     folder.mkdir(parents=True, exist_ok=True)
     # load() takes a file lock in the folder, so processes building at once wait for one build
