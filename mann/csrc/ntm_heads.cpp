@@ -15,11 +15,16 @@
 //
 // Layouts (all contiguous, batch-first): raw [B, P] with P = H hp + Hw 2W, per head (k W, beta, g, s S, gamma)
 // then per write head (e W, a W); M [B, N, W]; w [B, H, N] with the R read heads first; r [B, R W];
-// aux [B, 4H + 1, N]: w^c, w^g, w~ (with eps) and K per head, then |M_i|: what the backward reads back.
+// aux [B, 5H + 1, N]: w^c, w^g, w~ (with eps), K and log w~ per head, then |M_i|: what the backward reads back.
+//
+// exp and log run on ATen's vector type (at::vec::Vectorized, SLEEF's 1-ulp functions from libtorch) when
+// mann/native.py builds for an AVX2 CPU; elsewhere the same code runs one number at a time.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -55,32 +60,6 @@ T clipped(T x, double clip) {
 // i mod N for -N <= i < 2N (shift offsets are at most N / 2), without an integer division
 inline int64_t wrap(int64_t i, int64_t N) { return i < 0 ? i + N : (i >= N ? i - N : i); }
 
-// y = softmax(z) over n numbers, in place.
-template <typename T>
-void softmax(T* z, int64_t n) {
-  T m = *std::max_element(z, z + n);
-  T sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    z[i] = std::exp(z[i] - m);
-    sum += z[i];
-  }
-  for (int64_t i = 0; i < n; ++i) z[i] /= sum;
-}
-
-// g <- y * (g - sum(g * y)): the gradient of softmax's input from that of its output, in place.
-template <typename T>
-void softmax_backward(const T* y, T* g, int64_t n) {
-  T dot = 0;
-  for (int64_t i = 0; i < n; ++i) dot += g[i] * y[i];
-  for (int64_t i = 0; i < n; ++i) g[i] = y[i] * (g[i] - dot);
-}
-
-// torch.lerp's formula (exact at both ends).
-template <typename T>
-T lerp(T start, T end, T weight) {
-  return weight < T(0.5) ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
-}
-
 // sum_j a_j b_j with four running sums: a single sum is a chain of dependent adds (~4 cycles each), which is
 // what made a first version of these loops slower than the PyTorch ops they replace.
 template <typename T>
@@ -95,6 +74,32 @@ T dot(const T* a, const T* b, int64_t n) {
   }
   for (; j < n; ++j) s0 += a[j] * b[j];
   return (s0 + s1) + (s2 + s3);
+}
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// y = softmax(z) over n numbers, in place.
+template <typename T>
+void softmax(T* z, int64_t n) {
+  const T m = *std::max_element(z, z + n);
+  at::vec::map([m](Vec<T> x) { return (x - Vec<T>(m)).exp(); }, z, z, n);
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += z[i];
+  for (int64_t i = 0; i < n; ++i) z[i] /= sum;
+}
+
+// g <- y * (g - sum(g * y)): the gradient of softmax's input from that of its output, in place.
+template <typename T>
+void softmax_backward(const T* y, T* g, int64_t n) {
+  const T gy = dot(g, y, n);
+  for (int64_t i = 0; i < n; ++i) g[i] = y[i] * (g[i] - gy);
+}
+
+// torch.lerp's formula (exact at both ends).
+template <typename T>
+T lerp(T start, T end, T weight) {
+  return weight < T(0.5) ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
 }
 
 template <typename T>
@@ -135,7 +140,7 @@ void squash_write(const Dims& d, const T* raw, T* erase, T* add) {
 template <typename T>
 void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r, T* M_next, T* w, T* aux) {
   const int64_t N = d.N, W = d.W, H = d.H, k = d.S / 2;
-  T* mem_norm = aux + 4 * H * N;
+  T* mem_norm = aux + 5 * H * N;
   for (int64_t i = 0; i < N; ++i) mem_norm[i] = floored_norm(M + i * W, W);
   for (int64_t h = 0; h < H; ++h) {
     Head<T> p(raw, d, h);
@@ -143,6 +148,7 @@ void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r,
     T* wg = aux + (H + h) * N;
     T* ws = aux + (2 * H + h) * N;
     T* sim = aux + (3 * H + h) * N;
+    T* log_ws = aux + (4 * H + h) * N;
     T* wh = w + h * N;
     const T* wp = w_prev + h * N;
     for (int64_t i = 0; i < N; ++i) {  // content: K(k, M_i), then softmax(beta K)
@@ -155,8 +161,9 @@ void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r,
       T acc = 0;
       for (int64_t m = 0; m < d.S; ++m) acc += p.shift[m] * wg[wrap(i - m + k, N)];
       ws[i] = acc + T(kSharpenEps);
-      wh[i] = p.gamma * std::log(ws[i]);
     }
+    at::vec::map([](Vec<T> x) { return x.log(); }, log_ws, ws, N);
+    for (int64_t i = 0; i < N; ++i) wh[i] = p.gamma * log_ws[i];
     softmax(wh, N);
   }
   for (int64_t h = 0; h < d.R; ++h) {  // read from M_{t-1}: r_h = sum_i w_h[i] M_i (one running sum per j)
@@ -253,7 +260,7 @@ template <typename T>
 void backward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, const T* w, const T* aux, const T* gM,
                   const T* gw, const T* gr, T* g_M, T* g_w_prev, T* g_raw) {
   const int64_t N = d.N, W = d.W, H = d.H, Hw = d.Hw, k = d.S / 2;
-  const T* mem_norm = aux + 4 * H * N;
+  const T* mem_norm = aux + 5 * H * N;
   const T* ea = raw + H * d.hp;
   T* g_ea = g_raw + H * d.hp;
   std::vector<T> g_w(gw, gw + H * N), g_mem_norm(N, T(0)), erase(Hw * W), add(Hw * W), g_erase(Hw * W, T(0)),
@@ -276,13 +283,14 @@ void backward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, cons
     const T* wg = aux + (H + h) * N;
     const T* ws = aux + (2 * H + h) * N;
     const T* sim = aux + (3 * H + h) * N;
+    const T* log_ws = aux + (4 * H + h) * N;
     const T* wh = w + h * N;
     const T* wp = w_prev + h * N;
     T* gz = g_w.data() + h * N;
     softmax_backward(wh, gz, N);  // w = softmax(gamma log w~)
     T g_gamma = 0;
     for (int64_t i = 0; i < N; ++i) {
-      g_gamma += gz[i] * std::log(ws[i]);
+      g_gamma += gz[i] * log_ws[i];
       g_ws[i] = gz[i] * p.gamma / ws[i];
     }
     std::fill(g_s.begin(), g_s.end(), T(0));
@@ -357,7 +365,7 @@ std::vector<at::Tensor> heads_forward(at::Tensor raw, at::Tensor M, at::Tensor w
   auto r = at::empty({d.B, R * d.W}, M.options());
   auto M_next = at::empty_like(M);
   auto w = at::empty({d.B, d.H, d.N}, M.options());
-  auto aux = at::empty({d.B, 4 * d.H + 1, d.N}, M.options());
+  auto aux = at::empty({d.B, 5 * d.H + 1, d.N}, M.options());
   AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "ntm_heads_forward", [&] {
     const auto* raw_p = raw.data_ptr<scalar_t>();
     const auto* M_p = M.data_ptr<scalar_t>();
@@ -369,7 +377,7 @@ std::vector<at::Tensor> heads_forward(at::Tensor raw, at::Tensor M, at::Tensor w
     at::parallel_for(0, d.B, grain(d), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         forward_row(d, raw_p + b * d.P, M_p + b * d.N * d.W, wp_p + b * d.H * d.N, r_p + b * R * d.W,
-                    Mn_p + b * d.N * d.W, w_p + b * d.H * d.N, aux_p + b * (4 * d.H + 1) * d.N);
+                    Mn_p + b * d.N * d.W, w_p + b * d.H * d.N, aux_p + b * (5 * d.H + 1) * d.N);
       }
     });
   });
@@ -390,7 +398,7 @@ std::vector<at::Tensor> heads_backward(at::Tensor raw, at::Tensor M, at::Tensor 
         const int64_t nw = d.N * d.W, hn = d.H * d.N;
         backward_row(d, raw.data_ptr<scalar_t>() + b * d.P, M.data_ptr<scalar_t>() + b * nw,
                      w_prev.data_ptr<scalar_t>() + b * hn, w.data_ptr<scalar_t>() + b * hn,
-                     aux.data_ptr<scalar_t>() + b * (4 * d.H + 1) * d.N, gM.data_ptr<scalar_t>() + b * nw,
+                     aux.data_ptr<scalar_t>() + b * (5 * d.H + 1) * d.N, gM.data_ptr<scalar_t>() + b * nw,
                      gw.data_ptr<scalar_t>() + b * hn, gr.data_ptr<scalar_t>() + b * R * d.W,
                      g_M.data_ptr<scalar_t>() + b * nw, g_w_prev.data_ptr<scalar_t>() + b * hn,
                      g_raw.data_ptr<scalar_t>() + b * d.P);
