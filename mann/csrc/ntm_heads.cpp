@@ -63,7 +63,7 @@ inline int64_t wrap(int64_t i, int64_t N) { return i < 0 ? i + N : (i >= N ? i -
 // sum_j a_j b_j with four running sums: a single sum is a chain of dependent adds (~4 cycles each), which is
 // what made a first version of these loops slower than the PyTorch ops they replace.
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
   T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
@@ -137,6 +137,19 @@ void squash_write(const Dims& d, const T* raw, T* erase, T* add) {
   }
 }
 
+// x += a y over n numbers. Restrict-qualified parameters (no two overlap) let the compiler vectorize the loop.
+template <typename T>
+void axpy(int64_t n, T a, const T* __restrict__ y, T* __restrict__ x) {
+  for (int64_t j = 0; j < n; ++j) x[j] += a * y[j];
+}
+
+// One memory slot of a one-head write: out = M_i + w_i (a - M_i e).
+template <typename T>
+void one_head_write(int64_t W, T ww, const T* __restrict__ m, const T* __restrict__ a, const T* __restrict__ e,
+                    T* __restrict__ out) {
+  for (int64_t j = 0; j < W; ++j) out[j] = m[j] + ww * (a[j] - m[j] * e[j]);
+}
+
 template <typename T>
 void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r, T* M_next, T* w, T* aux) {
   const int64_t N = d.N, W = d.W, H = d.H, k = d.S / 2;
@@ -169,10 +182,7 @@ void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r,
   for (int64_t h = 0; h < d.R; ++h) {  // read from M_{t-1}: r_h = sum_i w_h[i] M_i (one running sum per j)
     T* rh = r + h * W;
     std::fill(rh, rh + W, T(0));
-    for (int64_t i = 0; i < N; ++i) {
-      const T wi = w[h * N + i];
-      for (int64_t j = 0; j < W; ++j) rh[j] += wi * M[i * W + j];
-    }
+    for (int64_t i = 0; i < N; ++i) axpy(W, w[h * N + i], M + i * W, rh);
   }
   std::vector<T> erase(d.Hw * W), add(d.Hw * W);
   squash_write(d, raw, erase.data(), add.data());
@@ -180,8 +190,7 @@ void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r,
     const T* Mi = M + i * W;
     T* out = M_next + i * W;
     if (d.Hw == 1) {  // M + w (a - M e): one pass
-      const T ww = w[d.R * N + i];
-      for (int64_t j = 0; j < W; ++j) out[j] = Mi[j] + ww * (add[j] - Mi[j] * erase[j]);
+      one_head_write(W, w[d.R * N + i], Mi, add.data(), erase.data(), out);
       continue;
     }
     for (int64_t j = 0; j < W; ++j) {
@@ -207,6 +216,30 @@ T softplus_grad(T x) {
   return x > T(kSoftplusThreshold) ? T(1) : sigmoid(x);
 }
 
+// One memory slot M_i of a one-head write's reverse: out = g (1 - w e), gmm = g * M_i, and the slot's shares of
+// the gradients of a and e (restrict: vectorizable).
+template <typename T>
+void one_head_write_backward(int64_t W, T ww, const T* __restrict__ g, const T* __restrict__ m,
+                             const T* __restrict__ e, T* __restrict__ out, T* __restrict__ gmm, T* __restrict__ g_add,
+                             T* __restrict__ g_erase) {
+  for (int64_t j = 0; j < W; ++j) {
+    out[j] = g[j] * (T(1) - ww * e[j]);
+    gmm[j] = g[j] * m[j];
+    g_add[j] += ww * g[j];
+    g_erase[j] -= ww * gmm[j];
+  }
+}
+
+// x += a y and z += a v over n numbers (restrict: vectorizable).
+template <typename T>
+void two_axpy(int64_t n, T a, const T* __restrict__ y, T* __restrict__ x, const T* __restrict__ v,
+              T* __restrict__ z) {
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] += a * y[j];
+    z[j] += a * v[j];
+  }
+}
+
 // Step 4's reverse: the write's and the read's gradients w.r.t. M_{t-1} (into g_M), w (added to g_w), e and a.
 template <typename T>
 void write_read_backward(const Dims& d, const T* M, const T* w, const T* gM, const T* gr, const T* erase,
@@ -219,12 +252,7 @@ void write_read_backward(const Dims& d, const T* M, const T* w, const T* gM, con
     T* out = g_M + i * W;
     if (Hw == 1) {  // M_t = M + w (a - M e)
       const T ww = w[R * N + i];
-      for (int64_t j = 0; j < W; ++j) {
-        out[j] = gMi[j] * (T(1) - ww * erase[j]);
-        gm_m[j] = gMi[j] * Mi[j];
-        g_add[j] += ww * gMi[j];
-        g_erase[j] -= ww * gm_m[j];
-      }
+      one_head_write_backward(W, ww, gMi, Mi, erase, out, gm_m.data(), g_add, g_erase);
       g_w[R * N + i] += dot(gMi, add, W) - dot(gm_m.data(), erase, W);
     } else {
       for (int64_t j = 0; j < W; ++j) {
@@ -322,10 +350,7 @@ void backward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, cons
     g_key_norm /= p.key_norm;
     for (int64_t j = 0; j < W; ++j) g_key[j] = -p.key[j] * g_key_norm;
     for (int64_t i = 0; i < N; ++i) {  // K's dot k . M_i: both ways at once, one running sum per j
-      for (int64_t j = 0; j < W; ++j) {
-        g_key[j] += g_dot[i] * M[i * W + j];
-        g_M[i * W + j] += g_dot[i] * p.key[j];
-      }
+      two_axpy(W, g_dot[i], M + i * W, g_key.data(), p.key.data(), g_M + i * W);
     }
     T* gq = g_raw + h * d.hp;
     const T* q = raw + h * d.hp;
