@@ -70,7 +70,8 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
              w_if: Tensor, b_if: Tensor, d: NTMDims, kern=None):
     """NTM.step without autograd. xp: [B, 4C] (or [B, C]) the controller's input projection of x_t plus biases;
     r: [B, R W]; h, c: [B, C] (None for a feedforward controller); M: [B, N, W]; w_prev: [B, H, N].
-    ``kern``: the fused heads (:func:`heads_kernels`) to run steps 2-4 with, or None for the PyTorch ops.
+    ``kern``: the fused kernels (:func:`heads_kernels`) to run the LSTM update and steps 2-4 with, or None for
+    the PyTorch ops.
 
     Returns (h, c, r, M_t, w_t, saved): the next state and what :func:`ntm_step_backward` needs.
     """
@@ -78,14 +79,15 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
     B, H = M.shape[0], R + Hw
     # 1. controller on [x_t, r_{t-1}]
     if d.lstm:
-        h, c, act, tanh_c = lstm_forward(linear(torch.cat([r, h], dim=1), w_rec, xp), c)
+        pre = linear(torch.cat([r, h], dim=1), w_rec, xp)
+        h, c, act, tanh_c = lstm_forward(pre, c) if kern is None else kern.cell.cell_forward(pre, c)
     else:
         h = torch.tanh(linear(r, w_rec, xp))
         act = tanh_c = None
     # 2. head parameters from one layer, clipped, split and squashed; scalars stay [B, H, 1] to broadcast over slots
     raw = linear(h, w_if.mT, b_if)
     if kern is not None:  # steps 2-4 in one call: same maths, see mann/csrc/ntm_heads.cpp
-        r, M_next, w, aux = kern.heads_forward(raw, M, w_prev, R, Hw, S, clip or 0.0)
+        r, M_next, w, aux = kern.heads.heads_forward(raw, M, w_prev, R, Hw, S, clip or 0.0)
         return h, c, r, M_next, w, (raw, act, c, tanh_c, M, w_prev, w, aux)
     p = raw if clip is None else raw.clamp(-clip, clip)
     key, beta, gate, shift_w, gamma = p[:, : H * hp].view(B, H, hp).split([W, 1, 1, S, 1], dim=-1)
@@ -117,14 +119,15 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
 
     d_raw: d(squashed)/d(raw) of the head parameters at this step; lstm_t: this step's
     :func:`mann.fast.lstm_backward_constants` (or d tanh/d pre for a feedforward controller). With ``kern`` (the
-    forward ran it) steps 4-2 are one call that applies the head derivatives itself (``d_raw`` unused).
+    forward ran it) steps 4-2 are one call that applies the head derivatives itself (``d_raw`` unused), and an
+    LSTM's ``lstm_t`` is (act, c_{t-1}, tanh(c_t)) for the fused cell backward.
     """
     R, Hw, W, hp = d.R, d.Hw, d.W, d.hp
     if kern is not None:
         raw, _act, _c, _tanh_c, M, w_prev, w, aux = saved
-        g_M, g_w_prev, g_raw = kern.heads_backward(raw, M, w_prev, w, aux, gM, gw, gr.contiguous(), R, Hw, d.S,
-                                                   d.clip or 0.0)
-        return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_rec, d), g_raw)
+        g_M, g_w_prev, g_raw = kern.heads.heads_backward(raw, M, w_prev, w, aux, gM, gw, gr.contiguous(), R, Hw,
+                                                         d.S, d.clip or 0.0)
+        return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_rec, d, kern), g_raw)
     (_raw, _act, _c, _tanh_c, content_saved, w_prev, wc, gate, rotated, shift_w, ws_eps, log_ws, gamma, w,
      write_saved) = saved
     M = content_saved[0]  # M_{t-1}
@@ -151,9 +154,12 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_rec, d), g_raw)
 
 
-def _controller_backward(gh: Tensor, gc: Tensor | None, lstm_t: tuple | Tensor, w_rec: Tensor, d: NTMDims):
+def _controller_backward(gh: Tensor, gc: Tensor | None, lstm_t: tuple | Tensor, w_rec: Tensor, d: NTMDims,
+                         kern=None):
     """Step 1's reverse: (g r_{t-1} [B, R W], g h_{t-1}, g c_{t-1}, g pre-activations) from those of h_t, c_t."""
-    if d.lstm:
+    if d.lstm and kern is not None:
+        g_pre, gc = kern.cell.cell_backward(gh, gc, *lstm_t)
+    elif d.lstm:
         g_pre, gc = lstm_step_backward(gh, gc, *lstm_t)
     else:
         g_pre = gh * lstm_t
@@ -162,13 +168,21 @@ def _controller_backward(gh: Tensor, gc: Tensor | None, lstm_t: tuple | Tensor, 
     return g_in[:, : d.R * d.W], gh_prev, gc, g_pre
 
 
-def heads_kernels(x: Tensor):
-    """The fused heads (mann.native's ``ntm_heads``) where they run for ``x`` (CPU, float32/64), else None."""
+class Kernels(NamedTuple):
+    """mann/csrc's fused CPU kernels the NTM step uses (built by mann.native)."""
+
+    heads: object  # ntm_heads.cpp: squashes, addressing, read and write of every head
+    cell: object  # lstm_cell.cpp: the LSTM update from its pre-activations
+
+
+def heads_kernels(x: Tensor) -> Kernels | None:
+    """The fused kernels where they run for ``x`` (CPU, float32/64) and could be built, else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     from mann import native
 
-    return native.kernels("ntm_heads")
+    heads, cell = native.kernels("ntm_heads"), native.kernels("lstm_cell")
+    return None if heads is None or cell is None else Kernels(heads, cell)
 
 
 def head_derivative(raws: Tensor, d: NTMDims) -> Tensor:
@@ -268,9 +282,13 @@ def ntm_backward(ctx, gy: Tensor):
     if d.lstm:
         w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
         w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
-        act, tanh_c = torch.stack([s[1] for s in steps]), torch.stack([s[3] for s in steps])
-        c_prev = torch.stack([c0, *(s[2] for s in steps[:-1])])
-        lstm_consts = lstm_backward_constants(act, c_prev, tanh_c)
+        if lay["kernels"]:  # the fused cell backward takes (act, c_{t-1}, tanh(c_t)) as they are
+            lstm_consts = [(s[1], c, s[3]) for s, c in zip(steps, [c0.contiguous(), *(s[2] for s in steps[:-1])],
+                                                              strict=True)]
+        else:
+            act, tanh_c = torch.stack([s[1] for s in steps]), torch.stack([s[3] for s in steps])
+            c_prev = torch.stack([c0, *(s[2] for s in steps[:-1])])
+            lstm_consts = lstm_backward_constants(act, c_prev, tanh_c)
     else:
         w_ih, _b, w_if, _b_if, w_out, _b_out = params
         w_rec = w_ih[..., I:].mT
@@ -313,7 +331,7 @@ def ntm_forward(model, x: Tensor, state=None, memory_size: int | None = None, pa
     if state is None:
         state = model.initial_state(x.shape[0], memory_size)
     params = ntm_params(model) if params is None else tuple(params)
-    h, c = state.controller if model.cfg.controller == "lstm" else (None, None)
+    h, c = (t.contiguous() for t in state.controller) if model.cfg.controller == "lstm" else (None, None)
     weights = torch.cat([state.read_weights, state.write_weights], dim=1)
     inputs = (x, state.memory.contiguous(), weights, state.reads.contiguous(), h, c)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *params))):

@@ -26,7 +26,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = {"ntm_heads": Path(__file__).parent / "csrc" / "ntm_heads.cpp"}
+SOURCES = {"ntm_heads": Path(__file__).parent / "csrc" / "ntm_heads.cpp",
+           "lstm_cell": Path(__file__).parent / "csrc" / "lstm_cell.cpp"}
 
 
 def _cflags() -> list[str]:

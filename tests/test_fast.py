@@ -143,6 +143,8 @@ def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails
     with pytest.warns(RuntimeWarning, match="ntm_heads kernels could not be built"):
         assert native.kernels("ntm_heads") is None
+    with pytest.warns(RuntimeWarning, match="lstm_cell kernels could not be built"):
+        assert fast_ntm.heads_kernels(torch.zeros(1)) is None
     model = _model("ntm", NTM_TINY)
     x = torch.randn(B, T, I, dtype=torch.float64)
     with torch.no_grad():  # the PyTorch ops run instead
