@@ -275,6 +275,8 @@ def linear(x: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
     """x @ w (+ add). x: [rows, ..., k]; w: [k, n] or [S, k, n]; add: [n], x's shape with n, or [S, n] (a bias
     per seed, with stacked w)."""
     n = w.shape[-1]
+    if w.dim() == 2 and x.dim() == 2:  # one time step's rows: no reshapes (each is a dispatch, ~1 us here)
+        return x @ w if add is None else torch.addmm(add, x, w)
     if w.dim() == 2:
         flat = x.reshape(-1, x.shape[-1])
         y = flat @ w if add is None else torch.addmm(add if add.dim() == 1 else add.reshape(-1, n), flat, w)

@@ -67,9 +67,10 @@ def rotations(w: Tensor, S: int, sign: int = 1) -> Tensor:
 
 
 def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tensor, w_prev: Tensor, w_rec: Tensor,
-             w_if: Tensor, b_if: Tensor, d: NTMDims, kern=None):
+             w_if_t: Tensor, b_if: Tensor, d: NTMDims, kern=None):
     """NTM.step without autograd. xp: [B, 4C] (or [B, C]) the controller's input projection of x_t plus biases;
-    r: [B, R W]; h, c: [B, C] (None for a feedforward controller); M: [B, N, W]; w_prev: [B, H, N].
+    r: [B, R W]; h, c: [B, C] (None for a feedforward controller); M: [B, N, W]; w_prev: [B, H, N]; w_if_t: the
+    interface weight transposed, [C, P] (or [S, C, P]).
     ``kern``: the fused kernels (:func:`heads_kernels`) to run the LSTM update and steps 2-4 with, or None for
     the PyTorch ops.
 
@@ -85,7 +86,7 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
         h = torch.tanh(linear(r, w_rec, xp))
         act = tanh_c = None
     # 2. head parameters from one layer, clipped, split and squashed; scalars stay [B, H, 1] to broadcast over slots
-    raw = linear(h, w_if.mT, b_if)
+    raw = linear(h, w_if_t, b_if)
     if kern is not None:  # steps 2-4 in one call: same maths, see mann/csrc/ntm_heads.cpp
         r, M_next, w, aux = kern.heads.heads_forward(raw, M, w_prev, R, Hw, S, clip or 0.0)
         return h, c, r, M_next, w, (raw, act, c, tanh_c, M, w_prev, w, aux)
@@ -111,7 +112,7 @@ def ntm_step(xp: Tensor, r: Tensor, h: Tensor | None, c: Tensor | None, M: Tenso
 
 
 def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor | None, saved: tuple,
-                      d_raw: Tensor | None, lstm_t: tuple | Tensor, w_if: Tensor, w_rec: Tensor, d: NTMDims,
+                      d_raw: Tensor | None, lstm_t: tuple | Tensor, w_if: Tensor, w_in: Tensor, d: NTMDims,
                       kern=None):
     """The reverse of :func:`ntm_step`: gradients of its outputs (M_t, w_t, r_t, h_t, c_t) -> those of its inputs
     (M_{t-1}, w_{t-1}, r_{t-1}, h_{t-1}, c_{t-1}) and of its pre-activations (controller [B, 4C], head raw
@@ -120,14 +121,15 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     d_raw: d(squashed)/d(raw) of the head parameters at this step; lstm_t: this step's
     :func:`mann.fast.lstm_backward_constants` (or d tanh/d pre for a feedforward controller). With ``kern`` (the
     forward ran it) steps 4-2 are one call that applies the head derivatives itself (``d_raw`` unused), and an
-    LSTM's ``lstm_t`` is (act, c_{t-1}, tanh(c_t)) for the fused cell backward.
+    LSTM's ``lstm_t`` is (act, c_{t-1}, tanh(c_t)) for the fused cell backward. w_in: the controller's weight on
+    [r_{t-1}, h_{t-1}], [4C, R W + C] (or [C, R W], or stacked per seed).
     """
     R, Hw, W, hp = d.R, d.Hw, d.W, d.hp
     if kern is not None:
         raw, _act, _c, _tanh_c, M, w_prev, w, aux = saved
         g_M, g_w_prev, g_raw = kern.heads.heads_backward(raw, M, w_prev, w, aux, gM, gw, gr.contiguous(), R, Hw,
                                                          d.S, d.clip or 0.0)
-        return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_rec, d, kern), g_raw)
+        return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_in, d, kern), g_raw)
     (_raw, _act, _c, _tanh_c, content_saved, w_prev, wc, gate, rotated, shift_w, ws_eps, log_ws, gamma, w,
      write_saved) = saved
     M = content_saved[0]  # M_{t-1}
@@ -151,10 +153,10 @@ def ntm_step_backward(gM: Tensor, gw: Tensor, gr: Tensor, gh: Tensor, gc: Tensor
     g_heads = torch.cat([g_key, g_beta, g_gate, softmax_backward(shift_w, g_shift), g_gamma], dim=-1)
     g_raw = torch.cat([g_heads.view(B, H * hp), torch.cat([g_erase, g_add], dim=-1).view(B, Hw * 2 * W)], dim=1)
     g_raw = g_raw * d_raw
-    return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_rec, d), g_raw)
+    return (g_M, g_w_prev, *_controller_backward(linear(g_raw, w_if, gh), gc, lstm_t, w_in, d), g_raw)
 
 
-def _controller_backward(gh: Tensor, gc: Tensor | None, lstm_t: tuple | Tensor, w_rec: Tensor, d: NTMDims,
+def _controller_backward(gh: Tensor, gc: Tensor | None, lstm_t: tuple | Tensor, w_in: Tensor, d: NTMDims,
                          kern=None):
     """Step 1's reverse: (g r_{t-1} [B, R W], g h_{t-1}, g c_{t-1}, g pre-activations) from those of h_t, c_t."""
     if d.lstm and kern is not None:
@@ -163,7 +165,7 @@ def _controller_backward(gh: Tensor, gc: Tensor | None, lstm_t: tuple | Tensor, 
         g_pre, gc = lstm_step_backward(gh, gc, *lstm_t)
     else:
         g_pre = gh * lstm_t
-    g_in = linear(g_pre, w_rec.mT)  # [B, R W (+ C)]
+    g_in = linear(g_pre, w_in)  # [B, R W (+ C)]
     gh_prev = g_in[:, d.R * d.W :] if d.lstm else None
     return g_in[:, : d.R * d.W], gh_prev, gc, g_pre
 
@@ -250,9 +252,10 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
     M, w, r = memory, weights, reads.reshape(B, -1)
     steps, hs, rs = [], [], []
     kern = heads_kernels(x)
+    w_if_t = w_if.mT
     with one_thread(x, memory.numel()):
         for t in range(T):
-            h, c, r, M, w, step_saved = ntm_step(xproj[:, t], r, h, c, M, w, w_rec, w_if, b_if, d, kern)
+            h, c, r, M, w, step_saved = ntm_step(xproj[:, t], r, h, c, M, w, w_rec, w_if_t, b_if, d, kern)
             if save:
                 steps.append(step_saved)
             hs.append(h), rs.append(r)
@@ -281,7 +284,7 @@ def ntm_backward(ctx, gy: Tensor):
     RW = d.R * d.W
     if d.lstm:
         w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
-        w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
+        w_in = torch.cat([w_ih[..., I:], w_hh], dim=-1)  # the controller's weight on [r_{t-1}, h_{t-1}]
         if lay["kernels"]:  # the fused cell backward takes (act, c_{t-1}, tanh(c_t)) as they are
             lstm_consts = [(s[1], c, s[3]) for s, c in zip(steps, [c0.contiguous(), *(s[2] for s in steps[:-1])],
                                                               strict=True)]
@@ -291,7 +294,7 @@ def ntm_backward(ctx, gy: Tensor):
             lstm_consts = lstm_backward_constants(act, c_prev, tanh_c)
     else:
         w_ih, _b, w_if, _b_if, w_out, _b_out = params
-        w_rec = w_ih[..., I:].mT
+        w_in = w_ih[..., I:]
         lstm_consts = (1 - H_all.square()).unbind(1)  # d tanh / d pre
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, d.clip)
     gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
@@ -307,7 +310,7 @@ def ntm_backward(ctx, gy: Tensor):
         for t in range(T - 1, -1, -1):
             gh_t = gh_out[t] if gh is None else gh + gh_out[t]
             gM, gw, gr, gh, gc, g_pre, g_raw = ntm_step_backward(gM, gw, gr + gr_out[t], gh_t, gc, steps[t],
-                                                                d_raw[t], lstm_consts[t], w_if, w_rec, d, kern)
+                                                                d_raw[t], lstm_consts[t], w_if, w_in, d, kern)
             g_pres.append(g_pre), g_raws.append(g_raw)
 
     # weight gradients, every step in one matmul
