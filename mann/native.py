@@ -73,8 +73,8 @@ def build_dir(name: str) -> Path:
 
 def _import_built(name: str, folder: Path) -> ModuleType | None:
     library = folder / f"mann_{name}.so"
-    if not library.exists():
-        return None
+    if not library.exists() or (folder / "lock").exists():  # "lock": another process is building it right now
+        return None  # (then load() below waits for that build instead of importing a half-written library)
     loader = importlib.machinery.ExtensionFileLoader(f"mann_{name}", str(library))
     spec = importlib.util.spec_from_file_location(f"mann_{name}", library, loader=loader)
     module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,41 @@
+"""mann.native: building mann/csrc's kernels once per machine, from several processes at once."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mann import native
+
+LOAD_AND_USE = """
+import torch
+from mann import native
+cell = native.kernels("lstm_cell")
+assert cell is not None, native._why_not
+h, c, act, tanh_c = cell.cell_forward(torch.zeros(2, 12), torch.zeros(2, 3))
+print(native.build_dir("lstm_cell"), float(c.sum()))
+"""
+
+
+@pytest.mark.slow
+def test_processes_building_at_once_share_one_build(tmp_path):
+    """Two fresh processes (as two Ray workers on a node nobody prebuilt) ask for a kernel at the same moment:
+    one builds, the other waits for that build (torch's lock in the folder) and both get a working module."""
+    env = {**os.environ, "MANN_NATIVE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD_AND_USE], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == [str(tmp_path / native.build_dir("lstm_cell").name), "0.0"]
+    built = list(tmp_path.glob("lstm_cell-*/mann_lstm_cell.so"))
+    assert len(built) == 1 and not (built[0].parent / "lock").exists()
+
+
+def test_the_build_folder_names_source_torch_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("MANN_NATIVE_DIR", str(tmp_path))
+    first = native.build_dir("lstm_cell")
+    assert first.parent == tmp_path and first.name.startswith("lstm_cell-")
+    monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-DSOMETHING_ELSE"])
+    assert native.build_dir("lstm_cell") != first  # other flags: another folder, never a stale library
