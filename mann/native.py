@@ -95,6 +95,8 @@ def build(name: str) -> ModuleType:
     if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     folder.mkdir(parents=True, exist_ok=True)
+    print(f"mann.native: building the {name} kernels for this machine in {folder} (once; ~35 s)", file=sys.stderr,
+          flush=True)
     # load() takes a file lock in the folder, so processes building at once wait for one build
     return load(name=f"mann_{name}", sources=[str(SOURCES[name])], extra_cflags=CFLAGS, build_directory=str(folder),
                 verbose=False)
