@@ -9,6 +9,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <vector>
@@ -16,8 +18,43 @@
 namespace {
 
 template <typename T>
-T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+using Vec = at::vec::Vectorized<T>;
+
+// sigmoid and tanh of n numbers on ATen's vector type (SLEEF's exp and tanh, 8 floats at a time with AVX2):
+// one at a time through libm they cost ~7 ns each, which made this cell slower than the PyTorch ops.
+template <typename T>
+void sigmoid(const T* x, T* y, int64_t n) {
+  at::vec::map([](Vec<T> v) { return Vec<T>(T(1)) / (Vec<T>(T(1)) + v.neg().exp()); }, y, x, n);
+}
+
+template <typename T>
+void tanh(const T* x, T* y, int64_t n) {
+  at::vec::map([](Vec<T> v) { return v.tanh(); }, y, x, n);
+}
+
+// c = f c_{t-1} + i g and h = o tanh(c) for one row (a: the activated gates i, f, g, o).
+template <typename T>
+void cell_row(int64_t C, const T* __restrict__ a, const T* __restrict__ cp, T* __restrict__ c, T* __restrict__ tc,
+              T* __restrict__ h) {
+  for (int64_t k = 0; k < C; ++k) c[k] = a[C + k] * cp[k] + a[k] * a[2 * C + k];
+  tanh(c, tc, C);
+  for (int64_t k = 0; k < C; ++k) h[k] = a[3 * C + k] * tc[k];
+}
+
+// The reverse for one row (restrict: vectorizable).
+template <typename T>
+void cell_row_backward(int64_t C, const T* __restrict__ a, const T* __restrict__ gh, const T* __restrict__ gc,
+                       const T* __restrict__ cp, const T* __restrict__ tc, T* __restrict__ gp,
+                       T* __restrict__ gcp) {
+  for (int64_t k = 0; k < C; ++k) {
+    const T i = a[k], f = a[C + k], g = a[2 * C + k], o = a[3 * C + k], t = tc[k];
+    const T dc = gc[k] + gh[k] * (o * (T(1) - t * t));  // h = o tanh(c)
+    gp[k] = dc * g * (i * (T(1) - i));
+    gp[C + k] = dc * cp[k] * (f * (T(1) - f));
+    gp[2 * C + k] = dc * i * (T(1) - g * g);
+    gp[3 * C + k] = gh[k] * t * (o * (T(1) - o));
+    gcp[k] = dc * f;
+  }
 }
 
 void check(const at::Tensor& t, const at::Tensor& like) {
@@ -43,12 +80,10 @@ std::vector<at::Tensor> cell_forward(at::Tensor pre, at::Tensor c_prev) {
         scalar_t* hb = h.data_ptr<scalar_t>() + b * C;
         scalar_t* cb = c.data_ptr<scalar_t>() + b * C;
         scalar_t* tb = tanh_c.data_ptr<scalar_t>() + b * C;
-        for (int64_t k = 0; k < 4 * C; ++k) a[k] = k / C == 2 ? std::tanh(p[k]) : sigmoid(p[k]);
-        for (int64_t k = 0; k < C; ++k) {
-          cb[k] = a[C + k] * cp[k] + a[k] * a[2 * C + k];
-          tb[k] = std::tanh(cb[k]);
-          hb[k] = a[3 * C + k] * tb[k];
-        }
+        sigmoid(p, a, 2 * C);  // i, f
+        tanh(p + 2 * C, a + 2 * C, C);  // g
+        sigmoid(p + 3 * C, a + 3 * C, C);  // o
+        cell_row(C, a, cp, cb, tb, hb);
       }
     });
   });
@@ -64,22 +99,10 @@ std::vector<at::Tensor> cell_backward(at::Tensor gh, at::Tensor gc, at::Tensor a
   AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "lstm_cell_backward", [&] {
     at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* a = act.data_ptr<scalar_t>() + b * 4 * C;
-        const scalar_t* ghb = gh.data_ptr<scalar_t>() + b * C;
-        const scalar_t* gcb = gc.data_ptr<scalar_t>() + b * C;
-        const scalar_t* cp = c_prev.data_ptr<scalar_t>() + b * C;
-        const scalar_t* tb = tanh_c.data_ptr<scalar_t>() + b * C;
-        scalar_t* gp = g_pre.data_ptr<scalar_t>() + b * 4 * C;
-        scalar_t* gcp = g_c_prev.data_ptr<scalar_t>() + b * C;
-        for (int64_t k = 0; k < C; ++k) {
-          const scalar_t i = a[k], f = a[C + k], g = a[2 * C + k], o = a[3 * C + k], t = tb[k];
-          const scalar_t dc = gcb[k] + ghb[k] * (o * (scalar_t(1) - t * t));  // h = o tanh(c)
-          gp[k] = dc * g * (i * (scalar_t(1) - i));
-          gp[C + k] = dc * cp[k] * (f * (scalar_t(1) - f));
-          gp[2 * C + k] = dc * i * (scalar_t(1) - g * g);
-          gp[3 * C + k] = ghb[k] * t * (o * (scalar_t(1) - o));
-          gcp[k] = dc * f;
-        }
+        cell_row_backward(C, act.data_ptr<scalar_t>() + b * 4 * C, gh.data_ptr<scalar_t>() + b * C,
+                          gc.data_ptr<scalar_t>() + b * C, c_prev.data_ptr<scalar_t>() + b * C,
+                          tanh_c.data_ptr<scalar_t>() + b * C, g_pre.data_ptr<scalar_t>() + b * 4 * C,
+                          g_c_prev.data_ptr<scalar_t>() + b * C);
       }
     });
   });
