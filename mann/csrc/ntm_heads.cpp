@@ -79,6 +79,12 @@ inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// x = tanh(x) over n numbers, in place, on the vector type (one at a time through libm: ~7 ns each here).
+template <typename T>
+void vec_tanh(T* x, int64_t n) {
+  at::vec::map([](Vec<T> v) { return v.tanh(); }, x, x, n);
+}
+
 // y = softmax(z) over n numbers, in place.
 template <typename T>
 void softmax(T* z, int64_t n) {
@@ -115,7 +121,8 @@ struct Head {
 
   Head(const T* raw, const Dims& d, int64_t h) : key(d.W), shift(d.S) {
     const T* q = raw + h * d.hp;
-    for (int64_t j = 0; j < d.W; ++j) key[j] = std::tanh(clipped(q[j], d.clip));
+    for (int64_t j = 0; j < d.W; ++j) key[j] = clipped(q[j], d.clip);
+    vec_tanh(key.data(), d.W);
     beta = softplus(clipped(q[d.W], d.clip));
     gate = sigmoid(clipped(q[d.W + 1], d.clip));
     for (int64_t m = 0; m < d.S; ++m) shift[m] = clipped(q[d.W + 2 + m], d.clip);
@@ -131,10 +138,13 @@ void squash_write(const Dims& d, const T* raw, T* erase, T* add) {
   const T* ea = raw + d.H * d.hp;  // per write head: erase W, add W
   for (int64_t v = 0; v < d.Hw; ++v) {
     for (int64_t j = 0; j < d.W; ++j) {
-      erase[v * d.W + j] = sigmoid(clipped(ea[v * 2 * d.W + j], d.clip));
-      add[v * d.W + j] = std::tanh(clipped(ea[v * 2 * d.W + d.W + j], d.clip));
+      erase[v * d.W + j] = -clipped(ea[v * 2 * d.W + j], d.clip);
+      add[v * d.W + j] = clipped(ea[v * 2 * d.W + d.W + j], d.clip);
     }
   }
+  const int64_t n = d.Hw * d.W;  // sigmoid(x) = 1 / (1 + exp(-x)), the exp on the vector type
+  at::vec::map([](Vec<T> v) { return Vec<T>(T(1)) / (Vec<T>(T(1)) + v.exp()); }, erase, erase, n);
+  vec_tanh(add, n);
 }
 
 // x += a y over n numbers. Restrict-qualified parameters (no two overlap) let the compiler vectorize the loop.
