@@ -11,6 +11,11 @@ The backward needs only L_t (it is L_{t-1} of the next step), so that is all tha
 they are counted: per step 3 passes to update L and 2 to read it forward; about 10 backward (3 more where
 links are recomputed between kept copies).
 
+On CPU (float32/64) steps 2-6 of each time step and their reverse run as one call each into mann/csrc/dnc_step.cpp
+(:func:`step_kernels`; every option of DNCConfig runs there): the ~150 small ops per step fwd+bwd here cost ~3-7 us
+each, and the kernel makes one pass over L per step forward (update and both directional weightings) and one
+backward (reading L_{t-1} only: it recomputes L_t's rows). The ops below are what runs elsewhere (CUDA, no compiler).
+
 Symbols: psi retention, u usage, a allocation, c^w / c^r content weightings, w^w / w^r write and read
 weightings, p precedence, f / b forward and backward weightings, pi read modes (DNC Methods).
 """
@@ -169,7 +174,7 @@ class LinkHistory:
     """
 
     def __init__(self, link0: Tensor, steps: int, save: bool):
-        self.decay = torch.empty_like(link0)
+        self.decay = None  # the ops path's scratch buffer, made on first use (the kernel needs none)
         nbytes = link0.numel() * link0.element_size()
         self.every = 1 if steps * nbytes <= LINK_KEEP_BYTES else max(2, round(math.sqrt(steps)))
         self.steps, self.save = steps, save
@@ -179,31 +184,52 @@ class LinkHistory:
 
     def step(self, t: int, ww: Tensor, p_prev: Tensor) -> Tensor:
         """L_t (unless every L_t is kept, the internal buffer: read it before the next step)."""
+        L_prev, out = self.buffers()
+        if self.decay is None:
+            self.decay = torch.empty_like(L_prev)
+        return self.record(t, link_update(L_prev, ww, p_prev, out, self.decay))
+
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """(L_{t-1}, where L_t goes): a new tensor if every L_t is kept, else L_{t-1}'s own buffer."""
+        return self.L, (torch.empty_like(self.L) if self.keep_all else self.L)
+
+    def record(self, t: int, L: Tensor) -> Tensor:
+        """Take L_t (written where :meth:`buffers` said) as the current link, keeping a copy if it is due."""
+        self.L = L
         if self.keep_all:
-            self.L = link_update(self.L, ww, p_prev, torch.empty_like(self.L), self.decay)
-            self.kept.append(self.L)
-            return self.L
-        link_update(self.L, ww, p_prev, self.L, self.decay)
-        if self.save and (t + 1) % self.every == 0 and t < self.steps - 1:
-            self.kept.append(self.L.clone())
-        return self.L
+            self.kept.append(L)
+        elif self.save and (t + 1) % self.every == 0 and t < self.steps - 1:
+            self.kept.append(L.clone())
+        return L
 
     @staticmethod
-    def reverse(kept: list[Tensor], every: int, steps: int, write_w: list[Tensor], p_prev: list[Tensor]):
-        """Yield (t, L_t, L_{t-1}) for t = T-1 .. 0, recomputing between kept copies when ``every`` > 1."""
+    def reverse(kept: list[Tensor], every: int, steps: int, write_w: list[Tensor], p_prev: list[Tensor],
+                update=None):
+        """Yield (t, L_t, L_{t-1}) for t = T-1 .. 0, recomputing between kept copies when ``every`` > 1.
+
+        ``update(L_prev, ww, p_prev, out)``: the link update to recompute with (the fused kernel's, whose
+        backward reads only L_{t-1}: then L_t is not recomputed where it is not kept, and comes as None).
+        """
         if every == 1:
             for t in range(steps - 1, -1, -1):
                 yield t, kept[t + 1], kept[t]
             return
-        buffers = [torch.empty_like(kept[0]) for _ in range(every)]
-        decay = torch.empty_like(kept[0])
+        current = update is None  # the ops path reads L_t too
+        if update is None:
+            decay = torch.empty_like(kept[0])
+
+            def update(L, ww, p, out):
+                return link_update(L, ww, p, out, decay)
+
+        buffers = [torch.empty_like(kept[0]) for _ in range(every if current else every - 1)]
         for j in range(len(kept) - 1, -1, -1):
             start, end = j * every, min((j + 1) * every, steps)
             prev = kept[j]
-            for t in range(start, end):
-                prev = link_update(prev, write_w[t], p_prev[t], buffers[t - start], decay)
+            for t in range(start, end if current else end - 1):
+                prev = update(prev, write_w[t], p_prev[t], buffers[t - start])
             for t in range(end - 1, start - 1, -1):
-                yield t, buffers[t - start], buffers[t - start - 1] if t > start else kept[j]
+                L_t = buffers[t - start] if current or t < end - 1 else None
+                yield t, L_t, buffers[t - start - 1] if t > start else kept[j]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,8 +306,10 @@ class Carry(NamedTuple):
     mem_norm: Tensor | None = None  # |M[i]| [B, 1, N] when the last content read computed it (no masks), else None
 
 
-def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Tensor, w_if: Tensor, b_if: Tensor):
-    """DNC.step without autograd. xp: [B, 4C], the input's share of the controller pre-activations.
+def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Tensor, w_if: Tensor, b_if: Tensor,
+             kern=None):
+    """DNC.step without autograd. xp: [B, 4C], the input's share of the controller pre-activations. ``kern``: the
+    fused step (:func:`step_kernels`) to run steps 2-6 with, or None for the PyTorch ops.
 
     Returns (next Carry, saved): saved is what :func:`dnc_step_backward` needs.
     """
@@ -292,6 +320,15 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
     h, c, act, tanh_c = lstm_forward(linear(torch.cat([s.reads, s.h], dim=1), w_rec, xp), s.c)
     # 2. interface vector xi_t
     raw = linear(h, w_if.mT, b_if)
+    if kern is not None:  # steps 2-6 in one call: same maths, see mann/csrc/dnc_step.cpp
+        L_prev, L_out = links.buffers()
+        M, wr, ww, p, u, r, aux = kern.step_forward(raw, s.memory, s.read_w, s.write_w, s.precedence, s.usage, L_prev,
+                                                    L_out, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness,
+                                                    clip or 0.0)
+        links.record(t, L_out)
+        prev = s._replace(h=None, c=None, reads=None, mem_norm=None)
+        saved = dict(raw=raw, act=act, c=c, tanh_c=tanh_c, prev=prev, memory=M, read_w=wr, write_w=ww, aux=aux)
+        return Carry(M, wr, ww, p, u, r, h, c), saved
     q = interface_parts(model, raw if clip is None else raw.clamp(-clip, clip))
     # 3. allocation from the previous weightings: psi_t, u_t, a_t
     psi_factors = 1 - q["free_gates"][..., None] * s.read_w  # [B, R, N]
@@ -355,14 +392,22 @@ class Grads(NamedTuple):
     c: Tensor
 
 
-def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev: Tensor, d_xi: Tensor, lstm_t: tuple,
-                      w_rec: Tensor, w_if: Tensor, scratch: Tensor):
+def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, L_prev: Tensor, d_xi: Tensor | None,
+                      lstm_t: tuple, w_rec: Tensor, w_if: Tensor, scratch: Tensor | None, kern=None):
     """The reverse of :func:`dnc_step`: gradients w.r.t. its outputs (``g``, and ``gL`` w.r.t. L_t, updated in place
     to w.r.t. L_{t-1}) -> gradients w.r.t. its inputs, and those of the controller pre-activations [B, 4C] and of
-    the raw interface vector [B, P]."""
+    the raw interface vector [B, P]. With ``kern`` (the forward ran it) steps 6-2 are one call that reads only
+    L_{t-1} and applies the interface's derivatives itself (``L_t``, ``d_xi`` and ``scratch`` unused)."""
     cfg = model.cfg
     R, Hw, W = cfg.read_heads, cfg.write_heads, cfg.word_size
-    q, prev = s["parts"], s["prev"]
+    prev = s["prev"]
+    if kern is not None:
+        gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_xi = kern.step_backward(
+            s["raw"], prev.memory, s["memory"], prev.read_w, prev.write_w, prev.precedence, prev.usage, L_prev,
+            s["read_w"], s["write_w"], s["aux"], g.memory, g.read_w, g.write_w, g.precedence, g.usage,
+            g.reads.contiguous(), gL, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness, cfg.clip_value or 0.0)
+        return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_rec, w_if, R * W)
+    q = s["parts"]
     B = g.h.shape[0]
     gq = {}  # gradients w.r.t. the squashed interface parts
     wr, ww, wr_prev, p_prev = s["read_w"], s["write_w"], prev.read_w, prev.precedence
@@ -425,15 +470,29 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor, L_prev:
     g_wr_prev = torch.addcmul(g_wr_prev, g_factors, q["free_gates"][..., None], value=-1)
     # 2. the interface vector, in its layout
     g_xi = torch.cat([gq[n].reshape(B, -1) for n in part_names(cfg)], dim=1) * d_xi
-    # 1. controller
+    return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_rec, w_if, R * W)
+
+
+def _controller_backward(g: Grads, g_xi: Tensor, gM: Tensor, g_wr_prev: Tensor, g_ww_prev: Tensor, gp: Tensor,
+                         g_u_prev: Tensor, lstm_t: tuple, w_rec: Tensor, w_if: Tensor, RW: int):
+    """Step 1's reverse, from the raw interface's gradient g_xi [B, P]: (Grads of step t's inputs, g_pre, g_xi)."""
     g_pre, g_c = lstm_step_backward(linear(g_xi, w_if, g.h), g.c, *lstm_t)
     g_in = linear(g_pre, w_rec.mT)  # [B, R W + C]
-    grads = Grads(gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_in[:, : R * W], g_in[:, R * W :], g_c)
+    grads = Grads(gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_in[:, :RW], g_in[:, RW:], g_c)
     return grads, g_pre, g_xi
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The sequence
+
+
+def step_kernels(x: Tensor):
+    """The fused step (mann.native's ``dnc_step``) where it runs for ``x`` (CPU, float32/64), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    from mann import native
+
+    return native.kernels("dnc_step")
 
 
 class DNCSequence(torch.autograd.Function):
@@ -478,9 +537,10 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     state = Carry(memory, read_w, write_w, precedence, usage, reads.reshape(B, -1), h, c)
     links = LinkHistory(link, T, save)
     steps, hs, rs = [], [], []
+    kern = step_kernels(x)
     with one_thread(x, max(link.numel(), memory.numel())):
         for t in range(T):
-            state, step_saved = dnc_step(model, t, xproj[:, t], state, links, w_rec, w_if, b_if)
+            state, step_saved = dnc_step(model, t, xproj[:, t], state, links, w_rec, w_if, b_if, kern)
             if save:
                 steps.append(step_saved)
             hs.append(state.h), rs.append(state.reads)
@@ -492,7 +552,8 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
         return y, None
     flat, spec = flatten_tree(steps)
     batched = [x, memory, read_w, write_w, link, precedence, usage, reads, h, c, H_all, R_all, hr, y_raw]
-    layout = dict(batched=len(batched), links=len(links.kept), every=links.every, spec=spec, T=T)
+    layout = dict(batched=len(batched), links=len(links.kept), every=links.every, spec=spec, T=T,
+                  kernels=kern is not None)
     return y, {"tensors": [*batched, *links.kept, *flat, *params], "layout": layout}
 
 
@@ -510,7 +571,8 @@ def dnc_backward(ctx, gy: Tensor):
     w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, model.cfg.clip_value)
     gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
-    d_xi = interface_derivative(model, torch.stack([s["raw"] for s in steps])).unbind(0)
+    kern = step_kernels(x) if lay["kernels"] else None
+    d_xi = [None] * T if kern else interface_derivative(model, torch.stack([s["raw"] for s in steps])).unbind(0)
     c_prev = torch.stack([c0, *(s["c"] for s in steps[:-1])])
     lstm_consts = lstm_backward_constants(torch.stack([s["act"] for s in steps]), c_prev,
                                           torch.stack([s["tanh_c"] for s in steps]))
@@ -518,15 +580,15 @@ def dnc_backward(ctx, gy: Tensor):
     z = torch.zeros_like
     g = Grads(z(memory), z(read_w), z(write_w), z(precedence), z(usage), x.new_zeros(B, reads[0].numel()),
               z(h0), z(c0))
-    gL, scratch = z(link), torch.empty_like(link)
+    gL, scratch = z(link), None if kern else torch.empty_like(link)
     pairs = LinkHistory.reverse(kept, lay["every"], T, [s["write_w"] for s in steps],
-                                [s["prev"].precedence for s in steps])
+                                [s["prev"].precedence for s in steps], kern.link_step if kern else None)
     g_pres, g_xis = [], []
     with one_thread(x, max(link.numel(), memory.numel())):
         for t, L_t, L_prev in pairs:
             g = g._replace(reads=g.reads + gr_out[t], h=g.h + gh_out[t])
             g, g_pre, g_xi = dnc_step_backward(model, g, gL, steps[t], L_t, L_prev, d_xi[t], lstm_consts[t], w_rec,
-                                               w_if, scratch)
+                                               w_if, scratch, kern)
             g_pres.append(g_pre), g_xis.append(g_xi)
 
     # weight gradients, every step in one matmul

@@ -27,7 +27,8 @@ from types import ModuleType
 import torch
 
 SOURCES = {"ntm_heads": Path(__file__).parent / "csrc" / "ntm_heads.cpp",
-           "lstm_cell": Path(__file__).parent / "csrc" / "lstm_cell.cpp"}
+           "lstm_cell": Path(__file__).parent / "csrc" / "lstm_cell.cpp",
+           "dnc_step": Path(__file__).parent / "csrc" / "dnc_step.cpp"}
 
 
 def _cflags() -> list[str]:

@@ -108,8 +108,21 @@ def test_ntm_fast_matches_reference(overrides, ntm_heads):
     _compare(_model("ntm", {**NTM_TINY, **overrides}))
 
 
+@pytest.fixture(params=["kernel", "ops"])
+def all_kernels(request):
+    """Every model's steps through mann/csrc's fused kernels (the CPU default), or all through PyTorch ops."""
+    if request.param == "ops":
+        with native.disabled():
+            assert fast_ntm.heads_kernels(torch.zeros(1)) is None and fast_dnc.step_kernels(torch.zeros(1)) is None
+            yield request.param
+        return
+    assert fast_ntm.heads_kernels(torch.zeros(1)) is not None, native._why_not.get("ntm_heads")
+    assert fast_dnc.step_kernels(torch.zeros(1)) is not None, native._why_not.get("dnc_step")
+    yield request.param
+
+
 @pytest.mark.parametrize("name,tiny", [("ntm", NTM_TINY), ("dnc", DNC_TINY)])
-def test_fast_matches_reference_with_active_clipping(name, tiny, ntm_heads):
+def test_fast_matches_reference_with_active_clipping(name, tiny, all_kernels):
     model = _model(name, {**tiny, "clip_value": 0.7}, weight_scale=4.0)
     raws = []
     model.interface.register_forward_hook(lambda module, args, out: raws.append(out.detach()))
@@ -154,6 +167,19 @@ def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp
 # -- DNC ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["kernel", "ops"])
+def dnc_kernel(request):
+    """The DNC's memory step through mann/csrc's fused kernel (the CPU default), or through PyTorch ops (CUDA, or
+    where the kernel cannot be built): both must match the reference."""
+    if request.param == "ops":
+        with native.disabled():
+            assert fast_dnc.step_kernels(torch.zeros(1)) is None
+            yield request.param
+        return
+    assert fast_dnc.step_kernels(torch.zeros(1)) is not None, native._why_not.get("dnc_step")
+    yield request.param
+
+
 @pytest.mark.parametrize("name,overrides", [
     ("dnc", {}),
     ("dnc", {"write_heads": 2}),
@@ -163,17 +189,17 @@ def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp
     ("dnc-mds", {"write_heads": 2}),
     ("dnc", {"clip_value": None}),
 ])
-def test_dnc_fast_matches_reference(name, overrides):
+def test_dnc_fast_matches_reference(name, overrides, dnc_kernel):
     _compare(_model(name, {**DNC_TINY, **overrides}))
 
 
 @pytest.mark.parametrize("name", ["dnc", "dnc-mds"])
-def test_dnc_fast_matches_reference_from_a_given_state(name):
+def test_dnc_fast_matches_reference_from_a_given_state(name, dnc_kernel):
     model = _model(name, {**DNC_TINY, "write_heads": 2})
     _compare(model, _random_state(model, B))
 
 
-def test_dnc_link_checkpointing_gives_the_same_gradients(monkeypatch):
+def test_dnc_link_checkpointing_gives_the_same_gradients(monkeypatch, dnc_kernel):
     """With links too big to keep, every ~sqrt(T)-th is kept and the rest recomputed in backward."""
     model = _model("dnc", DNC_TINY)
     kept = []
@@ -187,6 +213,24 @@ def test_dnc_link_checkpointing_gives_the_same_gradients(monkeypatch):
     monkeypatch.setattr(fast_dnc.LinkHistory, "__init__", spy)
     _compare(model, _random_state(model, B))
     assert kept[-1].every > 1 and len(kept[-1].kept) < T + 1
+
+
+@pytest.mark.parametrize("usage", ["zero", "one", "ties"])
+@pytest.mark.parametrize("name", ["dnc", "dnc-mds"])
+def test_dnc_fast_matches_reference_on_degenerate_usage_and_a_blank_memory(name, usage, dnc_kernel):
+    """Usage all 0 (the free list in index order) or all tied at 0.5 (the stable sort must keep index order), on
+    M_0 = 0 (every |M[i]| at its floor); or all 1 (allocation 0 everywhere). Read and write weights 0, so the
+    first step's usage is exactly that in both paths. (Not with usage 1 on a blank memory: every slot then reads
+    alike, the next usages tie again but as computed values, and which of them sorts first depends on rounding.)"""
+    model = _model(name, {**DNC_TINY, "write_heads": 2})
+    state = _random_state(model, B)
+    value = {"zero": 0.0, "one": 1.0, "ties": 0.5}[usage]
+    zeros = {f: torch.zeros_like(getattr(state, f)).requires_grad_() for f in ("read_weights", "write_weights")}
+    state = state._replace(usage=torch.full_like(state.usage, value).requires_grad_(), **zeros)
+    if usage != "one":
+        state = state._replace(memory=torch.zeros_like(state.memory).requires_grad_())
+    y = _compare(model, state)
+    assert torch.isfinite(y).all()
 
 
 def test_no_grad_forward_matches_and_keeps_nothing():
@@ -259,7 +303,7 @@ def test_link_update_and_backward_match_the_reference_functions():
     ("dnc", DNC_TINY),
     ("dnc-mds", {**DNC_TINY, "write_heads": 2}),
 ])
-def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides):
+def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides, all_kernels):
     """S models' weights stacked [S, ...] run S blocks of rows at once: block s gets model s's logits and every
     gradient model s gets alone (its weights, its input, its initial state)."""
     S = 3
