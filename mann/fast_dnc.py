@@ -309,7 +309,7 @@ class Carry(NamedTuple):
 def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Tensor, w_if: Tensor, b_if: Tensor,
              kern=None):
     """DNC.step without autograd. xp: [B, 4C], the input's share of the controller pre-activations. ``kern``: the
-    fused step (:func:`step_kernels`) to run steps 2-6 with, or None for the PyTorch ops.
+    fused kernels (:func:`step_kernels`) to run the LSTM update and steps 2-6 with, or None for the PyTorch ops.
 
     Returns (next Carry, saved): saved is what :func:`dnc_step_backward` needs.
     """
@@ -317,14 +317,15 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
     R, Hw, W, clip = cfg.read_heads, cfg.write_heads, cfg.word_size, cfg.clip_value
     B = xp.shape[0]
     # 1. controller on [x_t, r_{t-1}]
-    h, c, act, tanh_c = lstm_forward(linear(torch.cat([s.reads, s.h], dim=1), w_rec, xp), s.c)
+    pre = linear(torch.cat([s.reads, s.h], dim=1), w_rec, xp)
+    h, c, act, tanh_c = lstm_forward(pre, s.c) if kern is None else kern.cell.cell_forward(pre, s.c)
     # 2. interface vector xi_t
     raw = linear(h, w_if.mT, b_if)
     if kern is not None:  # steps 2-6 in one call: same maths, see mann/csrc/dnc_step.cpp
         L_prev, L_out = links.buffers()
-        M, wr, ww, p, u, r, aux = kern.step_forward(raw, s.memory, s.read_w, s.write_w, s.precedence, s.usage, L_prev,
-                                                    L_out, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness,
-                                                    clip or 0.0)
+        M, wr, ww, p, u, r, aux = kern.step.step_forward(
+            raw, s.memory, s.read_w, s.write_w, s.precedence, s.usage, L_prev, L_out, R, Hw, cfg.masking,
+            cfg.deallocation, cfg.sharpness, clip or 0.0)
         links.record(t, L_out)
         prev = s._replace(h=None, c=None, reads=None, mem_norm=None)
         saved = dict(raw=raw, act=act, c=c, tanh_c=tanh_c, prev=prev, memory=M, read_w=wr, write_w=ww, aux=aux)
@@ -397,16 +398,18 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, 
     """The reverse of :func:`dnc_step`: gradients w.r.t. its outputs (``g``, and ``gL`` w.r.t. L_t, updated in place
     to w.r.t. L_{t-1}) -> gradients w.r.t. its inputs, and those of the controller pre-activations [B, 4C] and of
     the raw interface vector [B, P]. With ``kern`` (the forward ran it) steps 6-2 are one call that reads only
-    L_{t-1} and applies the interface's derivatives itself (``L_t``, ``d_xi`` and ``scratch`` unused)."""
+    L_{t-1} and applies the interface's derivatives itself (``L_t``, ``d_xi`` and ``scratch`` unused), and
+    ``lstm_t`` is (act, c_{t-1}, tanh(c_t)) for the fused cell backward."""
     cfg = model.cfg
     R, Hw, W = cfg.read_heads, cfg.write_heads, cfg.word_size
     prev = s["prev"]
     if kern is not None:
-        gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_xi = kern.step_backward(
+        gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_xi = kern.step.step_backward(
             s["raw"], prev.memory, s["memory"], prev.read_w, prev.write_w, prev.precedence, prev.usage, L_prev,
             s["read_w"], s["write_w"], s["aux"], g.memory, g.read_w, g.write_w, g.precedence, g.usage,
             g.reads.contiguous(), gL, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness, cfg.clip_value or 0.0)
-        return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_rec, w_if, R * W)
+        return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_rec, w_if, R * W,
+                                    kern.cell)
     q = s["parts"]
     B = g.h.shape[0]
     gq = {}  # gradients w.r.t. the squashed interface parts
@@ -474,9 +477,11 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, 
 
 
 def _controller_backward(g: Grads, g_xi: Tensor, gM: Tensor, g_wr_prev: Tensor, g_ww_prev: Tensor, gp: Tensor,
-                         g_u_prev: Tensor, lstm_t: tuple, w_rec: Tensor, w_if: Tensor, RW: int):
-    """Step 1's reverse, from the raw interface's gradient g_xi [B, P]: (Grads of step t's inputs, g_pre, g_xi)."""
-    g_pre, g_c = lstm_step_backward(linear(g_xi, w_if, g.h), g.c, *lstm_t)
+                         g_u_prev: Tensor, lstm_t: tuple, w_rec: Tensor, w_if: Tensor, RW: int, cell=None):
+    """Step 1's reverse, from the raw interface's gradient g_xi [B, P]: (Grads of step t's inputs, g_pre, g_xi).
+    ``cell``: the fused LSTM cell (mann/csrc/lstm_cell.cpp), or None for the PyTorch ops."""
+    gh = linear(g_xi, w_if, g.h)
+    g_pre, g_c = lstm_step_backward(gh, g.c, *lstm_t) if cell is None else cell.cell_backward(gh, g.c, *lstm_t)
     g_in = linear(g_pre, w_rec.mT)  # [B, R W + C]
     grads = Grads(gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_in[:, :RW], g_in[:, RW:], g_c)
     return grads, g_pre, g_xi
@@ -486,13 +491,21 @@ def _controller_backward(g: Grads, g_xi: Tensor, gM: Tensor, g_wr_prev: Tensor, 
 # The sequence
 
 
-def step_kernels(x: Tensor):
-    """The fused step (mann.native's ``dnc_step``) where it runs for ``x`` (CPU, float32/64), else None."""
+class Kernels(NamedTuple):
+    """mann/csrc's fused CPU kernels the DNC step uses (built by mann.native)."""
+
+    step: object  # dnc_step.cpp: everything after the interface vector
+    cell: object  # lstm_cell.cpp: the LSTM update from its pre-activations
+
+
+def step_kernels(x: Tensor) -> Kernels | None:
+    """The fused kernels where they run for ``x`` (CPU, float32/64) and could be built, else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     from mann import native
 
-    return native.kernels("dnc_step")
+    step, cell = native.kernels("dnc_step"), native.kernels("lstm_cell")
+    return None if step is None or cell is None else Kernels(step, cell)
 
 
 class DNCSequence(torch.autograd.Function):
@@ -573,16 +586,20 @@ def dnc_backward(ctx, gy: Tensor):
     gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
     kern = step_kernels(x) if lay["kernels"] else None
     d_xi = [None] * T if kern else interface_derivative(model, torch.stack([s["raw"] for s in steps])).unbind(0)
-    c_prev = torch.stack([c0, *(s["c"] for s in steps[:-1])])
-    lstm_consts = lstm_backward_constants(torch.stack([s["act"] for s in steps]), c_prev,
-                                          torch.stack([s["tanh_c"] for s in steps]))
+    if kern:  # the fused cell backward takes (act, c_{t-1}, tanh(c_t)) as they are
+        lstm_consts = [(s["act"], c, s["tanh_c"]) for s, c in zip(steps, [c0, *(s["c"] for s in steps[:-1])],
+                                                                  strict=True)]
+    else:
+        c_prev = torch.stack([c0, *(s["c"] for s in steps[:-1])])
+        lstm_consts = lstm_backward_constants(torch.stack([s["act"] for s in steps]), c_prev,
+                                              torch.stack([s["tanh_c"] for s in steps]))
 
     z = torch.zeros_like
     g = Grads(z(memory), z(read_w), z(write_w), z(precedence), z(usage), x.new_zeros(B, reads[0].numel()),
               z(h0), z(c0))
     gL, scratch = z(link), None if kern else torch.empty_like(link)
     pairs = LinkHistory.reverse(kept, lay["every"], T, [s["write_w"] for s in steps],
-                                [s["prev"].precedence for s in steps], kern.link_step if kern else None)
+                                [s["prev"].precedence for s in steps], kern.step.link_step if kern else None)
     g_pres, g_xis = [], []
     with one_thread(x, max(link.numel(), memory.numel())):
         for t, L_t, L_prev in pairs:
