@@ -382,6 +382,8 @@ Dims dims_of(const at::Tensor& raw, const at::Tensor& M, int64_t R, int64_t Hw, 
   d.hp = d.W + 3 + S;
   TORCH_CHECK(raw.size(0) == d.B && d.P == d.H * d.hp + Hw * 2 * d.W, "ntm_heads: raw parameters of shape ",
               raw.sizes(), " do not fit memory ", M.sizes(), " with R=", R, " Hw=", Hw, " S=", S);
+  TORCH_CHECK(S % 2 == 1 && S / 2 <= d.N, "ntm_heads: ", S, " shift weights need an odd count and at most ",
+              2 * d.N + 1, " for ", d.N, " memory slots");  // wrap() reads w[i - m + k] for -N <= i - m + k < 2N
   return d;
 }
 
