@@ -292,6 +292,11 @@ def interface_derivative(model, raws: Tensor) -> Tensor:
 # One step and its reverse
 
 
+# What the fused step's backward reads, per time step: tensors only, in this order (flattened without a tree walk)
+KERNEL_SAVED = ("raw", "act", "c", "tanh_c", "memory_prev", "read_w_prev", "write_w_prev", "precedence_prev",
+                "usage_prev", "memory", "read_w", "write_w", "aux")
+
+
 class Carry(NamedTuple):
     """The DNC state between steps (the link matrix lives in a LinkHistory)."""
 
@@ -327,8 +332,8 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
             raw, s.memory, s.read_w, s.write_w, s.precedence, s.usage, L_prev, L_out, R, Hw, cfg.masking,
             cfg.deallocation, cfg.sharpness, clip or 0.0)
         links.record(t, L_out)
-        prev = s._replace(h=None, c=None, reads=None, mem_norm=None)
-        saved = dict(raw=raw, act=act, c=c, tanh_c=tanh_c, prev=prev, memory=M, read_w=wr, write_w=ww, aux=aux)
+        saved = dict(zip(KERNEL_SAVED, (raw, act, c, tanh_c, s.memory, s.read_w, s.write_w, s.precedence, s.usage, M,
+                                        wr, ww, aux), strict=True))
         return Carry(M, wr, ww, p, u, r, h, c), saved
     q = interface_parts(model, raw if clip is None else raw.clamp(-clip, clip))
     # 3. allocation from the previous weightings: psi_t, u_t, a_t
@@ -402,15 +407,15 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, 
     ``lstm_t`` is (act, c_{t-1}, tanh(c_t)) for the fused cell backward."""
     cfg = model.cfg
     R, Hw, W = cfg.read_heads, cfg.write_heads, cfg.word_size
-    prev = s["prev"]
     if kern is not None:
         gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_xi = kern.step.step_backward(
-            s["raw"], prev.memory, s["memory"], prev.read_w, prev.write_w, prev.precedence, prev.usage, L_prev,
+            s["raw"], s["memory_prev"], s["memory"], s["read_w_prev"], s["write_w_prev"], s["precedence_prev"],
+            s["usage_prev"], L_prev,
             s["read_w"], s["write_w"], s["aux"], g.memory, g.read_w, g.write_w, g.precedence, g.usage,
             g.reads.contiguous(), gL, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness, cfg.clip_value or 0.0)
         return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_rec, w_if, R * W,
                                     kern.cell)
-    q = s["parts"]
+    q, prev = s["parts"], s["prev"]
     B = g.h.shape[0]
     gq = {}  # gradients w.r.t. the squashed interface parts
     wr, ww, wr_prev, p_prev = s["read_w"], s["write_w"], prev.read_w, prev.precedence
@@ -551,9 +556,10 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     links = LinkHistory(link, T, save)
     steps, hs, rs = [], [], []
     kern = step_kernels(x)
+    xps = xproj.unbind(1)  # one op for the per-step views
     with one_thread(x, max(link.numel(), memory.numel())):
         for t in range(T):
-            state, step_saved = dnc_step(model, t, xproj[:, t], state, links, w_rec, w_if, b_if, kern)
+            state, step_saved = dnc_step(model, t, xps[t], state, links, w_rec, w_if, b_if, kern)
             if save:
                 steps.append(step_saved)
             hs.append(state.h), rs.append(state.reads)
@@ -563,7 +569,8 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     y = y_raw if clip is None else y_raw.clamp(-clip, clip)
     if not save:
         return y, None
-    flat, spec = flatten_tree(steps)
+    # the kernels' per-step dicts hold tensors only: flattened in KERNEL_SAVED's order, no tree walk
+    flat, spec = ([st[k] for st in steps for k in KERNEL_SAVED], None) if kern else flatten_tree(steps)
     batched = [x, memory, read_w, write_w, link, precedence, usage, reads, h, c, H_all, R_all, hr, y_raw]
     layout = dict(batched=len(batched), links=len(links.kept), every=links.every, spec=spec, T=T,
                   kernels=kern is not None)
@@ -577,7 +584,12 @@ def dnc_backward(ctx, gy: Tensor):
     x, memory, read_w, write_w, link, precedence, usage, reads, h0, c0, H_all, R_all, hr, y_raw = saved[:nb]
     kept = list(saved[nb : nb + nl])
     params = saved[-8:]
-    steps = unflatten_tree(lay["spec"], saved[nb + nl : -8])
+    per_step = saved[nb + nl : -8]
+    if lay["kernels"]:
+        n = len(KERNEL_SAVED)
+        steps = [dict(zip(KERNEL_SAVED, per_step[i * n : (i + 1) * n], strict=True)) for i in range(T)]
+    else:
+        steps = unflatten_tree(lay["spec"], per_step)
     w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
     B, _, I = x.shape
     C = H_all.shape[2]
@@ -599,7 +611,8 @@ def dnc_backward(ctx, gy: Tensor):
               z(h0), z(c0))
     gL, scratch = z(link), None if kern else torch.empty_like(link)
     pairs = LinkHistory.reverse(kept, lay["every"], T, [s["write_w"] for s in steps],
-                                [s["prev"].precedence for s in steps], kern.step.link_step if kern else None)
+                                [s["precedence_prev"] if kern else s["prev"].precedence for s in steps],
+                                kern.step.link_step if kern else None)
     g_pres, g_xis = [], []
     with one_thread(x, max(link.numel(), memory.numel())):
         for t, L_t, L_prev in pairs:
