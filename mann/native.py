@@ -67,6 +67,8 @@ def build_dir(name: str) -> Path:
     """Where ``name``'s library is built: one folder per (source, torch version, flags)."""
     digest = hashlib.sha256()
     digest.update(SOURCES[name].read_bytes())
+    for header in sorted(SOURCES[name].parent.glob("*.h")):  # what the sources include: a change rebuilds too
+        digest.update(header.read_bytes())
     digest.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS}".encode())
     root = Path(os.environ.get("MANN_NATIVE_DIR", Path.home() / ".cache" / "mannstudy" / "native"))
     return root / f"{name}-{digest.hexdigest()[:16]}"

@@ -83,15 +83,16 @@ def _compare(model, state=None):
 
 
 @pytest.fixture(params=["kernel", "ops"])
-def ntm_heads(request):
-    """The NTM's heads through mann/csrc's fused kernel (the CPU default), or through PyTorch ops (CUDA, or
-    where the kernel cannot be built): both must match the reference."""
+def kernels(request):
+    """The fast paths through mann/csrc's fused kernels (the CPU default), or through PyTorch ops (CUDA, or where
+    the kernels cannot be built): both must match the reference."""
     if request.param == "ops":
         with native.disabled():
-            assert fast_ntm.heads_kernels(torch.zeros(1)) is None
+            assert fast_ntm.heads_kernels(torch.zeros(1)) is None and fast_dnc.step_kernels(torch.zeros(1)) is None
             yield request.param
         return
-    assert fast_ntm.heads_kernels(torch.zeros(1)) is not None, native._why_not.get("ntm_heads")
+    assert fast_ntm.heads_kernels(torch.zeros(1)) is not None, native._why_not
+    assert fast_dnc.step_kernels(torch.zeros(1)) is not None, native._why_not
     yield request.param
 
 
@@ -104,25 +105,12 @@ def ntm_heads(request):
     {"memory_init": "random"},
     {"clip_value": None},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-def test_ntm_fast_matches_reference(overrides, ntm_heads):
+def test_ntm_fast_matches_reference(overrides, kernels):
     _compare(_model("ntm", {**NTM_TINY, **overrides}))
 
 
-@pytest.fixture(params=["kernel", "ops"])
-def all_kernels(request):
-    """Every model's steps through mann/csrc's fused kernels (the CPU default), or all through PyTorch ops."""
-    if request.param == "ops":
-        with native.disabled():
-            assert fast_ntm.heads_kernels(torch.zeros(1)) is None and fast_dnc.step_kernels(torch.zeros(1)) is None
-            yield request.param
-        return
-    assert fast_ntm.heads_kernels(torch.zeros(1)) is not None, native._why_not.get("ntm_heads")
-    assert fast_dnc.step_kernels(torch.zeros(1)) is not None, native._why_not.get("dnc_step")
-    yield request.param
-
-
 @pytest.mark.parametrize("name,tiny", [("ntm", NTM_TINY), ("dnc", DNC_TINY)])
-def test_fast_matches_reference_with_active_clipping(name, tiny, all_kernels):
+def test_fast_matches_reference_with_active_clipping(name, tiny, kernels):
     model = _model(name, {**tiny, "clip_value": 0.7}, weight_scale=4.0)
     raws = []
     model.interface.register_forward_hook(lambda module, args, out: raws.append(out.detach()))
@@ -131,7 +119,7 @@ def test_fast_matches_reference_with_active_clipping(name, tiny, all_kernels):
     assert 0 < clipped.float().mean() < 1  # the clip bites somewhere but not everywhere: its mask is tested
 
 
-def test_ntm_fast_matches_reference_from_a_given_state_and_larger_memory(ntm_heads):
+def test_ntm_fast_matches_reference_from_a_given_state_and_larger_memory(kernels):
     model = _model("ntm", NTM_TINY)
     _compare(model, _random_state(model, B))
     x = torch.randn(B, T, I, dtype=torch.float64)
@@ -139,7 +127,7 @@ def test_ntm_fast_matches_reference_from_a_given_state_and_larger_memory(ntm_hea
         assert torch.allclose(fast.forward(model, x, memory_size=16), model(x, memory_size=16), rtol=TOL, atol=TOL)
 
 
-def test_ntm_fast_matches_reference_on_a_blank_memory_and_saturated_heads(ntm_heads):
+def test_ntm_fast_matches_reference_on_a_blank_memory_and_saturated_heads(kernels):
     """Degenerate inputs: M_0 = 0 (every |M_i| at its floor, K = 0) and weights large enough to saturate the
     squashes (sharp softmaxes, gates at 0 or 1) without a clip: finite, and still the reference's numbers."""
     model = _model("ntm", {**NTM_TINY, "clip_value": None, "memory_init": "constant"}, weight_scale=3.0)
@@ -167,19 +155,6 @@ def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp
 # -- DNC ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["kernel", "ops"])
-def dnc_kernel(request):
-    """The DNC's memory step through mann/csrc's fused kernel (the CPU default), or through PyTorch ops (CUDA, or
-    where the kernel cannot be built): both must match the reference."""
-    if request.param == "ops":
-        with native.disabled():
-            assert fast_dnc.step_kernels(torch.zeros(1)) is None
-            yield request.param
-        return
-    assert fast_dnc.step_kernels(torch.zeros(1)) is not None, native._why_not.get("dnc_step")
-    yield request.param
-
-
 @pytest.mark.parametrize("name,overrides", [
     ("dnc", {}),
     ("dnc", {"write_heads": 2}),
@@ -189,17 +164,17 @@ def dnc_kernel(request):
     ("dnc-mds", {"write_heads": 2}),
     ("dnc", {"clip_value": None}),
 ])
-def test_dnc_fast_matches_reference(name, overrides, dnc_kernel):
+def test_dnc_fast_matches_reference(name, overrides, kernels):
     _compare(_model(name, {**DNC_TINY, **overrides}))
 
 
 @pytest.mark.parametrize("name", ["dnc", "dnc-mds"])
-def test_dnc_fast_matches_reference_from_a_given_state(name, dnc_kernel):
+def test_dnc_fast_matches_reference_from_a_given_state(name, kernels):
     model = _model(name, {**DNC_TINY, "write_heads": 2})
     _compare(model, _random_state(model, B))
 
 
-def test_dnc_link_checkpointing_gives_the_same_gradients(monkeypatch, dnc_kernel):
+def test_dnc_link_checkpointing_gives_the_same_gradients(monkeypatch, kernels):
     """With links too big to keep, every ~sqrt(T)-th is kept and the rest recomputed in backward."""
     model = _model("dnc", DNC_TINY)
     kept = []
@@ -217,7 +192,7 @@ def test_dnc_link_checkpointing_gives_the_same_gradients(monkeypatch, dnc_kernel
 
 @pytest.mark.parametrize("usage", ["zero", "one", "ties"])
 @pytest.mark.parametrize("name", ["dnc", "dnc-mds"])
-def test_dnc_fast_matches_reference_on_degenerate_usage_and_a_blank_memory(name, usage, dnc_kernel):
+def test_dnc_fast_matches_reference_on_degenerate_usage_and_a_blank_memory(name, usage, kernels):
     """Usage all 0 (the free list in index order) or all tied at 0.5 (the stable sort must keep index order), on
     M_0 = 0 (every |M[i]| at its floor); or all 1 (allocation 0 everywhere). Read and write weights 0, so the
     first step's usage is exactly that in both paths. (Not with usage 1 on a blank memory: every slot then reads
@@ -303,7 +278,7 @@ def test_link_update_and_backward_match_the_reference_functions():
     ("dnc", DNC_TINY),
     ("dnc-mds", {**DNC_TINY, "write_heads": 2}),
 ])
-def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides, all_kernels):
+def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides, kernels):
     """S models' weights stacked [S, ...] run S blocks of rows at once: block s gets model s's logits and every
     gradient model s gets alone (its weights, its input, its initial state)."""
     S = 3

@@ -43,7 +43,8 @@
 
 namespace {
 
-constexpr double kSoftplusThreshold = 20.0;  // F.softplus's default
+#include "scalar.h"
+
 constexpr double kContentEps = 1e-6;
 constexpr double kLinkEps = 1e-6;  // sharpen_link_distribution's eps
 
@@ -107,26 +108,6 @@ Dims make_dims(int64_t B, int64_t N, int64_t W, int64_t R, int64_t Hw, bool mask
   return d;
 }
 
-template <typename T>
-T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
-
-template <typename T>
-T softplus(T x) {
-  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
-}
-
-template <typename T>
-T clipped(T x, double clip) {
-  return clip > 0 ? std::min(std::max(x, T(-clip)), T(clip)) : x;
-}
-
-// Where clamp(raw, -clip, clip) passes the gradient, as 0 / 1.
-template <typename T>
-T pass(T raw, double clip) {
-  return clip > 0 && (raw < T(-clip) || raw > T(clip)) ? T(0) : T(1);
-}
 
 template <typename T>
 void softmax(T* z, int64_t n) {
@@ -851,7 +832,7 @@ void backward_row(const Dims& d, const Row<T>& x, const RowGrad<T>& g) {
       dk = q[k] * (T(1) - q[k]);
     } else if (d.kind[k] == kOneplus) {
       const T c = clipped(x_raw, d.clip);
-      dk = c > T(kSoftplusThreshold) ? T(1) : sigmoid(c);
+      dk = softplus_grad(c);
     }
     g.graw[k] = gq[k] * dk * pass(x_raw, d.clip);
   }

@@ -33,7 +33,8 @@
 
 namespace {
 
-constexpr double kSoftplusThreshold = 20.0;  // F.softplus's default
+#include "scalar.h"
+
 constexpr double kContentEps = 1e-6;
 constexpr double kSharpenEps = 1e-12;
 
@@ -41,21 +42,6 @@ struct Dims {
   int64_t B, N, W, R, Hw, H, S, hp, P;
   double clip;  // <= 0: no clip
 };
-
-template <typename T>
-T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
-
-template <typename T>
-T softplus(T x) {
-  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
-}
-
-template <typename T>
-T clipped(T x, double clip) {
-  return clip > 0 ? std::min(std::max(x, T(-clip)), T(clip)) : x;
-}
 
 // i mod N for -N <= i < 2N (shift offsets are at most N / 2), without an integer division
 inline int64_t wrap(int64_t i, int64_t N) { return i < 0 ? i + N : (i >= N ? i - N : i); }
@@ -213,17 +199,6 @@ void forward_row(const Dims& d, const T* raw, const T* M, const T* w_prev, T* r,
       out[j] = Mi[j] * keep + added;
     }
   }
-}
-
-// The gradient of a squashed head number w.r.t. its raw number (clip's pass-through included).
-template <typename T>
-T pass(T raw, double clip) {
-  return clip > 0 && (raw < T(-clip) || raw > T(clip)) ? T(0) : T(1);
-}
-
-template <typename T>
-T softplus_grad(T x) {
-  return x > T(kSoftplusThreshold) ? T(1) : sigmoid(x);
 }
 
 // One memory slot M_i of a one-head write's reverse: out = g (1 - w e), gmm = g * M_i, and the slot's shares of
