@@ -60,6 +60,17 @@ def one_thread(x: Tensor, largest: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def fused_kernels(x: Tensor, *names: str) -> tuple | None:
+    """mann/csrc's kernel modules ``names`` (built by mann.native) where they run for ``x``: CPU tensors of
+    float32/64, every one of them built. Else None: the fast path's PyTorch ops run."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    from mann import native
+
+    modules = tuple(native.kernels(name) for name in names)
+    return None if any(m is None for m in modules) else modules
+
+
 def softmax_backward(y: Tensor, gy: Tensor) -> Tensor:
     """y = softmax(z) along the last dim; dz = y * (gy - sum(gy * y)).
 

@@ -36,6 +36,7 @@ from mann.fast import (
     content_backward,
     content_forward,
     flatten_tree,
+    fused_kernels,
     linear,
     lstm_backward_constants,
     lstm_forward,
@@ -505,12 +506,8 @@ class Kernels(NamedTuple):
 
 def step_kernels(x: Tensor) -> Kernels | None:
     """The fused kernels where they run for ``x`` (CPU, float32/64) and could be built, else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return None
-    from mann import native
-
-    step, cell = native.kernels("dnc_step"), native.kernels("lstm_cell")
-    return None if step is None or cell is None else Kernels(step, cell)
+    modules = fused_kernels(x, "dnc_step", "lstm_cell")
+    return None if modules is None else Kernels(*modules)
 
 
 class DNCSequence(torch.autograd.Function):

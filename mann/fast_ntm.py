@@ -24,6 +24,7 @@ from mann.fast import (
     content_backward,
     content_forward,
     flatten_tree,
+    fused_kernels,
     linear,
     lstm_backward_constants,
     lstm_forward,
@@ -179,12 +180,8 @@ class Kernels(NamedTuple):
 
 def heads_kernels(x: Tensor) -> Kernels | None:
     """The fused kernels where they run for ``x`` (CPU, float32/64) and could be built, else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return None
-    from mann import native
-
-    heads, cell = native.kernels("ntm_heads"), native.kernels("lstm_cell")
-    return None if heads is None or cell is None else Kernels(heads, cell)
+    modules = fused_kernels(x, "ntm_heads", "lstm_cell")
+    return None if modules is None else Kernels(*modules)
 
 
 def head_derivative(raws: Tensor, d: NTMDims) -> Tensor:
