@@ -120,6 +120,12 @@ def kernels(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+def prepare() -> dict[str, ModuleType | None]:
+    """Every kernel, built now where it is not yet (e.g. before a sweep's workers start); those that cannot be
+    built are None, with kernels()'s warning."""
+    return {name: kernels(name) for name in SOURCES}
+
+
 def main() -> int:
     """``python -m mann.native``: build every kernel now (e.g. in a cluster node's setup), print where."""
     for name in SOURCES:

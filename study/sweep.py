@@ -399,8 +399,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
 
     # Build mann/csrc's kernels on this machine now (~35 s, once), not in the first trials' workers: a local
     # sweep's workers then only load them. Cluster nodes build theirs in cluster.yaml's setup_commands.
-    for kernel in native.SOURCES:
-        native.kernels(kernel)
+    native.prepare()
     started_ray = connect_ray(address, num_cpus)
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,

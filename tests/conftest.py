@@ -45,8 +45,7 @@ def pytest_sessionstart(session):
     than inside whichever test, or Ray worker, first runs an NTM on the CPU."""
     from mann import native
 
-    for name in native.SOURCES:
-        native.kernels(name)
+    native.prepare()
 
 
 # ------------------------------------------------------------------------------------------------ processes
