@@ -312,9 +312,10 @@ class Carry(NamedTuple):
     mem_norm: Tensor | None = None  # |M[i]| [B, 1, N] when the last content read computed it (no masks), else None
 
 
-def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Tensor, w_if: Tensor, b_if: Tensor,
+def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Tensor, w_if_t: Tensor, b_if: Tensor,
              kern=None):
-    """DNC.step without autograd. xp: [B, 4C], the input's share of the controller pre-activations. ``kern``: the
+    """DNC.step without autograd. xp: [B, 4C], the input's share of the controller pre-activations; w_if_t: the
+    interface weight transposed, [C, P] (or [S, C, P]). ``kern``: the
     fused kernels (:func:`step_kernels`) to run the LSTM update and steps 2-6 with, or None for the PyTorch ops.
 
     Returns (next Carry, saved): saved is what :func:`dnc_step_backward` needs.
@@ -326,7 +327,7 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
     pre = linear(torch.cat([s.reads, s.h], dim=1), w_rec, xp)
     h, c, act, tanh_c = lstm_forward(pre, s.c) if kern is None else kern.cell.cell_forward(pre, s.c)
     # 2. interface vector xi_t
-    raw = linear(h, w_if.mT, b_if)
+    raw = linear(h, w_if_t, b_if)
     if kern is not None:  # steps 2-6 in one call: same maths, see mann/csrc/dnc_step.cpp
         L_prev, L_out = links.buffers()
         M, wr, ww, p, u, r, aux = kern.step.step_forward(
@@ -400,7 +401,7 @@ class Grads(NamedTuple):
 
 
 def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, L_prev: Tensor, d_xi: Tensor | None,
-                      lstm_t: tuple, w_rec: Tensor, w_if: Tensor, scratch: Tensor | None, kern=None):
+                      lstm_t: tuple, w_in: Tensor, w_if: Tensor, scratch: Tensor | None, kern=None):
     """The reverse of :func:`dnc_step`: gradients w.r.t. its outputs (``g``, and ``gL`` w.r.t. L_t, updated in place
     to w.r.t. L_{t-1}) -> gradients w.r.t. its inputs, and those of the controller pre-activations [B, 4C] and of
     the raw interface vector [B, P]. With ``kern`` (the forward ran it) steps 6-2 are one call that reads only
@@ -411,10 +412,10 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, 
     if kern is not None:
         gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_xi = kern.step.step_backward(
             s["raw"], s["memory_prev"], s["memory"], s["read_w_prev"], s["write_w_prev"], s["precedence_prev"],
-            s["usage_prev"], L_prev,
-            s["read_w"], s["write_w"], s["aux"], g.memory, g.read_w, g.write_w, g.precedence, g.usage,
-            g.reads.contiguous(), gL, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness, cfg.clip_value or 0.0)
-        return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_rec, w_if, R * W,
+            s["usage_prev"], L_prev, s["read_w"], s["write_w"], s["aux"], g.memory, g.read_w, g.write_w,
+            g.precedence, g.usage, g.reads.contiguous(), gL, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness,
+            cfg.clip_value or 0.0)
+        return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_in, w_if, R * W,
                                     kern.cell)
     q, prev = s["parts"], s["prev"]
     B = g.h.shape[0]
@@ -479,16 +480,17 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, 
     g_wr_prev = torch.addcmul(g_wr_prev, g_factors, q["free_gates"][..., None], value=-1)
     # 2. the interface vector, in its layout
     g_xi = torch.cat([gq[n].reshape(B, -1) for n in part_names(cfg)], dim=1) * d_xi
-    return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_rec, w_if, R * W)
+    return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_in, w_if, R * W)
 
 
 def _controller_backward(g: Grads, g_xi: Tensor, gM: Tensor, g_wr_prev: Tensor, g_ww_prev: Tensor, gp: Tensor,
-                         g_u_prev: Tensor, lstm_t: tuple, w_rec: Tensor, w_if: Tensor, RW: int, cell=None):
+                         g_u_prev: Tensor, lstm_t: tuple, w_in: Tensor, w_if: Tensor, RW: int, cell=None):
     """Step 1's reverse, from the raw interface's gradient g_xi [B, P]: (Grads of step t's inputs, g_pre, g_xi).
-    ``cell``: the fused LSTM cell (mann/csrc/lstm_cell.cpp), or None for the PyTorch ops."""
+    w_in: the controller's weight on [r_{t-1}, h_{t-1}], [4C, R W + C] (or stacked per seed); ``cell``: the fused
+    LSTM cell (mann/csrc/lstm_cell.cpp), or None for the PyTorch ops."""
     gh = linear(g_xi, w_if, g.h)
     g_pre, g_c = lstm_step_backward(gh, g.c, *lstm_t) if cell is None else cell.cell_backward(gh, g.c, *lstm_t)
-    g_in = linear(g_pre, w_rec.mT)  # [B, R W + C]
+    g_in = linear(g_pre, w_in)  # [B, R W + C]
     grads = Grads(gM, g_wr_prev, g_ww_prev, gp, g_u_prev, g_in[:, :RW], g_in[:, RW:], g_c)
     return grads, g_pre, g_xi
 
@@ -553,10 +555,11 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     links = LinkHistory(link, T, save)
     steps, hs, rs = [], [], []
     kern = step_kernels(x)
+    w_if_t = w_if.mT
     xps = xproj.unbind(1)  # one op for the per-step views
     with one_thread(x, max(link.numel(), memory.numel())):
         for t in range(T):
-            state, step_saved = dnc_step(model, t, xps[t], state, links, w_rec, w_if, b_if, kern)
+            state, step_saved = dnc_step(model, t, xps[t], state, links, w_rec, w_if_t, b_if, kern)
             if save:
                 steps.append(step_saved)
             hs.append(state.h), rs.append(state.reads)
@@ -590,7 +593,7 @@ def dnc_backward(ctx, gy: Tensor):
     w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
     B, _, I = x.shape
     C = H_all.shape[2]
-    w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
+    w_in = torch.cat([w_ih[..., I:], w_hh], dim=-1)  # the controller's weight on [r_{t-1}, h_{t-1}]
     g_hr, g_w_out, g_b_out = output_backward(gy, y_raw, hr, w_out, model.cfg.clip_value)
     gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
     kern = step_kernels(x) if lay["kernels"] else None
@@ -614,7 +617,7 @@ def dnc_backward(ctx, gy: Tensor):
     with one_thread(x, max(link.numel(), memory.numel())):
         for t, L_t, L_prev in pairs:
             g = g._replace(reads=g.reads + gr_out[t], h=g.h + gh_out[t])
-            g, g_pre, g_xi = dnc_step_backward(model, g, gL, steps[t], L_t, L_prev, d_xi[t], lstm_consts[t], w_rec,
+            g, g_pre, g_xi = dnc_step_backward(model, g, gL, steps[t], L_t, L_prev, d_xi[t], lstm_consts[t], w_in,
                                                w_if, scratch, kern)
             g_pres.append(g_pre), g_xis.append(g_xi)
 
