@@ -20,6 +20,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -74,6 +75,18 @@ def build_dir(name: str) -> Path:
     return root / f"{name}-{digest.hexdigest()[:16]}"
 
 
+STALE_LOCK_S = 600  # a build takes ~35 s: a lock this old was left by a builder that died (killed worker, Ctrl-C)
+
+
+def _clear_stale_lock(folder: Path) -> None:
+    """Remove torch's build lock if its builder is long gone: load() would otherwise wait on it forever (torch's
+    FileBaton polls until the file disappears), and every later process with it."""
+    lock = folder / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+
+
 def _import_built(name: str, folder: Path) -> ModuleType | None:
     library = folder / f"mann_{name}.so"
     if not library.exists() or (folder / "lock").exists():  # "lock": another process is building it right now
@@ -88,6 +101,7 @@ def _import_built(name: str, folder: Path) -> ModuleType | None:
 def build(name: str) -> ModuleType:
     """Build (if not built yet) and load kernel module ``name``; raises if the compiler fails."""
     folder = build_dir(name)
+    _clear_stale_lock(folder)
     module = _import_built(name, folder)
     if module is not None:
         return module

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -39,3 +40,18 @@ def test_the_build_folder_names_source_torch_and_flags(monkeypatch, tmp_path):
     assert first.parent == tmp_path and first.name.startswith("lstm_cell-")
     monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-DSOMETHING_ELSE"])
     assert native.build_dir("lstm_cell") != first  # other flags: another folder, never a stale library
+
+
+def test_a_lock_left_by_a_dead_build_is_cleared_a_live_one_kept(tmp_path):
+    """torch's loader waits as long as the lock file exists: one left by a killed build would hang every later
+    process on the machine. A lock older than any build is removed; a recent one (a build running) stays."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / "lock").write_text("")
+    stale = time.time() - native.STALE_LOCK_S - 60
+    os.utime(old / "lock", (stale, stale))
+    native._clear_stale_lock(old)
+    native._clear_stale_lock(new)
+    native._clear_stale_lock(tmp_path / "never-built")  # no folder, no lock: nothing to do
+    assert not (old / "lock").exists() and (new / "lock").exists()
