@@ -39,18 +39,22 @@ ONE_THREAD_BELOW = 2**18  # numbers in a step's largest tensor under which its l
 
 
 @contextlib.contextmanager
-def one_thread(x: Tensor, largest: int) -> Iterator[None]:
+def one_thread(x: Tensor, largest: int, kernels: object | None = None) -> Iterator[None]:
     """Run the body (a loop over time steps whose largest tensor holds ``largest`` numbers) on one intra-op CPU
-    thread if that is small; the caller's thread count is restored after.
+    thread if that is small and ``kernels`` is None; the caller's thread count is restored after.
 
     ATen splits ops of more than ~32k numbers across its threads. For a step's small ops the fork and join cost
     more than the split saves: bench/step.py at 2 threads ran the DNC N=64 step (link matrices of 65k numbers)
     in 116 ms and 232 ms of CPU, on one thread in 81-85 ms. At N=256 (1M numbers) two threads were faster
     (236-244 against 355-451 ms), hence the size limit. The all-steps matmuls outside the loops (input projection,
     output layer, weight gradients) keep every thread. No effect on CUDA tensors.
+
+    With mann/csrc's kernels (``kernels`` not None) every thread stays: they split their batch rows across
+    threads only where a row is enough work (their grain), and did most of the loop's work. bench/step.py at 2
+    threads: NTM 12.5-13.8 ms with both threads against 18.7-18.9 on one, DNC N=64 24.4-26.3 against 37.8-39.3.
     """
     threads = torch.get_num_threads()
-    if x.device.type != "cpu" or threads == 1 or largest >= ONE_THREAD_BELOW:
+    if x.device.type != "cpu" or threads == 1 or largest >= ONE_THREAD_BELOW or kernels is not None:
         yield
         return
     torch.set_num_threads(1)

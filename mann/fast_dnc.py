@@ -557,7 +557,7 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     kern = step_kernels(x)
     w_if_t = w_if.mT
     xps = xproj.unbind(1)  # one op for the per-step views
-    with one_thread(x, max(link.numel(), memory.numel())):
+    with one_thread(x, max(link.numel(), memory.numel()), kern):
         for t in range(T):
             state, step_saved = dnc_step(model, t, xps[t], state, links, w_rec, w_if_t, b_if, kern)
             if save:
@@ -614,7 +614,7 @@ def dnc_backward(ctx, gy: Tensor):
                                 [s["precedence_prev"] if kern else s["prev"].precedence for s in steps],
                                 kern.step.link_step if kern else None)
     g_pres, g_xis = [], []
-    with one_thread(x, max(link.numel(), memory.numel())):
+    with one_thread(x, max(link.numel(), memory.numel()), kern):
         for t, L_t, L_prev in pairs:
             g = g._replace(reads=g.reads + gr_out[t], h=g.h + gh_out[t])
             g, g_pre, g_xi = dnc_step_backward(model, g, gL, steps[t], L_t, L_prev, d_xi[t], lstm_consts[t], w_in,

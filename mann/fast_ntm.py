@@ -251,7 +251,7 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
     kern = heads_kernels(x)
     w_if_t = w_if.mT
     xps = xproj.unbind(1)  # one op for the 41 per-step views
-    with one_thread(x, memory.numel()):
+    with one_thread(x, memory.numel(), kern):
         for t in range(T):
             h, c, r, M, w, step_saved = ntm_step(xps[t], r, h, c, M, w, w_rec, w_if_t, b_if, d, kern)
             if save:
@@ -310,7 +310,7 @@ def ntm_backward(ctx, gy: Tensor):
     gh = x.new_zeros(B, C)
     gc = x.new_zeros(B, C) if d.lstm else None
     g_pres, g_raws = [], []
-    with one_thread(x, memory.numel()):
+    with one_thread(x, memory.numel(), kern):
         for t in range(T - 1, -1, -1):
             gh_t = gh_out[t] if gh is None else gh + gh_out[t]
             gM, gw, gr, gh, gc, g_pre, g_raw = ntm_step_backward(gM, gw, gr + gr_out[t], gh_t, gc, steps[t],

@@ -32,6 +32,12 @@ SOURCES = {"ntm_heads": Path(__file__).parent / "csrc" / "ntm_heads.cpp",
            "dnc_step": Path(__file__).parent / "csrc" / "dnc_step.cpp"}
 
 
+# at::parallel_for is a header template: compiled without -fopenmp it runs its loop on the calling thread, whatever
+# torch.get_num_threads() says (the kernels' batch rows ran serially until this flag). Linking -fopenmp asks for
+# libgomp.so.1, which the loader resolves to the copy torch already loaded (same soname): one thread pool.
+OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+
+
 def _cflags() -> list[str]:
     """-O3, plus AVX2 where torch found the CPU capable: then ATen's vector type (at::vec::Vectorized) runs exp
     and log 8 floats at a time. No -march=native: the build folder is named by these flags (see build_dir), so
@@ -39,7 +45,7 @@ def _cflags() -> list[str]:
     flags = os.environ.get("MANN_NATIVE_CFLAGS", "-O3").split()
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags
+    return flags + OPENMP
 
 
 CFLAGS = _cflags()
@@ -115,8 +121,8 @@ def build(name: str) -> ModuleType:
     print(f"mann.native: building the {name} kernels for this machine in {folder} (once; ~35 s)", file=sys.stderr,
           flush=True)
     # load() takes a file lock in the folder, so processes building at once wait for one build
-    return load(name=f"mann_{name}", sources=[str(SOURCES[name])], extra_cflags=CFLAGS, build_directory=str(folder),
-                verbose=False)
+    return load(name=f"mann_{name}", sources=[str(SOURCES[name])], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
+                build_directory=str(folder), verbose=False)
 
 
 def kernels(name: str) -> ModuleType | None:

@@ -313,8 +313,9 @@ def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides, ker
 
 
 def test_small_steps_run_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
-    """mann.fast.one_thread: a loop over small steps runs on one intra-op thread; large ones keep the caller's
-    count; either way the caller's count is restored, also when the loop raises."""
+    """mann.fast.one_thread: on the PyTorch-ops path a loop over small steps runs on one intra-op thread; large
+    ones keep the caller's count; either way the caller's count is restored, also when the loop raises."""
+    monkeypatch.setenv("MANN_NATIVE", "0")  # the ops path (the kernels keep every thread: see below)
     model = _model("dnc", DNC_TINY, impl="fast")
     x = torch.randn(B, T, I, dtype=torch.float64)
     seen = []
@@ -343,5 +344,28 @@ def test_small_steps_run_on_one_thread_and_the_thread_count_comes_back(monkeypat
         with pytest.raises(RuntimeError, match="step failed"):
             fast.forward(model, x)
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", ["ntm", "dnc"])
+def test_the_kernels_keep_every_thread(name, monkeypatch):
+    """With the fused kernels the loop keeps the caller's threads: the kernels split their batch rows themselves."""
+    module, step_name = (fast_ntm, "ntm_step") if name == "ntm" else (fast_dnc, "dnc_step")
+    assert (fast_ntm.heads_kernels if name == "ntm" else fast_dnc.step_kernels)(torch.zeros(1)) is not None
+    model = _model(name, NTM_TINY if name == "ntm" else DNC_TINY, impl="fast")
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    seen, step = [], getattr(module, step_name)
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(module, step_name, spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast.forward(model, x).sum().backward()
+        assert set(seen) == {2} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -55,3 +55,22 @@ def test_a_lock_left_by_a_dead_build_is_cleared_a_live_one_kept(tmp_path):
     native._clear_stale_lock(new)
     native._clear_stale_lock(tmp_path / "never-built")  # no folder, no lock: nothing to do
     assert not (old / "lock").exists() and (new / "lock").exists()
+
+
+@pytest.mark.skipif(not native.OPENMP, reason="torch without OpenMP (or not Linux): the kernels' rows run serially")
+def test_the_kernels_split_their_rows_across_torch_threads():
+    """at::parallel_for in the kernels uses torch's thread count: a build without -fopenmp ran every row on the
+    calling thread at any count (the fused steps then lost to the ops at 2 threads)."""
+    import torch
+
+    cell = native.kernels("lstm_cell")
+    assert cell is not None, native._why_not
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cell.threads_for(16, 8) == 2
+        assert cell.threads_for(16, 16) == 1  # one grain's worth of rows: one thread
+        torch.set_num_threads(1)
+        assert cell.threads_for(16, 1) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <atomic>
 
 #include <cmath>
 #include <vector>
@@ -109,10 +110,19 @@ std::vector<at::Tensor> cell_backward(at::Tensor gh, at::Tensor gc, at::Tensor a
   return {g_pre, g_c_prev};
 }
 
+// How many threads at::parallel_for gives `rows` rows at this grain: a build without OpenMP runs every row on the
+// calling thread whatever torch.get_num_threads() says, and nothing else would tell (tests/test_native.py).
+int64_t threads_for(int64_t rows, int64_t grain) {
+  std::atomic<int64_t> mask{0};
+  at::parallel_for(0, rows, grain, [&](int64_t, int64_t) { mask |= int64_t{1} << (at::get_thread_num() % 63); });
+  return __builtin_popcountll(mask.load());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_forward", &cell_forward, "LSTM cell update: (pre [B, 4C], c_prev [B, C]) -> (h, c, act, tanh(c))");
   m.def("cell_backward", &cell_backward,
         "Its reverse: (gh, gc, act, c_prev, tanh(c)) -> (gradient of pre [B, 4C], of c_prev [B, C])");
+  m.def("threads_for", &threads_for, "Threads at::parallel_for splits (rows, grain) across in this build");
 }
