@@ -4,7 +4,10 @@ A full step is what a trial pays per update: forward over the whole sequence, th
 and the optimizer step (RMSProp with mann.train's defaults), on the copy task at length 20 (41 time steps
 with the delimiter and the recall phase), batch 16. Batches are drawn before timing; warm-up steps are not
 timed. The figure is the median over many steps, with the 10th-90th percentile beside it, because the
-machine this runs on is shared. ``cpu ms`` is the median CPU time of the process per step (all threads):
+machine this runs on is shared. The floor and the implementations of one configuration are timed in
+alternation, one step of each in turn, so that the machine's drift hits them alike and ``ratio`` compares
+steps taken in the same seconds (timed one after the other, the floor and the fast NTM step of one run came
+from minutes whose speeds differed by up to 2x). ``cpu ms`` is the median CPU time of the process per step (all threads):
 with ``--threads 1`` on a busy machine it is the better estimate of the uncontended step (wall time then
 includes the time the scheduler gave to other processes). With 2 threads on a machine whose cores are
 busy, every parallel op waits for a descheduled thread: read such figures with care.
@@ -170,20 +173,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(step, data, device, warmup: int, iters: int) -> tuple[list[float], list[float]]:
-    """Milliseconds of each timed step: wall clock, and CPU time of this process (all its threads)."""
-    for i in range(warmup):
-        step(data[i % len(data)])
+def time_alternating(steps: list[Callable], data, device, warmup: int, iters: int) -> list[tuple[list, list]]:
+    """Milliseconds of each timed step of each of ``steps``, run in turn (step i of every variant, then step
+    i + 1), so that the machine's drift hits every variant alike: (wall clock, CPU time of this process, all
+    its threads) per variant."""
+    for step in steps:
+        for i in range(warmup):
+            step(data[i % len(data)])
     sync(device)
-    wall, cpu = [], []
+    times: list[tuple[list, list]] = [([], []) for _ in steps]
     for i in range(iters):
         batch = data[i % len(data)]
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(batch)
-        sync(device)
-        wall.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    return wall, cpu
+        for step, (wall, cpu) in zip(steps, times, strict=True):
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(batch)
+            sync(device)
+            wall.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+    return times
 
 
 def saved_bytes(forward, task, batch) -> int:
@@ -269,32 +276,64 @@ def peak_mb(step, batch, device: torch.device) -> float | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def measure(label: str, impl: str, device: torch.device, dtype: torch.dtype, warmup: int, iters: int,
-            probe_memory: bool) -> dict:
-    """One row. ``fast-ops``: the fast path with mann/csrc's kernels off (the PyTorch ops run instead)."""
+@dataclasses.dataclass
+class Variant:
+    """One implementation of one configuration, ready to step."""
+
+    impl: str
+    step: Callable
+    forward: Callable
+    task: object
+    first_step_s: float
+
+
+def prepare(label: str, impl: str, device: torch.device, dtype: torch.dtype, data) -> Variant:
+    """Build ``impl`` of ``label`` and take its first step (which includes any compilation). ``fast-ops``: the
+    fast path with mann/csrc's kernels off (the PyTorch ops run instead), for every later call too."""
     if impl == "fast-ops":
         with native.disabled():
-            return {**measure(label, "fast", device, dtype, warmup, iters, probe_memory), "impl": impl}
+            v = prepare(label, "fast", device, dtype, data)
+
+        def off(fn):
+            def call(*args):
+                with native.disabled():
+                    return fn(*args)
+            return call
+
+        return Variant(impl, off(v.step), off(v.forward), v.task, v.first_step_s)
     t0 = time.perf_counter()
     if impl == "floor":
         model, forward = build_floor(label, device, dtype)
     else:
         model, forward = build(label, impl, device, dtype)
-    task, data = batches(4, device, dtype)
+    task = make_task()
     step = make_step(model, forward, task)
-    step(data[0])  # first call: includes any compilation
+    step(data[0])
     sync(device)
-    first = time.perf_counter() - t0
-    times, cpu = time_steps(step, data, device, warmup, iters)
-    peak = peak_mb(step, data[0], device) if probe_memory else None
-    record = {
-        "config": label, "impl": impl, "ms": statistics.median(times),
-        "p10": percentile(times, 0.1), "p90": percentile(times, 0.9), "cpu_ms": statistics.median(cpu), "iters": iters,
-        "first_step_s": first, "saved_mb": saved_bytes(forward, task, data[0]) / 2**20,
-    }
-    if probe_memory:
-        record["peak_mb"] = peak
-    return record
+    return Variant(impl, step, forward, task, time.perf_counter() - t0)
+
+
+def measure_config(label: str, impls: list[str], device: torch.device, dtype: torch.dtype, warmup: int, iters: int,
+                   probe_memory: bool) -> list[dict]:
+    """One row per implementation of ``label``, the floor first; all of them timed in alternation."""
+    _, data = batches(4, device, dtype)
+    variants = [prepare(label, impl, device, dtype, data) for impl in ["floor", *impls]]
+    times = time_alternating([v.step for v in variants], data, device, warmup, iters)
+    records = []
+    for v, (wall, cpu) in zip(variants, times, strict=True):
+        record = {
+            "config": label, "impl": v.impl, "ms": statistics.median(wall), "p10": percentile(wall, 0.1),
+            "p90": percentile(wall, 0.9), "cpu_ms": statistics.median(cpu), "iters": iters,
+            "first_step_s": v.first_step_s, "saved_mb": saved_bytes(v.forward, v.task, data[0]) / 2**20,
+        }
+        if probe_memory:
+            record["peak_mb"] = peak_mb(v.step, data[0], device)
+        records.append(record)
+    floor = records[0]
+    for r in records[1:]:
+        r["floor_ms"], r["floor_cpu_ms"] = floor["ms"], floor["cpu_ms"]
+        r["ratio"], r["cpu_ratio"] = r["ms"] / floor["ms"], r["cpu_ms"] / floor["cpu_ms"]
+    return records
 
 
 def main(argv=None) -> int:
@@ -322,15 +361,8 @@ def main(argv=None) -> int:
           f"{'floor cpu':>9} {'ratio':>6} {'saved MB':>9} {'peak MB':>8} {'1st step s':>10}")
     records = []
     for label in args.configs:
-        floor = measure(label, "floor", device, dtype, warmup, iters, probe)
-        records.append(floor)
         impls = ["reference"] if CONFIGS[label][0] == "lstm" else args.impl
-        for impl in impls:
-            r = measure(label, impl, device, dtype, warmup, iters, probe)
-            r["floor_ms"], r["floor_cpu_ms"] = floor["ms"], floor["cpu_ms"]
-            r["ratio"] = r["ms"] / floor["ms"]
-            r["cpu_ratio"] = r["cpu_ms"] / floor["cpu_ms"]
-            records.append(r)
+        records += measure_config(label, impls, device, dtype, warmup, iters, probe)
         for r in records[-1 - len(impls):]:
             peak = r.get("peak_mb")
             peak_s = "-" if peak is None else f"{peak:.1f}"
