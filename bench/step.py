@@ -7,9 +7,9 @@ timed. The figure is the median over many steps, with the 10th-90th percentile b
 machine this runs on is shared. The floor and the implementations of one configuration are timed in
 alternation, one step of each in turn, so that the machine's drift hits them alike and ``ratio`` compares
 steps taken in the same seconds (timed one after the other, the floor and the fast NTM step of one run came
-from minutes whose speeds differed by up to 2x). ``cpu ms`` is the median CPU time of the process per step (all threads):
-with ``--threads 1`` on a busy machine it is the better estimate of the uncontended step (wall time then
-includes the time the scheduler gave to other processes). With 2 threads on a machine whose cores are
+from minutes whose speeds differed by up to 2x). ``cpu ms`` is the median CPU time of the process per step
+(all threads): with ``--threads 1`` on a busy machine it is the better estimate of the uncontended step (wall
+time then includes the time the scheduler gave to other processes). With 2 threads on a machine whose cores are
 busy, every parallel op waits for a descheduled thread: read such figures with care.
 
 The floor is the controller alone: an ``nn.LSTMCell`` loop over the same time steps with the same input
