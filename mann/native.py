@@ -45,10 +45,12 @@ def _cflags() -> list[str]:
     flags = os.environ.get("MANN_NATIVE_CFLAGS", "-O3").split()
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags + OPENMP
+    return flags
 
 
-CFLAGS = _cflags()
+SERIAL_CFLAGS = _cflags()  # where the compiler has no OpenMP (build() falls back to these)
+CFLAGS = SERIAL_CFLAGS + OPENMP
+OPENMP_FAILED = "openmp-failed"  # written into the OpenMP build's folder when that build failed
 
 _loaded: dict[str, ModuleType | None] = {}
 _why_not: dict[str, str] = {}
@@ -70,13 +72,15 @@ def disabled():
         _switched_off = before
 
 
-def build_dir(name: str) -> Path:
-    """Where ``name``'s library is built: one folder per (source, torch version, flags)."""
+def build_dir(name: str, flags: list[str] | None = None) -> Path:
+    """Where ``name``'s library is built with ``flags`` (default CFLAGS): one folder per (source, torch version,
+    flags)."""
+    flags = CFLAGS if flags is None else flags
     digest = hashlib.sha256()
     digest.update(SOURCES[name].read_bytes())
     for header in sorted(SOURCES[name].parent.glob("*.h")):  # what the sources include: a change rebuilds too
         digest.update(header.read_bytes())
-    digest.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS}".encode())
+    digest.update(f"{torch.__version__} {sys.version_info[:2]} {flags}".encode())
     root = Path(os.environ.get("MANN_NATIVE_DIR", Path.home() / ".cache" / "mannstudy" / "native"))
     return root / f"{name}-{digest.hexdigest()[:16]}"
 
@@ -105,8 +109,33 @@ def _import_built(name: str, folder: Path) -> ModuleType | None:
 
 
 def build(name: str) -> ModuleType:
-    """Build (if not built yet) and load kernel module ``name``; raises if the compiler fails."""
-    folder = build_dir(name)
+    """Build (if not built yet) and load kernel module ``name``; raises if the compiler fails.
+
+    With OpenMP where torch has it. Where that build fails (a compiler without OpenMP, e.g. clang without
+    libomp), the kernels are built without it, their rows then on one thread, and a warning says so. A file in
+    the failed build's folder makes later processes skip straight to that build (remove the folder to retry).
+    """
+    if OPENMP:
+        folder = build_dir(name)
+        if not (folder / OPENMP_FAILED).exists():
+            try:
+                return _load(name, folder, CFLAGS, OPENMP)
+            except Exception as exc:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / OPENMP_FAILED).write_text(str(exc)[-4000:])
+                warnings.warn(f"mann.native: the {name} kernels could not be built with OpenMP ({_last_line(exc)}); "
+                              f"building them without, their batch rows then run on one thread (remove {folder} "
+                              "to try again)", RuntimeWarning, stacklevel=2)
+    return _load(name, build_dir(name, SERIAL_CFLAGS), SERIAL_CFLAGS, [])
+
+
+def _last_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+def _load(name: str, folder: Path, cflags: list[str], ldflags: list[str]) -> ModuleType:
+    """Import ``name``'s library built with these flags in ``folder``, building it first if need be."""
     _clear_stale_lock(folder)
     module = _import_built(name, folder)
     if module is not None:
@@ -121,7 +150,7 @@ def build(name: str) -> ModuleType:
     print(f"mann.native: building the {name} kernels for this machine in {folder} (once; ~35 s)", file=sys.stderr,
           flush=True)
     # load() takes a file lock in the folder, so processes building at once wait for one build
-    return load(name=f"mann_{name}", sources=[str(SOURCES[name])], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
+    return load(name=f"mann_{name}", sources=[str(SOURCES[name])], extra_cflags=cflags, extra_ldflags=ldflags,
                 build_directory=str(folder), verbose=False)
 
 
@@ -134,7 +163,7 @@ def kernels(name: str) -> ModuleType | None:
             _loaded[name] = build(name)
         except Exception as exc:  # a missing compiler, ninja or header: the PyTorch ops still run
             _loaded[name] = None
-            _why_not[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            _why_not[name] = _last_line(exc)
             warnings.warn(f"mann.native: the {name} kernels could not be built, the slower PyTorch ops run instead "
                           f"({_why_not[name]})", RuntimeWarning, stacklevel=2)
     return _loaded[name]
@@ -149,8 +178,8 @@ def prepare() -> dict[str, ModuleType | None]:
 def main() -> int:
     """``python -m mann.native``: build every kernel now (e.g. in a cluster node's setup), print where."""
     for name in SOURCES:
-        build(name)
-        print(f"{name}: {build_dir(name)}")
+        module = build(name)
+        print(f"{name}: {Path(module.__file__).parent}")
     return 0
 
 

@@ -74,3 +74,36 @@ def test_the_kernels_split_their_rows_across_torch_threads():
         assert cell.threads_for(16, 1) == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not native.OPENMP, reason="torch without OpenMP (or not Linux): nothing to fall back from")
+def test_a_compiler_without_openmp_still_gets_the_kernels(monkeypatch, tmp_path):
+    """Where the OpenMP build fails (here: a flag g++ does not know, as a compiler without OpenMP rejects
+    -fopenmp), the kernels are built without it, with a warning; later calls go straight to that build."""
+    import torch
+
+    monkeypatch.setenv("MANN_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "OPENMP", ["-fno-such-openmp-flag"])
+    monkeypatch.setattr(native, "CFLAGS", [*native.SERIAL_CFLAGS, "-fno-such-openmp-flag"])
+    with pytest.warns(RuntimeWarning, match="could not be built with OpenMP"):
+        cell = native.build("lstm_cell")
+    h, c, act, tanh_c = cell.cell_forward(torch.zeros(2, 12), torch.zeros(2, 3))
+    assert float(c.sum()) == 0.0
+    assert (native.build_dir("lstm_cell") / native.OPENMP_FAILED).exists()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cell.threads_for(16, 8) == 1  # serial, as built
+    finally:
+        torch.set_num_threads(before)
+
+    tried, load = [], native._load
+
+    def spy(name, folder, *flags):
+        tried.append(folder)
+        return load(name, folder, *flags)
+
+    monkeypatch.setattr(native, "_load", spy)
+    native.build("lstm_cell")
+    assert tried == [native.build_dir("lstm_cell", native.SERIAL_CFLAGS)]
