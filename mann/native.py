@@ -115,18 +115,23 @@ def build(name: str) -> ModuleType:
     libomp), the kernels are built without it, their rows then on one thread, and a warning says so. A file in
     the failed build's folder makes later processes skip straight to that build (remove the folder to retry).
     """
+    serial = build_dir(name, SERIAL_CFLAGS)
     if OPENMP:
         folder = build_dir(name)
         if not (folder / OPENMP_FAILED).exists():
             try:
                 return _load(name, folder, CFLAGS, OPENMP)
             except Exception as exc:
+                # raises here if the build fails without OpenMP too (no compiler at all): then nothing is marked,
+                # and a later process, perhaps after the compiler was installed, tries OpenMP again
+                module = _load(name, serial, SERIAL_CFLAGS, [])
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / OPENMP_FAILED).write_text(str(exc)[-4000:])
                 warnings.warn(f"mann.native: the {name} kernels could not be built with OpenMP ({_last_line(exc)}); "
-                              f"building them without, their batch rows then run on one thread (remove {folder} "
-                              "to try again)", RuntimeWarning, stacklevel=2)
-    return _load(name, build_dir(name, SERIAL_CFLAGS), SERIAL_CFLAGS, [])
+                              f"built without, their batch rows run on one thread (remove {folder} to try again)",
+                              RuntimeWarning, stacklevel=2)
+                return module
+    return _load(name, serial, SERIAL_CFLAGS, [])
 
 
 def _last_line(exc: Exception) -> str:

@@ -107,3 +107,15 @@ def test_a_compiler_without_openmp_still_gets_the_kernels(monkeypatch, tmp_path)
     monkeypatch.setattr(native, "_load", spy)
     native.build("lstm_cell")
     assert tried == [native.build_dir("lstm_cell", native.SERIAL_CFLAGS)]
+
+
+@pytest.mark.skipif(not native.OPENMP, reason="torch without OpenMP (or not Linux): nothing to fall back from")
+def test_a_build_that_fails_either_way_marks_nothing(monkeypatch, tmp_path):
+    """When the build without OpenMP fails too (here: a flag g++ does not know in both), the fault is not
+    OpenMP's: nothing records it, so a later process (say, after a compiler was installed) tries OpenMP again."""
+    monkeypatch.setenv("MANN_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "SERIAL_CFLAGS", [*native.SERIAL_CFLAGS, "-fno-such-flag"])
+    monkeypatch.setattr(native, "CFLAGS", [*native.SERIAL_CFLAGS, *native.OPENMP])
+    with pytest.raises(Exception, match="mann_lstm_cell"):
+        native.build("lstm_cell")
+    assert not (native.build_dir("lstm_cell") / native.OPENMP_FAILED).exists()
