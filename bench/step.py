@@ -1,13 +1,13 @@
 """Milliseconds per full training step of the reference configurations, beside the controller-alone floor.
 
-A full step is what a trial pays per update: forward over the whole sequence, the task's loss, backward,
-and the optimizer step (RMSProp with mann.train's defaults), on the copy task at length 20 (41 time steps
-with the delimiter and the recall phase), batch 16. Batches are drawn before timing; warm-up steps are not
-timed. The figure is the median over many steps, with the 10th-90th percentile beside it, because the
-machine this runs on is shared. The floor and the implementations of one configuration are timed in
-alternation, one step of each in turn, so that the machine's drift hits them alike and ``ratio`` compares
-steps taken in the same seconds (timed one after the other, the floor and the fast NTM step of one run came
-from minutes whose speeds differed by up to 2x). ``cpu ms`` is the median CPU time of the process per step
+A full step is what a trial pays per update: forward over the whole sequence, the task's loss, backward, and the
+optimizer step (RMSProp with mann.train's defaults, on one flat buffer as in a trial: mann.optim), on the copy
+task at length 20 (41 time steps with the delimiter and the recall phase), batch 16. Batches are drawn before
+timing; warm-up steps are not timed. The figure is the median over many steps, with the 10th-90th percentile
+beside it, because the machine this runs on is shared. The floor and the implementations of one configuration are
+timed in alternation, one step of each in turn, so that the machine's drift hits them alike and ``ratio``
+compares steps taken in the same seconds (timed one after the other, the floor and the fast NTM step of one run
+came from minutes whose speeds differed by up to 2x). ``cpu ms`` is the median CPU time of the process per step
 (all threads): with ``--threads 1`` on a busy machine it is the better estimate of the uncontended step (wall
 time then includes the time the scheduler gave to other processes). With 2 threads on a machine whose cores are
 busy, every parallel op waits for a descheduled thread: read such figures with care.
@@ -80,13 +80,19 @@ def make_task():
     return build_task("copy", cfg)
 
 
-def make_optimizer(params):
-    """RMSProp with mann.train's defaults (the optimizer a default trial uses)."""
+def make_optimizer(params, kind: str = "mann"):
+    """RMSProp with mann.train's defaults: ``mann``, on one flat buffer as a trial runs it (mann.optim);
+    ``torch``: torch.optim.RMSprop, as trials ran it until the fifth session. Returns (optimizer, zero_grad)."""
+    from mann.optim import FlatParams, RMSprop
     from mann.train import TrainConfig
 
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return torch.optim.RMSprop(params, lr=d["lr"], alpha=d["alpha"], eps=d["eps"], momentum=d["momentum"],
-                               centered=d["centered"])
+    hyper = {"lr": d["lr"], "alpha": d["alpha"], "eps": d["eps"], "momentum": d["momentum"], "centered": d["centered"]}
+    if kind == "torch":
+        opt = torch.optim.RMSprop(params, **hyper)
+        return opt, lambda: opt.zero_grad(set_to_none=True)
+    opt = RMSprop(FlatParams(params), **hyper)
+    return opt, opt.zero_grad
 
 
 def build(label: str, impl: str, device: torch.device, dtype: torch.dtype):
@@ -155,11 +161,11 @@ def batches(n: int, device, dtype, seed: int = 0):
     return task, out
 
 
-def make_step(model, forward, task):
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
+def make_step(model, forward, task, optimizer: str = "mann"):
+    opt, zero_grad = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
 
     def step(batch):
-        opt.zero_grad(set_to_none=True)
+        zero_grad()
         loss = task.loss(forward(batch.inputs), batch)
         loss.backward()
         opt.step()
@@ -287,12 +293,15 @@ class Variant:
     first_step_s: float
 
 
-def prepare(label: str, impl: str, device: torch.device, dtype: torch.dtype, data) -> Variant:
+def prepare(label: str, impl: str, device: torch.device, dtype: torch.dtype, data, optimizer: str = "mann") -> Variant:
     """Build ``impl`` of ``label`` and take its first step (which includes any compilation). ``fast-ops``: the
-    fast path with mann/csrc's kernels off (the PyTorch ops run instead), for every later call too."""
+    fast path with mann/csrc's kernels off (the PyTorch ops run instead), for every later call too;
+    ``fast-torchopt``: the fast path stepped by torch.optim.RMSprop instead of ``optimizer``."""
+    if impl == "fast-torchopt":
+        return dataclasses.replace(prepare(label, "fast", device, dtype, data, "torch"), impl=impl)
     if impl == "fast-ops":
         with native.disabled():
-            v = prepare(label, "fast", device, dtype, data)
+            v = prepare(label, "fast", device, dtype, data, optimizer)
 
         def off(fn):
             def call(*args):
@@ -307,17 +316,17 @@ def prepare(label: str, impl: str, device: torch.device, dtype: torch.dtype, dat
     else:
         model, forward = build(label, impl, device, dtype)
     task = make_task()
-    step = make_step(model, forward, task)
+    step = make_step(model, forward, task, optimizer)
     step(data[0])
     sync(device)
     return Variant(impl, step, forward, task, time.perf_counter() - t0)
 
 
 def measure_config(label: str, impls: list[str], device: torch.device, dtype: torch.dtype, warmup: int, iters: int,
-                   probe_memory: bool) -> list[dict]:
+                   probe_memory: bool, optimizer: str = "mann") -> list[dict]:
     """One row per implementation of ``label``, the floor first; all of them timed in alternation."""
     _, data = batches(4, device, dtype)
-    variants = [prepare(label, impl, device, dtype, data) for impl in ["floor", *impls]]
+    variants = [prepare(label, impl, device, dtype, data, optimizer) for impl in ["floor", *impls]]
     times = time_alternating([v.step for v in variants], data, device, warmup, iters)
     records = []
     for v, (wall, cpu) in zip(variants, times, strict=True):
@@ -339,8 +348,11 @@ def measure_config(label: str, impls: list[str], device: torch.device, dtype: to
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--impl", nargs="+", default=["reference", "fast"], choices=["reference", "fast", "fast-ops"],
-                   help="fast-ops: the fast path with mann/csrc's kernels off")
+    p.add_argument("--impl", nargs="+", default=["reference", "fast"],
+                   choices=["reference", "fast", "fast-ops", "fast-torchopt"],
+                   help="fast-ops: the fast path with mann/csrc's kernels off; fast-torchopt: stepped by torch.optim")
+    p.add_argument("--optimizer", default="mann", choices=["mann", "torch"],
+                   help="RMSProp of every other variant and the floor: mann.optim's (default) or torch.optim's")
     p.add_argument("--quick", action="store_true", help="few iterations, no memory probes (CI smoke test)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per figure (default 30; --quick 2)")
     p.add_argument("--device", default="cpu")
@@ -356,13 +368,14 @@ def main(argv=None) -> int:
     warmup = 1 if args.quick else 5
     probe = not (args.quick or args.no_memory)
     print(f"# bench/step.py: copy length {LENGTH} ({2 * LENGTH + 1} steps), batch {BATCH}, {args.threads} threads, "
-          f"{args.device} {args.dtype}, median of {iters} steps after {warmup} warm-up; torch {torch.__version__}")
-    print(f"{'config':8} {'impl':10} {'ms':>8} {'p10-p90':>15} {'floor ms':>9} {'ratio':>6} {'cpu ms':>7} "
+          f"{args.device} {args.dtype}, median of {iters} steps after {warmup} warm-up; RMSProp of "
+          f"{'mann.optim' if args.optimizer == 'mann' else 'torch.optim'}; torch {torch.__version__}")
+    print(f"{'config':8} {'impl':13} {'ms':>8} {'p10-p90':>15} {'floor ms':>9} {'ratio':>6} {'cpu ms':>7} "
           f"{'floor cpu':>9} {'ratio':>6} {'saved MB':>9} {'peak MB':>8} {'1st step s':>10}")
     records = []
     for label in args.configs:
         impls = ["reference"] if CONFIGS[label][0] == "lstm" else args.impl
-        records += measure_config(label, impls, device, dtype, warmup, iters, probe)
+        records += measure_config(label, impls, device, dtype, warmup, iters, probe, args.optimizer)
         for r in records[-1 - len(impls):]:
             peak = r.get("peak_mb")
             peak_s = "-" if peak is None else f"{peak:.1f}"
@@ -370,7 +383,7 @@ def main(argv=None) -> int:
             ratio_s = f"{r['ratio']:.2f}" if "ratio" in r else "-"
             floor_cpu_s = f"{r['floor_cpu_ms']:.1f}" if "floor_cpu_ms" in r else "-"
             cpu_ratio_s = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
-            print(f"{r['config']:8} {r['impl']:10} {r['ms']:8.1f} {r['p10']:7.1f}-{r['p90']:<7.1f} {floor_s:>9} "
+            print(f"{r['config']:8} {r['impl']:13} {r['ms']:8.1f} {r['p10']:7.1f}-{r['p90']:<7.1f} {floor_s:>9} "
                   f"{ratio_s:>6} {r['cpu_ms']:7.1f} {floor_cpu_s:>9} {cpu_ratio_s:>6} {r['saved_mb']:9.1f} {peak_s:>8} "
                   f"{r['first_step_s']:10.2f}", flush=True)
     if args.json:

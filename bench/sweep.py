@@ -208,7 +208,7 @@ def main(argv=None) -> int:
           f"{100 * thread_cpu / worker_cpu:.1f}%; the rest (process start-up and imports, Ray threads, idle "
           f"workers): {worker_cpu - thread_cpu:.1f} s")
     # One-time costs of a worker process, before its first trial's clock starts: the Ray worker and Tune's actor,
-    # then study.trainable._prepare_process (torch, torch._dynamo, mann, MLflow and its store); and in that first
+    # then study.trainable._prepare_process (torch, mann, MLflow and its store); and in that first
     # trial's thread, first use of torch ops.
     firsts = {}
     for trial_id, (_, first) in sorted(timing.first.items(), key=lambda kv: kv[1][0]):

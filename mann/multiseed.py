@@ -50,6 +50,7 @@ from torch.func import functional_call
 
 from mann import fast
 from mann.config import ConfigError
+from mann.optim import grad_norm
 from mann.train import FitResult, TrainConfig, _Run
 
 SEED_DIR = "seed-{seed}"  # each seed's checkpoints: <checkpoint_dir>/seed-<s>/checkpoint.pt, as fit writes them
@@ -369,14 +370,11 @@ class _FoldEngine:
         out = []
         for i, s in enumerate(seeds):
             params = dict(s.run.model.named_parameters())
-            grads = []
             for name in self.names:
                 grad = stacked[name].grad
                 params[name].grad = None if grad is None else grad[i]
-                if grad is not None:
-                    grads.append(grad[i])
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=s.run.device)
-            out.append((losses[i].detach(), norm))
+            s.run.flat.gather_grads()  # into the seed's flat gradient, where its own step would have left them
+            out.append((losses[i].detach(), grad_norm(s.run.flat)))
         self.stacked.tensors = {}
         return out
 

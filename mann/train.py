@@ -27,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from mann.config import ConfigError, check, flatten, replace_checked, to_dict
+from mann.optim import Adam, FlatParams, RMSprop, grad_norm
 from mann.registry import build_model, make_model_config, model_entry
 from mann.tasks import build_task, make_task_config
 
@@ -161,6 +162,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_optimizer(cfg: TrainConfig, flat: FlatParams) -> Adam | RMSprop:
+    if cfg.optimizer == "adam":
+        return Adam(flat, lr=cfg.lr, eps=cfg.eps)
+    return RMSprop(flat, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, centered=cfg.centered)
+
+
 class _Run:
     """Model, optimizer, task and data generator of one run, and the train/eval steps on them."""
 
@@ -173,12 +180,8 @@ class _Run:
         model = build_model(cfg.model, cfg.model_cfg, self.task.input_size, self.task.output_size)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.eps)
-        else:
-            self.optimizer = torch.optim.RMSprop(
-                self.params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, centered=cfg.centered
-            )
+        self.flat = FlatParams(self.params)  # weights and gradients as views of two flat tensors (mann.optim)
+        self.optimizer = build_optimizer(cfg, self.flat)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # training data (tasks sample on the CPU)
         self.step = 0
         self.wall_time = 0.0  # seconds spent training (evaluation and checkpointing excluded)
@@ -201,18 +204,19 @@ class _Run:
         batch = self._to_device(self.task.sample(self.cfg.batch_size, self.generator))
         logits = self.model(batch.inputs)
         loss = self.task.loss(logits, batch)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        return loss.detach(), norm
+        return loss.detach(), grad_norm(self.flat)
 
     def apply_update(self, norm: torch.Tensor) -> str | None:
         """Clip and step. Returns None, or why the step overflowed (a divergence, e.g. Adam's lr / (1 - β1^t))."""
-        if self.cfg.clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.clip_norm, norm)
-        if self.cfg.clip_value is not None:
-            torch.nn.utils.clip_grad_value_(self.params, self.cfg.clip_value)
+        self.flat.gather_grads()  # gradients a caller assigned (mann.multiseed) into the flat buffer
+        grad = self.flat.grad
+        with torch.no_grad():
+            if self.cfg.clip_norm is not None:  # as torch.nn.utils.clip_grads_with_norm_, on the flat buffer
+                grad.mul_(torch.clamp(self.cfg.clip_norm / (norm + 1e-6), max=1.0))
+            if self.cfg.clip_value is not None:
+                grad.clamp_(-self.cfg.clip_value, self.cfg.clip_value)
         try:
             self.optimizer.step()
         except RuntimeError as err:

@@ -140,7 +140,7 @@ _process_prepared = False  # set by the first trial a worker process runs (reuse
 def _prepare_process(tracking_uri: str) -> None:
     """Once per worker process: import what every trial uses with Python's cyclic collector paused, then freeze.
 
-    torch, torch._dynamo, mann and MLflow with its SQLAlchemy store leave ~800k objects that live as long as
+    torch, mann and MLflow with its SQLAlchemy store leave ~800k objects that live as long as
     the process. While they are being created, the collector's full passes keep walking all of them; paused,
     then moved to the permanent generation with ``gc.freeze()``, they cost no collection now or later
     (measured, Python 3.11: 3.5 -> 2.9 CPU s in a Ray worker, 4.4 -> 3.0 s standalone). Only the first trial of
@@ -152,12 +152,7 @@ def _prepare_process(tracking_uri: str) -> None:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        # torch.optim's Optimizer.step and add_param_group import torch._dynamo when first called (torch 2.13:
-        # ~1.2 CPU s per process, paid once). Avoiding it would take stubbing torch's own modules; importing it
-        # here (with torch) costs the same, minus the collections.
-        import torch._dynamo  # noqa: F401
-
-        import mann.train  # noqa: F401
+        import mann.train  # noqa: F401  (torch; and no torch._dynamo: mann.optim is not torch.optim)
         from study import tracking
 
         tracking._client(tracking_uri)  # MLflow builds and caches the store (for SQLite: SQLAlchemy, schema check)
