@@ -19,6 +19,13 @@ exactly as ``mannstudy sweep`` runs it, and prints:
     .venv/bin/python bench/sweep.py --quick     # 8 trials with fewer steps: a smoke run (~1-2 min)
     .venv/bin/python bench/sweep.py --steps 2400  # longer trials: the start-up cost of the workers amortizes
     .venv/bin/python bench/sweep.py --keep DIR  # keep the results folder (MLflow, Optuna, Tune state) in DIR
+    .venv/bin/python bench/sweep.py --study search_spaces/ntm_copy.yaml   # a shipped study, cut down (below)
+
+STUDY is a stress case: its trials train tiny models (~1.5 ms a step) for 1-2 s each, so the two worker
+processes' start-up weighs on it as on no real study. ``--study FILE`` measures a shipped study instead, as it
+would run on this machine: its models, task, search space, evaluation and ``eval_every`` as written, with 32
+trials (``--trials``), ``max_steps`` cut to two evaluations (``--steps``; ASHA's grace period half of it),
+one CPU and no GPU per trial, two trials at once, no time budget, local MLflow and Optuna.
 
 Timings on a shared machine are noisy; the CPU share much less so than wall time.
 """
@@ -144,6 +151,27 @@ def timing_callback():
     return Timing()
 
 
+def cut_down(study: Path, trials: int, steps: int | None, results: Path) -> tuple[str, str]:
+    """A shipped study file as this bench runs it (module docstring): (YAML text, one line saying what it is)."""
+    import yaml
+
+    raw = yaml.safe_load(study.read_text())
+    budget = raw["budget"]
+    every = budget["eval_every"]
+    steps = steps or 2 * every
+    budget.update(num_samples=trials, max_steps=steps, eval_every=min(every, steps))
+    budget.pop("time_budget_s", None)
+    if budget.get("early_stopping", True):
+        budget["grace_period"] = max(budget["eval_every"], steps // 2 // budget["eval_every"] * budget["eval_every"])
+    raw.update(resources={"cpu": 1, "gpu": 0}, concurrency=2, results_dir=str(results))
+    for key in ("tracking_uri", "storage"):
+        raw.pop(key, None)
+    fixed = raw.get("fixed", {})
+    what = (f"{study} with {trials} trials of up to {steps} steps, evaluation every {budget['eval_every']} "
+            f"(models {', '.join(raw['models'])} on {raw['task']}; fixed {fixed}; searched {', '.join(raw['search'])})")
+    return yaml.safe_dump(raw, sort_keys=False), what
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "n=0"
@@ -155,10 +183,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="8 trials of 200 steps: a smoke run")
     p.add_argument("--keep", metavar="DIR", help="write the results folder here and keep it")
-    p.add_argument("--steps", type=int, help="budget.max_steps (default 1200; ASHA's grace period is a quarter)")
+    p.add_argument("--steps", type=int, help="budget.max_steps (default 1200; ASHA's grace period is a quarter; "
+                                             "with --study: two evaluations, grace half)")
+    p.add_argument("--study", type=Path, metavar="FILE", help="run this study file, cut down (see above)")
+    p.add_argument("--trials", type=int, default=FULL["trials"], help="with --study: trials (default 32)")
     args = p.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
-    if args.steps:
+    if args.steps and not args.study:
         sizes.update(steps=args.steps, grace=max(sizes["every"], args.steps // 4 // sizes["every"] * sizes["every"]))
 
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
@@ -170,17 +201,22 @@ def main(argv=None) -> int:
     for key in ("MLFLOW_TRACKING_URI", "MANNSTUDY_STORAGE", "MANNSTUDY_RESULTS_DIR"):
         os.environ.pop(key, None)
     path = work / "bench_sweep.yaml"
-    path.write_text(STUDY.format(results=results, **sizes))
+    if args.study:
+        text, what = cut_down(args.study, args.trials, args.steps, results)
+        path.write_text(text)
+    else:
+        path.write_text(STUDY.format(results=results, **sizes))
+        what = (f"{sizes['trials']} trials (NTM 32/16x8 and LSTM 64 on copy, length 1-3, 4 bits, batch 16; up to "
+                f"{sizes['steps']} steps, evaluation every {sizes['every']}: 2 batches at 1x and 2x), TPE + ASHA "
+                f"(grace {sizes['grace']}, factor 2)")
 
     from study.sweep import run_sweep
 
     sampler = ProcessSampler(ray_tmp)
     timing = timing_callback()
-    command = "bench/sweep.py" + (" --quick" if args.quick else "") + (f" --steps {args.steps}" if args.steps else "")
-    print(f"# {command}: {sizes['trials']} trials (NTM 32/16x8 and LSTM 64 on copy, length 1-3, 4 bits, batch 16; "
-          f"up to {sizes['steps']} steps, evaluation every {sizes['every']}: 2 batches at 1x and 2x), TPE + ASHA "
-          f"(grace {sizes['grace']}, factor 2), local Ray with {CPUS} CPUs, 2 trials at once, MLflow + Optuna in "
-          f"SQLite", flush=True)
+    command = " ".join(["bench/sweep.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"# {command}: {what}, local Ray with {CPUS} CPUs, 2 trials at once, MLflow + Optuna in SQLite",
+          flush=True)
     driver_cpu = time.process_time()
     started = time.monotonic()
     sampler.start()

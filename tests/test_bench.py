@@ -1,0 +1,48 @@
+"""The benchmark scripts' quick modes run and print their figures (the figures themselves are not asserted)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def rows(text: str, first: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.split()[:1] == [first]]
+
+
+NUMBER = re.compile(r"^\d+(\.\d+)?$")
+
+
+def test_step_prints_the_floor_and_each_implementation():
+    out = run("step.py", "--quick", "--configs", "ntm", "--impl", "fast", "fast-torchopt", "--threads", "1")
+    impls = [r[1] for r in rows(out, "ntm")]
+    assert impls == ["floor", "fast", "fast-torchopt"]
+    for r in rows(out, "ntm")[1:]:
+        assert NUMBER.match(r[2]) and NUMBER.match(r[5]), r  # ms and ratio to the floor
+
+
+def test_optim_prints_both_optimizers_for_every_model():
+    out = run("optim.py", "--iters", "3", "--threads", "1")
+    for model in ("ntm", "dnc64", "ntm-tiny"):
+        kinds = [r[3] for r in rows(out, model)]
+        assert kinds == ["rmsprop", "adam"], out
+        for r in rows(out, model):
+            assert all(NUMBER.match(v) for v in r[4:6]), r
+
+
+@pytest.mark.slow
+def test_seeds_prints_one_seed_and_eight():
+    out = run("seeds.py", "--quick", "--configs", "ntm", "--threads", "1")
+    (r,) = rows(out, "ntm")
+    assert all(NUMBER.match(v) for v in (r[1], r[3], r[5])), r
