@@ -39,8 +39,9 @@ logging + checkpointing, and of all three, in the trial's total (fit + on_eval +
 
 Timings on a shared machine are noisy: ``fit alone`` and the trial run one after the other, so the difference of
 their totals is mostly the machine's load; the costs measured directly (per evaluation, in ms) are the figures to
-carry elsewhere. Rule of thumb from them: logging + checkpoint + report cost a fixed ~0.1-0.2 s per evaluation, so
-a trial stays under 5% when it trains for at least ~2-4 s between evaluations (``eval_every`` x step time).
+carry elsewhere. Rule of thumb from them (2-core CPU machine, SQLite): logging + checkpoint cost ~11-14 ms per
+evaluation and ~30 ms per trial, the report ~20 ms more, so they stay under 5% when a trial trains for at least
+~0.3 s between evaluations (~0.7 s with the report; ``eval_every`` x step time).
 
 Figures, with the command: see docs/gpu.md ("What a sweep adds around training").
 """
