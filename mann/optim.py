@@ -1,9 +1,9 @@
 """Optimizers on one flat buffer: every trainable weight a view of one tensor, every gradient a view of another.
 
 A MANN's training step is tiny, and torch.optim's per-parameter loop is a large part of it: on this project's
-models (10-20 weight tensors, 8k-600k numbers) ``torch.optim.Adam.step`` costs 0.55-0.7 ms on one CPU thread,
-a fifth of a small NTM's whole step, because it runs ~8 small kernels per tensor. On one flat buffer the same
-update is ~8 kernels in all (0.14 ms for Adam, 0.22 ms for centred RMSProp; bench/optim.py).
+models (8-10 weight tensors, 8k-170k numbers) an update (zero, norm, clip, step) costs 0.35-0.65 ms on one CPU
+thread with torch.optim, a fifth of a small NTM's whole step, because it runs several small kernels per tensor.
+On one flat buffer the same update is a few kernels in all: 0.06-0.34 ms (bench/optim.py).
 
 The arithmetic is torch.optim's own: ``step`` calls its functional ``adam``/``rmsprop`` on the flat tensors,
 so the update is element for element the one ``torch.optim.Adam``/``RMSprop`` makes (tests/test_optim.py).
@@ -28,7 +28,8 @@ from torch.optim.rmsprop import rmsprop
 class FlatParams:
     """Trainable parameters re-pointed at views of one flat tensor; their ``.grad`` at views of another.
 
-    params: tensors of one dtype and device (the model, already moved). Autograd accumulates into an existing
+    params: tensors of one dtype and device, the model already moved: a later ``model.to(...)`` would give the
+    parameters new storage, and the optimizer would update a buffer nothing reads. Autograd accumulates into an existing
     ``.grad`` in place, so after ``backward`` the gradients are in ``grad`` with no copy. Code that assigns a
     parameter's ``.grad`` itself (mann.multiseed hands each seed a slice of its stacked gradient) is fine:
     ``gather_grads`` copies such gradients in and re-points ``.grad`` at the view.
@@ -68,6 +69,9 @@ class FlatParams:
 
     def gather_grads(self) -> None:
         """Make ``grad`` hold every parameter's current ``.grad`` (None counts as zero)."""
+        if self.params[0].data_ptr() != self.param_views[0].data_ptr():
+            raise RuntimeError("the parameters no longer live in the optimizer's flat buffer (was the model moved "
+                               "with .to() after its optimizer was built?)")
         for p, view in zip(self.params, self.grad_views, strict=True):
             g = p.grad
             if g is view:

@@ -152,6 +152,15 @@ def test_a_fresh_state_round_trips_and_a_wrong_one_is_refused():
         opt.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1]}]})
 
 
+def test_a_model_moved_after_its_optimizer_is_refused_at_the_next_step():
+    a, _ = pair(torch.float32)
+    opt = Adam(FlatParams(list(a.parameters())), lr=1e-3)
+    a.double()
+    a(torch.ones(2, 5, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="no longer live in the optimizer's flat buffer"):
+        opt.step()
+
+
 def test_mixed_dtypes_are_refused():
     with pytest.raises(ValueError, match="one dtype and device"):
         FlatParams([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))])
