@@ -24,8 +24,9 @@ exactly as ``mannstudy sweep`` runs it, and prints:
 STUDY is a stress case: its trials train tiny models (~1.5 ms a step) for 1-2 s each, so the two worker
 processes' start-up weighs on it as on no real study. ``--study FILE`` measures a shipped study instead, as it
 would run on this machine: its models, task, search space, evaluation and ``eval_every`` as written, with 32
-trials (``--trials``), ``max_steps`` cut to two evaluations (``--steps``; ASHA's grace period half of it),
-one CPU and no GPU per trial, two trials at once, no time budget, local MLflow and Optuna.
+trials (``--trials``; the next multiple of the number of seeds where the file lists them), ``max_steps`` cut
+to two evaluations (``--steps``; ASHA's grace period half of it), one CPU and no GPU per trial, two trials at
+once, no time budget, local MLflow and Optuna.
 
 Timings on a shared machine are noisy; the CPU share much less so than wall time.
 """
@@ -159,6 +160,9 @@ def cut_down(study: Path, trials: int, steps: int | None, results: Path) -> tupl
     budget = raw["budget"]
     every = budget["eval_every"]
     steps = steps or 2 * every
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, list):  # every configuration runs once per seed: a multiple of them (33 for 3 seeds)
+        trials = -(-trials // len(seeds)) * len(seeds)
     budget.update(num_samples=trials, max_steps=steps, eval_every=min(every, steps))
     budget.pop("time_budget_s", None)
     if budget.get("early_stopping", True):
