@@ -83,15 +83,15 @@ def make_task():
 def make_optimizer(params, kind: str = "mann"):
     """RMSProp with mann.train's defaults: ``mann``, on one flat buffer as a trial runs it (mann.optim);
     ``torch``: torch.optim.RMSprop, as trials ran it until the fifth session. Returns (optimizer, zero_grad)."""
-    from mann.optim import FlatParams, RMSprop
-    from mann.train import TrainConfig
+    from mann.optim import FlatParams
+    from mann.train import TrainConfig, build_optimizer
 
-    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    hyper = {"lr": d["lr"], "alpha": d["alpha"], "eps": d["eps"], "momentum": d["momentum"], "centered": d["centered"]}
+    cfg = TrainConfig()
     if kind == "torch":
-        opt = torch.optim.RMSprop(params, **hyper)
+        opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
+                                  centered=cfg.centered)
         return opt, lambda: opt.zero_grad(set_to_none=True)
-    opt = RMSprop(FlatParams(params), **hyper)
+    opt = build_optimizer(cfg, FlatParams(params))
     return opt, opt.zero_grad
 
 

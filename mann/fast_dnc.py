@@ -598,12 +598,11 @@ def dnc_backward(ctx, gy: Tensor):
     gh_out, gr_out = g_hr[..., :C].unbind(1), g_hr[..., C:].unbind(1)
     kern = step_kernels(x) if lay["kernels"] else None
     d_xi = [None] * T if kern else interface_derivative(model, torch.stack([s["raw"] for s in steps])).unbind(0)
+    c_prev = [c0, *(s["c"] for s in steps[:-1])]
     if kern:  # the fused cell backward takes (act, c_{t-1}, tanh(c_t)) as they are
-        lstm_consts = [(s["act"], c, s["tanh_c"]) for s, c in zip(steps, [c0, *(s["c"] for s in steps[:-1])],
-                                                                  strict=True)]
+        lstm_consts = [(s["act"], c, s["tanh_c"]) for s, c in zip(steps, c_prev, strict=True)]
     else:
-        c_prev = torch.stack([c0, *(s["c"] for s in steps[:-1])])
-        lstm_consts = lstm_backward_constants(torch.stack([s["act"] for s in steps]), c_prev,
+        lstm_consts = lstm_backward_constants(torch.stack([s["act"] for s in steps]), torch.stack(c_prev),
                                               torch.stack([s["tanh_c"] for s in steps]))
 
     z = torch.zeros_like

@@ -289,13 +289,12 @@ def ntm_backward(ctx, gy: Tensor):
     if d.lstm:
         w_ih, w_hh, _b_ih, _b_hh, w_if, _b_if, w_out, _b_out = params
         w_in = torch.cat([w_ih[..., I:], w_hh], dim=-1)  # the controller's weight on [r_{t-1}, h_{t-1}]
-        if lay["kernels"]:  # the fused cell backward takes (act, c_{t-1}, tanh(c_t)) as they are
-            lstm_consts = [(s[1], c, s[3]) for s, c in zip(steps, [c0.contiguous(), *(s[2] for s in steps[:-1])],
-                                                              strict=True)]
+        c_prev = [c0, *(s[2] for s in steps[:-1])]
+        if lay["kernels"]:  # the fused cell backward takes (act, c_{t-1}, tanh(c_t)) as they are (contiguous)
+            lstm_consts = [(s[1], c.contiguous(), s[3]) for s, c in zip(steps, c_prev, strict=True)]
         else:
             act, tanh_c = torch.stack([s[1] for s in steps]), torch.stack([s[3] for s in steps])
-            c_prev = torch.stack([c0, *(s[2] for s in steps[:-1])])
-            lstm_consts = lstm_backward_constants(act, c_prev, tanh_c)
+            lstm_consts = lstm_backward_constants(act, torch.stack(c_prev), tanh_c)
     else:
         w_ih, _b, w_if, _b_if, w_out, _b_out = params
         w_in = w_ih[..., I:]

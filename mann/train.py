@@ -179,8 +179,8 @@ class _Run:
         torch.manual_seed(cfg.seed)  # initial weights
         model = build_model(cfg.model, cfg.model_cfg, self.task.input_size, self.task.output_size)
         self.model = model.to(device=self.device, dtype=self.dtype)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.flat = FlatParams(self.params)  # weights and gradients as views of two flat tensors (mann.optim)
+        # the trained weights and their gradients as views of two flat tensors (mann.optim)
+        self.flat = FlatParams([p for p in self.model.parameters() if p.requires_grad])
         self.optimizer = build_optimizer(cfg, self.flat)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # training data (tasks sample on the CPU)
         self.step = 0
