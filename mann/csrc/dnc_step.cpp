@@ -175,12 +175,6 @@ T floored_sqrt(T squares) {
   return std::sqrt(std::max(squares, std::numeric_limits<T>::min()));
 }
 
-// torch.lerp's formula (exact at both ends).
-template <typename T>
-T lerp(T start, T end, T weight) {
-  return weight < T(0.5) ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
-}
-
 // xi clipped and squashed, [P]; the read modes softmaxed per read head.
 template <typename T>
 void squash(const Dims& d, const T* raw, T* q) {

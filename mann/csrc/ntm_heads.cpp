@@ -88,12 +88,6 @@ void softmax_backward(const T* y, T* g, int64_t n) {
   for (int64_t i = 0; i < n; ++i) g[i] = y[i] * (g[i] - gy);
 }
 
-// torch.lerp's formula (exact at both ends).
-template <typename T>
-T lerp(T start, T end, T weight) {
-  return weight < T(0.5) ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
-}
-
 template <typename T>
 T floored_norm(const T* x, int64_t n) {
   return std::max(std::sqrt(dot(x, x, n)), std::sqrt(std::numeric_limits<T>::min()));

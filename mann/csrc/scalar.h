@@ -1,4 +1,5 @@
-// Scalar helpers the kernels share: the squashes as PyTorch defines them, and the clip with its pass-through.
+// Scalar helpers the kernels share: the squashes and lerp as PyTorch defines them, and the clip with its
+// pass-through.
 // Included inside each kernel's anonymous namespace (one private copy per library).
 #pragma once
 
@@ -21,6 +22,12 @@ T softplus(T x) {
 template <typename T>
 T softplus_grad(T x) {
   return x > T(kSoftplusThreshold) ? T(1) : sigmoid(x);
+}
+
+// torch.lerp's formula (exact at both ends).
+template <typename T>
+T lerp(T start, T end, T weight) {
+  return weight < T(0.5) ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
 }
 
 // clamp(x, -clip, clip); clip <= 0 means no clip
