@@ -217,7 +217,9 @@ def compare_values(x, y, level: float = LEVEL) -> dict[str, float]:
     when x tends to be smaller (an arm with lower errors has delta < 0 against the other).
     lo, hi: Newcombe's (2006) score-type interval for P(X > Y) + P(X = Y)/2, mapped to delta.
     p: the exact permutation p-value of the rank sum (mid-ranks for ties) up to
-    n1 + n2 = EXACT_MAX_RUNS runs, else scipy's normal approximation with tie correction.
+    n1 + n2 = EXACT_MAX_RUNS runs: the share of all C(n1 + n2, n1) splits of the pooled values
+    whose rank sum lies at least as far from its null mean as the observed one. Above that,
+    scipy's normal approximation with tie correction.
     Returns {"p", "effect", "lo", "hi", "n1", "n2"}. Raises NotEstimated when an arm is empty.
     """
     x = _as_values(x, "compare_values x")
@@ -308,8 +310,9 @@ def median_time(times, reached, level: float = LEVEL) -> tuple[float, float, flo
     than half the runs are known to have reached the target ("not reached").
     (lo, hi) = the times at which the lower and upper limits of the pointwise log-log band first
     reach 1/2: the set of t whose band contains 1/2. hi = math.inf when the upper band stays
-    above 1/2 (the data cannot bound the median from above); lo = math.inf only when no run
-    reached the target early enough for even the lower band to reach 1/2.
+    above 1/2 (the data cannot bound the median from above): always so below 7 runs, even when
+    every run reached the target; lo = math.inf only when no run reached the target early enough
+    for even the lower band to reach 1/2.
     Returns (median, lo, hi). Raises NotEstimated for no runs.
     """
     km = kaplan_meier(times, reached, level)
@@ -362,6 +365,8 @@ def median_ratio(
     resample. A resample in which an arm does not reach its median gives a ratio of inf (arm 1)
     or 0 (arm 2); one in which neither does has no ratio and counts against both limits (0 for the
     lower quantile, inf for the upper), so the interval widens rather than drops it.
+    Steps to target are evaluation steps, so medians are discrete: when the resampled medians of
+    both arms take a single value the interval is that one ratio; read it with the run counts.
     Raises NotEstimated below MIN_RUNS_BOOTSTRAP runs per arm, or when either observed median is
     not reached (the ratio is then not a number; report the medians).
     """
