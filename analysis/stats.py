@@ -365,6 +365,8 @@ def median_ratio(
     resample. A resample in which an arm does not reach its median gives a ratio of inf (arm 1)
     or 0 (arm 2); one in which neither does has no ratio and counts against both limits (0 for the
     lower quantile, inf for the upper), so the interval widens rather than drops it.
+    Measured on exponential times with ~17% censoring and a true ratio of 0.5: coverage 0.971 /
+    0.984 / 0.988 at 5 / 10 / 20 runs per arm (conservative; bench/stats_coverage.py).
     Steps to target are evaluation steps, so medians are discrete: when the resampled medians of
     both arms take a single value the interval is that one ratio; read it with the run counts.
     Raises NotEstimated below MIN_RUNS_BOOTSTRAP runs per arm, or when either observed median is
@@ -398,6 +400,9 @@ def median_ratio(
 def logrank(times1, reached1, times2, reached2) -> float:
     """Two-sided log-rank test p-value (scipy.stats.logrank) that two arms reach the target at the same rate.
 
+    The p-value is the chi-square approximation, somewhat liberal at few runs: under no difference
+    it rejects at 5% in 0.068 of simulated studies at 10 runs per arm, 0.053 at 20
+    (bench/stats_coverage.py).
     Returns NaN when no run in either arm reached the target (no event, nothing to test);
     :func:`holm` passes NaN through. Raises NotEstimated when an arm is empty.
     """

@@ -337,9 +337,9 @@ def test_logrank_size_and_power(n, hr, studies):
 
 
 def test_median_ratio_coverage_and_refusals():
-    # arm 2 is twice as slow: true ratio of medians 0.5. Measured coverage over 300 studies with
-    # ~17% censoring: 0.957 (n=5), 0.980 (n=10), 0.983 (n=20): the percentile bootstrap of a
-    # Kaplan-Meier median is conservative here
+    # arm 2 is twice as slow: true ratio of medians 0.5. Measured coverage over 250 studies with
+    # ~17% censoring (bench/stats_coverage.py): 0.971 (n=5, 245 estimated), 0.984 (n=10), 0.988
+    # (n=20): the percentile bootstrap of a Kaplan-Meier median is conservative here
     rng = np.random.default_rng(5)
     studies, n = 150, 10
     covered = 0
