@@ -209,12 +209,14 @@ def cli_validate(path: str | os.PathLike, prefix: str = "") -> int:
     """``mannstudy validate FILE``: print one line; 0 if the file is valid, 2 if not (``prefix`` before errors)."""
     import sys
 
+    from study.redact import redact
+
     try:
         spec = load_spec(path)
     except ConfigError as err:
         if not err.source:
             err = err.with_source(str(path))
-        print(f"{prefix}{err}", file=sys.stderr)
+        print(f"{prefix}{redact(str(err))}", file=sys.stderr)
         return 2
 
     def count(n: int, word: str) -> str:

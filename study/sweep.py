@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mann.config import to_dict
+from study.redact import redact
 from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
@@ -406,7 +407,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
                                threads=max(1, int(spec.resources.cpu)))
         tuner = make_tuner(spec, context, resume, callbacks)
         print(f"sweep {spec.name}: {spec.budget.num_samples} trials of {', '.join(spec.models)} on {spec.task}; "
-              f"MLflow {uri} (parent run {parent})", flush=True)
+              f"MLflow {redact(uri)} (parent run {parent})", flush=True)
         tuner.fit()
         reconcile(spec, uri, parent, "lost: the trial did not finish in this sweep (driver or node lost)")
         summary = summarize(spec)

@@ -1,0 +1,158 @@
+"""The cluster path on one machine: a sweep whose Optuna study and MLflow backend store live in a real
+PostgreSQL server, with a password that must not appear anywhere the sweep logs, prints or writes.
+
+The server (tests/postgres_server.py) is a new PostgreSQL cluster with password authentication on
+127.0.0.1. The MLflow server reads its password from a libpq password file (``PGPASSFILE``), as
+cluster.yaml's head does with ``~/.pgpass``, so its command line names only the user; the study's
+``storage`` carries the password in the URL, the case that redaction must cover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow_server import MlflowServer
+from postgres_server import PostgresServer, unavailable_reason
+
+from study.redact import redact, redact_values
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "Pw4Cluster-Tests-x9"  # the database password the record must never hold
+
+
+# ------------------------------------------------------------------------------------------------ redaction
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("postgresql://mannstudy:s3cret@db:5432/optuna", "postgresql://mannstudy:***@db:5432/optuna"),
+    ("postgresql+psycopg2://u:p%40ss@10.0.0.1/optuna?sslmode=require",
+     "postgresql+psycopg2://u:***@10.0.0.1/optuna?sslmode=require"),
+    ("storage postgresql://u:p@h/db and http://x:y@host:5000 too", "storage postgresql://u:***@h/db and "
+                                                                   "http://x:***@host:5000 too"),
+    ("postgresql://h/db?user=u&password=s3cret&sslmode=require", "postgresql://h/db?user=u&password=***&sslmode=require"),
+    ("host=db user=u password=s3cret dbname=optuna", "host=db user=u password=*** dbname=optuna"),
+])
+def test_redact_masks_the_password_and_keeps_the_rest(text, expected):
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "postgresql://mannstudy@localhost:5432/optuna",  # a password file supplies it: nothing to hide
+    "http://10.0.0.1:5000", "sqlite:////tmp/x/optuna.db", "s3://bucket/results", "user@example.org",
+    "https://host:5000/path@v2",
+])
+def test_redact_leaves_urls_without_a_password_alone(text):
+    assert redact(text) == text
+
+
+def test_redact_values_walks_nested_specs():
+    spec = {"storage": "postgresql://u:pw@h/db", "budget": {"num_samples": 4}, "models": ["ntm"],
+            "search": {"lr": {"choices": ["mysql://a:b@c/d"]}}}
+    assert redact_values(spec) == {"storage": "postgresql://u:***@h/db", "budget": {"num_samples": 4},
+                                   "models": ["ntm"], "search": {"lr": {"choices": ["mysql://a:***@c/d"]}}}
+
+
+def test_a_refused_sweep_does_not_print_the_password(tmp_path):
+    """The command's one-line errors go through the same function: an unreachable tracking server named with
+    credentials in its URL."""
+    from conftest import write_study
+
+    path = write_study("fifo", tmp_path, tracking_uri=f"http://mannstudy:{SECRET}@127.0.0.1:9")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MANNSTUDY_", "MLFLOW_"))}
+    proc = subprocess.run([sys.executable, "-m", "study.cli", "sweep", str(path)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "unreachable" in proc.stderr and "mannstudy:***@127.0.0.1:9" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ PostgreSQL
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL server can start here: {reason}")
+    server = PostgresServer(password=SECRET, databases=("optuna", "mlflow")).start()
+    print(f"\nPostgreSQL: initdb + start + role + databases in {server.start_s:.2f} s")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_sweep(postgres, ray_cluster, study_file, record, tmp_path_factory):
+    """A tiny sweep with Optuna and MLflow on PostgreSQL; returns what it printed and left behind."""
+    from study.sweep import run_sweep
+
+    folder = tmp_path_factory.mktemp("pg")
+    pgpass = postgres.write_pgpass(folder / "pgpass")
+    # The MLflow server's command line names no password: libpq reads it from the password file.
+    server = MlflowServer(folder / "mlflow", backend_uri=postgres.url("mlflow", with_password=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSFILE", str(pgpass))
+        server.start(timeout_s=180)
+    try:
+        path = study_file("fifo", folder, fresh=True, name="pg", tracking_uri=server.url,
+                          storage=postgres.url("optuna"), budget={"num_samples": 2, "max_steps": 20})
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            summary = run_sweep(path)
+        cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        yield {"path": path, "summary": summary, "printed": out.getvalue() + err.getvalue(), "rec": record(path),
+               "server": server, "cmdline": cmdline}
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_end_to_end_on_postgresql(pg_sweep, postgres):
+    rec = pg_sweep["rec"]
+    assert rec.spec.storage.startswith("postgresql://") and pg_sweep["server"].backend_uri.startswith("postgresql://")
+    trials = rec.trials()  # read back from PostgreSQL
+    assert len(trials) == 2 and all(t.user_attrs["status"] == "completed" for t in trials)
+    assert pg_sweep["summary"].counts == {"completed": 2}
+    children = rec.children()  # from the MLflow server, whose store is the mlflow database
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    assert all(len(rec.history(r.info.run_id, "error")) == 2 for r in children)  # steps 10 and 20
+    # the rows really are in PostgreSQL, not in a SQLite file beside the server
+    import psycopg
+
+    with psycopg.connect(postgres.url("mlflow")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM runs")
+        assert cur.fetchone()[0] == 3  # the study run and its two trials
+    assert not list(Path(pg_sweep["server"].workdir).glob("*.db"))
+
+
+@pytest.mark.slow
+def test_the_password_is_nowhere_in_the_record(pg_sweep, tmp_path):
+    import mlflow
+
+    rec = pg_sweep["rec"]
+    parent, = rec.parents()
+    # recorded, but masked: the record still says which database held the study
+    assert parent.data.params["storage"] == postgres_url_masked(rec.spec.storage)
+    texts = {"printed": pg_sweep["printed"], "mlflow server command line": pg_sweep["cmdline"]}
+    for run in [parent, *rec.children()]:
+        texts[f"params of {run.info.run_id}"] = repr(run.data.params)
+        texts[f"tags of {run.info.run_id}"] = repr(run.data.tags)
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=rec.spec.tracking_uri,
+                                                    dst_path=str(tmp_path / run.info.run_id))
+        for file in Path(local).rglob("*"):
+            if file.is_file():
+                texts[f"artifact {file.relative_to(tmp_path)}"] = file.read_bytes().decode(errors="replace")
+    artifacts = [k for k in texts if k.startswith("artifact")]
+    assert any(k.endswith("spec.json") for k in artifacts) and any(k.endswith("pg.yaml") for k in artifacts)
+    assert "***" in next(texts[k] for k in artifacts if k.endswith("pg.yaml"))  # the study file, masked
+    leaks = [where for where, text in texts.items() if SECRET in text]
+    assert not leaks, leaks
+
+
+def postgres_url_masked(url: str) -> str:
+    return url.replace(f":{SECRET}@", ":***@")
