@@ -24,10 +24,19 @@ _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<sec
 _KEYWORD = re.compile(r"(?P<head>\bpassword=)(?P<secret>[^&\s;]*)", re.IGNORECASE)
 
 
+_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")  # a study file's ${VAR}: names the secret, holds none
+
+
 def redact(text: str) -> str:
     """``text`` with every password of a connection string in it replaced by ``***``."""
-    text = _USERINFO.sub(lambda m: m["head"] + MASK + m["at"], text)
-    return _KEYWORD.sub(lambda m: m["head"] + MASK, text)
+    def mask(match: re.Match) -> str:
+        secret = match["secret"]
+        if not secret or _REFERENCE.fullmatch(secret):
+            return match[0]
+        at = match.start("secret") - match.start()
+        return match[0][:at] + MASK + match[0][at + len(secret):]
+
+    return _KEYWORD.sub(mask, _USERINFO.sub(mask, text))
 
 
 def redact_values(data: Any) -> Any:

@@ -351,6 +351,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    # A driver started by `ray job submit` or a KubeRay RayJob is told its cluster in RAY_ADDRESS.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
@@ -358,15 +360,51 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def unshared_record(spec: StudySpec, nodes: Sequence[dict], driver_node_id: str, cwd: Path | None = None) -> str | None:
+    """Why this study's record would be split across machines (one line), or None.
+
+    ``nodes``: ``ray.nodes()``; ``driver_node_id``: the node of this process. Trials evidently run on
+    other machines when the alive nodes have more than one address, or when the driver's node cannot
+    hold one trial (a head with ``CPU: 0``: its workers are yet to be added by the autoscaler). Then
+    a SQLite tracking store, or the local folder ``results/<name>`` that a study falls back to when
+    neither it nor the cluster's environment names one, is on the driver's machine only: the trials'
+    runs and checkpoints would land on whichever node ran them. (A SQLite Optuna storage is fine: only
+    the driver uses it.)
+    """
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    hosts = {n.get("NodeManagerAddress") for n in alive}
+    driver = next((n for n in alive if n.get("NodeID") == driver_node_id), None)
+    held = (driver or {}).get("Resources", {})
+    fits = held.get("CPU", 0) >= spec.resources.cpu and held.get("GPU", 0) >= spec.resources.gpu
+    if len(hosts) > 1:
+        why = f"{len(hosts)} machines"
+    elif driver is not None and not fits:
+        why = "this node has no room for a trial, so they run on nodes yet to join"
+    else:
+        return None
+    fallback = str(((cwd or Path.cwd()) / "results" / spec.name).resolve())
+    if spec.tracking_uri.startswith("sqlite:"):
+        what = f"tracking_uri is a SQLite file on this machine ({spec.tracking_uri})"
+    elif spec.results_dir == fallback:
+        what = f"results_dir fell back to a folder on this machine ({spec.results_dir})"
+    else:
+        return None
+    return (f"the Ray cluster runs trials on other machines ({why}) but {what}: set MLFLOW_TRACKING_URI, "
+            "MANNSTUDY_STORAGE and MANNSTUDY_RESULTS_DIR in the cluster's environment or ~/mannstudy.env "
+            "(docs/cluster.md), or name shared ones in the study file")
+
+
 def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool = False,
               num_cpus: int | None = None, callbacks: Sequence[Callback] = ()) -> SweepSummary:
     """Run (or ``resume``) the study in ``path`` to the end; return its summary.
 
-    ``address``: None starts a local Ray (or uses one this process already started); ``auto`` or
-    ``host:port`` joins a cluster. Raises SpecError / SweepError / TrackingError (one line) before any
-    trial starts when the study file, the results folder or the tracking server is wrong; then nothing
-    was written (no Optuna study, no MLflow run, no Ray started). An already-initialized Ray (e.g. a test
-    cluster) is used as it is and left running. ``callbacks``: extra Tune callbacks (new sweeps only).
+    ``address``: None starts a local Ray (or uses one this process already started, or joins
+    ``$RAY_ADDRESS``); ``auto`` or ``host:port`` joins a cluster. Raises SpecError / SweepError /
+    TrackingError (one line) before any trial starts when the study file, the results folder or the
+    tracking server is wrong; then nothing was written (no Optuna study, no MLflow run, no Ray started).
+    On a cluster whose trials run on other machines, a record those machines cannot share is refused
+    once Ray is joined (:func:`unshared_record`), before anything is written. An already-initialized Ray
+    (e.g. a test cluster) is used as it is and left running. ``callbacks``: extra Tune callbacks (new sweeps only).
     """
     from study import tracking
 
@@ -388,11 +426,6 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
             "(use --resume to finish it, or give the study another name / results_dir)"
         )
 
-    experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
-                                                if "://" not in spec.results_dir else None)
-    parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
-                                      extra_tags={"mannstudy.results_dir": spec.results_dir})
-
     import ray
 
     from mann import native
@@ -402,6 +435,18 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     # sweep's workers then only load them. Cluster nodes build theirs in cluster.yaml's setup_commands.
     native.prepare()
     started_ray = connect_ray(address, num_cpus)
+    try:
+        problem = unshared_record(spec, ray.nodes(), ray.get_runtime_context().get_node_id())
+        if problem:
+            raise SweepError(f"{path}: {problem}")
+        experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
+                                                    if "://" not in spec.results_dir else None)
+        parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
+                                          extra_tags={"mannstudy.results_dir": spec.results_dir})
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))

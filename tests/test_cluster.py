@@ -37,6 +37,7 @@ SECRET = "Pw4Cluster-Tests-x9"  # the database password the record must never ho
                                                                    "http://x:***@host:5000 too"),
     ("postgresql://h/db?user=u&password=s3cret&sslmode=require", "postgresql://h/db?user=u&password=***&sslmode=require"),
     ("host=db user=u password=s3cret dbname=optuna", "host=db user=u password=*** dbname=optuna"),
+    ("postgresql://a:a@h/db", "postgresql://a:***@h/db"),
 ])
 def test_redact_masks_the_password_and_keeps_the_rest(text, expected):
     assert redact(text) == expected
@@ -46,6 +47,7 @@ def test_redact_masks_the_password_and_keeps_the_rest(text, expected):
     "postgresql://mannstudy@localhost:5432/optuna",  # a password file supplies it: nothing to hide
     "http://10.0.0.1:5000", "sqlite:////tmp/x/optuna.db", "s3://bucket/results", "user@example.org",
     "https://host:5000/path@v2",
+    "postgresql://u:${DB_PASSWORD}@h/db",  # a study file's reference names the variable, not its value
 ])
 def test_redact_leaves_urls_without_a_password_alone(text):
     assert redact(text) == text
@@ -156,3 +158,116 @@ def test_the_password_is_nowhere_in_the_record(pg_sweep, tmp_path):
 
 def postgres_url_masked(url: str) -> str:
     return url.replace(f":{SECRET}@", ":***@")
+
+
+# ------------------------------------------------------------------------------------------------ cluster defaults
+
+
+@pytest.fixture
+def no_cluster_env(monkeypatch):
+    from conftest import STUDY_ENV
+
+    for key in STUDY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MANNSTUDY_ENV_FILE", "")
+    return monkeypatch
+
+
+def test_the_cluster_defaults_come_from_the_env_file_when_the_environment_lacks_them(no_cluster_env, tmp_path):
+    """A `ray job submit` driver inherits no login shell: the head's ~/mannstudy.env gives it the same defaults."""
+    from conftest import write_study
+
+    from study.spec import cluster_env, load_spec
+
+    env_file = tmp_path / "mannstudy.env"
+    env_file.write_text("# written by cluster.yaml's head_setup_commands\n"
+                        'export MLFLOW_TRACKING_URI="http://10.0.0.1:5000"\n'
+                        "MANNSTUDY_STORAGE='postgresql://mannstudy@localhost:5432/optuna'\n"
+                        "export MANNSTUDY_RESULTS_DIR=s3://bucket/results\n")
+    data = yaml_without_locations(write_study("fifo", tmp_path))
+    assert cluster_env() == {}
+    no_cluster_env.setenv("MANNSTUDY_ENV_FILE", str(env_file))
+    spec = load_spec(data)
+    assert (spec.tracking_uri, spec.storage, spec.results_dir) == (
+        "http://10.0.0.1:5000", "postgresql://mannstudy@localhost:5432/optuna", "s3://bucket/results/fifo")
+    # the process's own environment wins (a KubeRay pod sets the variables on its container)
+    no_cluster_env.setenv("MANNSTUDY_STORAGE", "postgresql://mannstudy@db:5432/optuna")
+    assert load_spec(data).storage == "postgresql://mannstudy@db:5432/optuna"
+    assert cluster_env()["MLFLOW_TRACKING_URI"] == "http://10.0.0.1:5000"
+
+
+def yaml_without_locations(path: Path) -> Path:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    for key in ("results_dir", "tracking_uri", "storage"):
+        data.pop(key, None)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _node(node_id: str, address: str, cpu: float, gpu: float = 0.0) -> dict:
+    """One entry of ``ray.nodes()`` (the keys unshared_record reads)."""
+    resources = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
+    return {"NodeID": node_id, "NodeManagerAddress": address, "Alive": True, "Resources": resources}
+
+
+def test_a_multi_node_cluster_refuses_a_record_on_the_driver_machine(no_cluster_env, tmp_path, monkeypatch):
+    from conftest import write_study
+
+    from study.spec import load_spec
+    from study.sweep import unshared_record
+
+    monkeypatch.chdir(tmp_path)
+    fallback = load_spec(yaml_without_locations(write_study("fifo", tmp_path / "a")))  # results/fifo, SQLite
+    two_hosts = [_node("head", "10.0.0.1", 8), _node("w1", "10.0.0.2", 8)]
+    cpu0_head = [_node("head", "10.0.0.1", 0)]  # cluster.yaml's head: trials only on workers yet to come
+    one_box = [_node("head", "127.0.0.1", 2), _node("w1", "127.0.0.1", 2)]  # ray.cluster_utils on one machine
+    problem = unshared_record(fallback, two_hosts, "head")
+    assert problem and "2 machines" in problem and "tracking_uri is a SQLite file" in problem
+    assert "no room for a trial" in unshared_record(fallback, cpu0_head, "head")
+    assert unshared_record(fallback, one_box, "head") is None
+    assert unshared_record(fallback, [_node("head", "10.0.0.1", 0, gpu=1)], "other") is None  # driver elsewhere
+
+    # a shared tracking server but the results folder fell back to the driver's disk
+    served = load_spec(yaml_without_locations(write_study("fifo", tmp_path / "b")))
+    served = type(served)(**{**served.__dict__, "tracking_uri": "http://10.0.0.1:5000"})
+    assert "results_dir fell back" in unshared_record(served, two_hosts, "head", cwd=tmp_path)
+    # everything shared: an NFS folder named by the cluster's environment, or object storage
+    shared = type(served)(**{**served.__dict__, "results_dir": "/mnt/shared/results/fifo"})
+    assert unshared_record(shared, two_hosts, "head", cwd=tmp_path) is None
+
+
+@pytest.mark.slow
+def test_the_session_cluster_is_one_machine_and_is_not_refused(ray_cluster, study_file, tmp_path):
+    import ray
+
+    from study.spec import load_spec
+    from study.sweep import unshared_record
+
+    spec = load_spec(study_file("fifo", tmp_path))
+    assert unshared_record(spec, ray.nodes(), ray.get_runtime_context().get_node_id()) is None
+
+
+# ------------------------------------------------------------------------------------------------ GPU accounting
+
+
+@pytest.mark.slow
+def test_a_trial_without_gpus_sees_none(ray_cluster):
+    """A node whose environment names a GPU (CUDA_VISIBLE_DEVICES=0, as on a GPU worker): Ray leaves the variable
+    to a gpu-0 task as it is, and hide_gpus (the first thing run_trial does) empties it."""
+    import ray
+
+    from study.trainable import hide_gpus
+
+    @ray.remote(num_cpus=1, num_gpus=0, runtime_env={"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}})
+    def visible(hide: bool) -> str | None:
+        if hide:
+            hide_gpus(0.0)
+        import torch
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+
+    as_ray_leaves_it, hidden = ray.get([visible.remote(False), visible.remote(True)])
+    assert as_ray_leaves_it[0] == "0"
+    assert hidden == ("", 0)
