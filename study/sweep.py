@@ -43,9 +43,6 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # Our own one-line progress instead of Ray's table.
     "RAY_AIR_NEW_OUTPUT": "0",
-    # Ask the searcher for one trial ahead, not many: a trial asked but never started is an orphan
-    # if the driver dies (reconcile() then marks it not_run).
-    "TUNE_MAX_PENDING_TRIALS_PG": "1",
     # A local Ray (started by connect_ray) would prestart one idle worker per CPU when the driver connects and
     # make ray.init wait for them; Tune never uses them (its trial actors carry a runtime_env, so they get
     # workers of their own). 2 CPUs: ray.init 5.3 s -> 2.3 s, and ~0.9 CPU s of idle workers saved. Ray's
@@ -54,6 +51,8 @@ RAY_ENV = {
 }
 for _key, _value in RAY_ENV.items():
     os.environ.setdefault(_key, _value)
+PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"  # set per study by run_sweep (pending_trials) unless set here already
+_PENDING_GIVEN = os.environ.get(PENDING_ENV)
 
 from ray.tune import Callback  # noqa: E402  (after RAY_ENV)
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
@@ -360,6 +359,22 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def pending_trials(spec: StudySpec, cluster_resources: dict[str, float]) -> int:
+    """How many trials Tune keeps pending (asked, waiting for resources): the study's concurrency.
+
+    The autoscaler adds nodes for the pending trials it sees, so with one pending trial a cluster grows
+    one node at a time; with ``concurrency`` of them it adds what the study needs at once. No more:
+    a trial asked but never started is an orphan if the driver dies (reconcile() marks it not_run).
+    Without a concurrency: as many as the cluster's present resources hold (at least 1).
+    """
+    if spec.concurrency is not None:
+        return spec.concurrency
+    fits = [cluster_resources.get("CPU", 0) / spec.resources.cpu]
+    if spec.resources.gpu:
+        fits.append(cluster_resources.get("GPU", 0) / spec.resources.gpu)
+    return max(1, int(min(fits) + 1e-9))
+
+
 def unshared_record(spec: StudySpec, nodes: Sequence[dict], driver_node_id: str, cwd: Path | None = None) -> str | None:
     """Why this study's record would be split across machines (one line), or None.
 
@@ -450,6 +465,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))
+        os.environ[PENDING_ENV] = _PENDING_GIVEN or str(pending_trials(spec, ray.cluster_resources()))
         tuner = make_tuner(spec, context, resume, callbacks)
         print(f"sweep {spec.name}: {spec.budget.num_samples} trials of {', '.join(spec.models)} on {spec.task}; "
               f"MLflow {redact(uri)} (parent run {parent})", flush=True)

@@ -271,3 +271,30 @@ def test_a_trial_without_gpus_sees_none(ray_cluster):
     as_ray_leaves_it, hidden = ray.get([visible.remote(False), visible.remote(True)])
     assert as_ray_leaves_it[0] == "0"
     assert hidden == ("", 0)
+
+
+# ------------------------------------------------------------------------------------------------ scale-up, node setup
+
+
+def test_the_autoscaler_sees_as_many_pending_trials_as_the_study_runs_at_once(no_cluster_env, tmp_path):
+    from conftest import write_study
+
+    from study.spec import load_spec
+    from study.sweep import pending_trials
+
+    spec = load_spec(write_study("fifo", tmp_path, concurrency=64))
+    assert pending_trials(spec, {"CPU": 0.0}) == 64  # a head with no workers yet: all 64 are shown at once
+    free = load_spec(write_study("fifo", tmp_path / "free", concurrency=None, resources={"cpu": 2, "gpu": 0.25}))
+    assert pending_trials(free, {"CPU": 48.0, "GPU": 4.0}) == 16  # as many as the present resources hold
+    assert pending_trials(free, {"CPU": 48.0, "GPU": 1.0}) == 4
+    assert pending_trials(free, {"CPU": 0.0}) == 1
+
+
+@pytest.mark.slow
+def test_a_node_without_a_compiler_finishes_its_setup(tmp_path):
+    """cluster.yaml's setup runs `python -m mann.native`: without a usable C++ compiler it warns and exits 0
+    (the package runs the PyTorch ops), so the node still joins."""
+    env = {**os.environ, "MANN_NATIVE_DIR": str(tmp_path), "CXX": str(tmp_path / "no-such-g++")}
+    proc = subprocess.run([sys.executable, "-m", "mann.native"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("could not be built") == 3 and "PyTorch ops" in proc.stderr
