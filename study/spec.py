@@ -233,12 +233,12 @@ def cli_validate(path: str | os.PathLike, prefix: str = "") -> int:
 
 
 def cluster_env() -> dict[str, str]:
-    """The cluster defaults (TRACKING_ENV, STORAGE_ENV, RESULTS_ENV) that are set, and where from.
+    """The cluster defaults (TRACKING_ENV, STORAGE_ENV, RESULTS_ENV) that have a value, by name.
 
     The process's environment wins; a variable it lacks is read from ``$MANNSTUDY_ENV_FILE`` (default
     ``~/mannstudy.env``): lines ``KEY=value`` or ``export KEY=value``, an optional pair of quotes around
     the value, ``#`` comments; nothing is expanded. So ``ray exec``, ``ray job submit`` and a KubeRay pod
-    give a study the same defaults. Returns ``{name: value}`` for the names that have a non-empty value.
+    give a study the same defaults.
     """
     names = (TRACKING_ENV, STORAGE_ENV, RESULTS_ENV)
     found = {name: os.environ[name] for name in names if os.environ.get(name)}

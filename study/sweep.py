@@ -43,16 +43,20 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # Our own one-line progress instead of Ray's table.
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Trials Tune keeps asked but waiting for resources: one, unless run_sweep sets the study's own
+    # (pending_trials). A trial asked but never started is an orphan if the driver dies (reconcile()
+    # then marks it not_run).
+    "TUNE_MAX_PENDING_TRIALS_PG": "1",
     # A local Ray (started by connect_ray) would prestart one idle worker per CPU when the driver connects and
     # make ray.init wait for them; Tune never uses them (its trial actors carry a runtime_env, so they get
     # workers of their own). 2 CPUs: ray.init 5.3 s -> 2.3 s, and ~0.9 CPU s of idle workers saved. Ray's
     # RAY_<config> variable for its prestart_worker_first_driver setting; no effect on a cluster started apart.
     "RAY_prestart_worker_first_driver": "0",
 }
+PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+_PENDING_GIVEN = os.environ.get(PENDING_ENV)  # a value set before mannstudy's is kept for every study
 for _key, _value in RAY_ENV.items():
     os.environ.setdefault(_key, _value)
-PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"  # set per study by run_sweep (pending_trials) unless set here already
-_PENDING_GIVEN = os.environ.get(PENDING_ENV)
 
 from ray.tune import Callback  # noqa: E402  (after RAY_ENV)
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402

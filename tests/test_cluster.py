@@ -298,3 +298,31 @@ def test_a_node_without_a_compiler_finishes_its_setup(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mann.native"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("could not be built") == 3 and "PyTorch ops" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ object storage
+
+
+def test_a_local_s3_server_serves_boto3_and_pyarrow(tmp_path, monkeypatch):
+    """The fixture object-storage tests build on: moto's standalone S3 server on 127.0.0.1, reached by boto3
+    and by pyarrow's S3 filesystem (the one Ray Tune uses for an s3:// storage path) through the standard
+    endpoint variables, as a real bucket is."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra has it)")
+    import boto3
+    import pyarrow.fs as pafs
+    from s3_server import S3Server
+
+    with S3Server(tmp_path / "s3") as s3:
+        print(f"\nmoto S3 server answering after {s3.start_s:.2f} s")
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="results")
+        client.put_object(Bucket="results", Key="study/by-boto3.txt", Body=b"boto3")
+        fs, path = pafs.FileSystem.from_uri("s3://results/study")
+        assert isinstance(fs, pafs.S3FileSystem) and path == "results/study"
+        with fs.open_output_stream("results/study/by-pyarrow.txt") as out:
+            out.write(b"pyarrow")
+        listed = sorted(info.path for info in fs.get_file_info(pafs.FileSelector("results/study")))
+        assert listed == ["results/study/by-boto3.txt", "results/study/by-pyarrow.txt"]
+        assert client.get_object(Bucket="results", Key="study/by-pyarrow.txt")["Body"].read() == b"pyarrow"
