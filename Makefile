@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean postgres
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+# PostgreSQL's server binaries for tests/test_cluster.py (Debian's package; as root where apt-get exists,
+# otherwise those tests skip and say why).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+	      postgresql >/dev/null; } || echo "make: no PostgreSQL server binaries; tests/test_cluster.py will skip"
+
+test: $(STAMP) lint postgres
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -181,9 +181,18 @@ def prepare() -> dict[str, ModuleType | None]:
 
 
 def main() -> int:
-    """``python -m mann.native``: build every kernel now (e.g. in a cluster node's setup), print where."""
+    """``python -m mann.native``: build every kernel now (e.g. in a cluster node's setup), print where.
+
+    Exit code 0 even where a kernel cannot be built (no C++ compiler): the package runs the PyTorch ops
+    instead, so a node without a compiler is slower, not broken; a warning on stderr says which and why.
+    """
     for name in SOURCES:
-        module = build(name)
+        try:
+            module = build(name)
+        except Exception as exc:
+            print(f"mann.native: warning: the {name} kernels could not be built ({_last_line(exc)}); trials on this "
+                  "machine run the slower PyTorch ops instead", file=sys.stderr, flush=True)
+            continue
         print(f"{name}: {Path(module.__file__).parent}")
     return 0
 

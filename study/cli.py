@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mann.config import ConfigError, parse_set_args
+from study.redact import redact
 
 PROG = "mannstudy"
 
@@ -284,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return _commands[args.command].run(args)
     except (ConfigError, UsageError) as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
+        print(f"{PROG}: {redact(str(err))}", file=sys.stderr)
         return 2
     except Exception as err:
         # User-facing errors of the other packages (a missing database, an unreachable tracking server,
         # a corrupt checkpoint, a study that already has results): one line, exit 2.
         if type(err).__name__ in _USER_ERRORS:
-            print(f"{PROG}: {err}", file=sys.stderr)
+            print(f"{PROG}: {redact(str(err))}", file=sys.stderr)
             return 2
         raise
     except SystemExit as exit_:  # --help

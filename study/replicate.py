@@ -601,12 +601,13 @@ def cli_replicate(study_file: str, top_k: int = 3, seeds: int | str | Sequence[i
     Returns 0, or 2 (one line on stderr) for a request that cannot start; study-file mistakes raise
     SpecError for the command line's usual handling.
     """
+    from study.redact import redact
     from study.tracking import TrackingError
 
     try:
         summary = run_replication(study_file, top_k, seeds, configs_file, address, resume, batched=batched)
     except (ReplicationError, TrackingError) as err:
-        print(f"mannstudy: {err}", file=sys.stderr)
+        print(f"mannstudy: {redact(str(err))}", file=sys.stderr)
         return 2
     print(f"done: {summary.line()}")
     return 0

@@ -31,7 +31,8 @@ together with corner samples of the search space (each range's ends, each choice
 Storage. ``results_dir`` defaults to ``$MANNSTUDY_RESULTS_DIR/<name>`` or ``results/<name>`` (made
 absolute from the working directory); ``tracking_uri`` to ``$MLFLOW_TRACKING_URI`` or a SQLite file
 in results_dir; ``storage`` to ``$MANNSTUDY_STORAGE`` or another SQLite file there. So the same file
-runs on a laptop and on the cluster, whose head exports the three variables (cluster.yaml).
+runs on a laptop and on the cluster, whose head writes the three into ``~/mannstudy.env``
+(cluster.yaml), read where the process's environment lacks them (:func:`cluster_env`).
 ``${VAR}`` in these three values is replaced by the environment variable.
 
 Seeds. ``seeds: [0, 1, 2]`` runs every sampled configuration once per seed: the define-by-run
@@ -84,6 +85,10 @@ TRACKING_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
 STORAGE_ENV = "MANNSTUDY_STORAGE"  # Optuna storage URL
 RESULTS_ENV = "MANNSTUDY_RESULTS_DIR"  # parent of results_dir: <it>/<name>
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Where a cluster writes those defaults for processes that do not inherit a login shell's environment
+# (``ray job submit``'s driver, a KubeRay pod sets them as container variables instead).
+ENV_FILE_ENV = "MANNSTUDY_ENV_FILE"  # the file; set empty to read none
+ENV_FILE = "~/mannstudy.env"
 
 
 class SpecError(ConfigError):
@@ -209,12 +214,14 @@ def cli_validate(path: str | os.PathLike, prefix: str = "") -> int:
     """``mannstudy validate FILE``: print one line; 0 if the file is valid, 2 if not (``prefix`` before errors)."""
     import sys
 
+    from study.redact import redact
+
     try:
         spec = load_spec(path)
     except ConfigError as err:
         if not err.source:
             err = err.with_source(str(path))
-        print(f"{prefix}{err}", file=sys.stderr)
+        print(f"{prefix}{redact(str(err))}", file=sys.stderr)
         return 2
 
     def count(n: int, word: str) -> str:
@@ -223,6 +230,29 @@ def cli_validate(path: str | os.PathLike, prefix: str = "") -> int:
     print(f"{path}: ok ({count(len(spec.models), 'model')}, {count(len(spec.search), 'parameter')}, "
           f"{count(spec.budget.num_samples, 'trial')})")
     return 0
+
+
+def cluster_env() -> dict[str, str]:
+    """The cluster defaults (TRACKING_ENV, STORAGE_ENV, RESULTS_ENV) that have a value, by name.
+
+    The process's environment wins; a variable it lacks is read from ``$MANNSTUDY_ENV_FILE`` (default
+    ``~/mannstudy.env``): lines ``KEY=value`` or ``export KEY=value``, an optional pair of quotes around
+    the value, ``#`` comments; nothing is expanded. So ``ray exec``, ``ray job submit`` and a KubeRay pod
+    give a study the same defaults.
+    """
+    names = (TRACKING_ENV, STORAGE_ENV, RESULTS_ENV)
+    found = {name: os.environ[name] for name in names if os.environ.get(name)}
+    path = Path(os.environ.get(ENV_FILE_ENV, ENV_FILE)).expanduser()
+    if len(found) < len(names) and os.environ.get(ENV_FILE_ENV, ENV_FILE) and path.is_file():
+        for line in path.read_text().splitlines():
+            key, eq, value = line.strip().removeprefix("export ").partition("=")
+            key, value = key.strip(), value.strip()
+            if eq and key in names and key not in found:
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                if value:
+                    found[key] = value
+    return found
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -395,7 +425,8 @@ class _Reader:
         fixed = self.fixed(data.get("fixed") or {}, "fixed", models, task)
         model_fixed = self.model_fixed(data.get("model_fixed") or {}, models, task)
         search = self.search(data.get("search") or {}, models, task, fixed, model_fixed)
-        results_root = os.environ.get(RESULTS_ENV, "results")
+        defaults = cluster_env()
+        results_root = defaults.get(RESULTS_ENV, "results")
         results_dir = self.location(data.get("results_dir") or f"{results_root.rstrip('/')}/{name}", "results_dir")
         remote = _is_uri(results_dir)
         spec = StudySpec(
@@ -415,8 +446,8 @@ class _Reader:
             resources=self.resources(data.get("resources") or {}),
             concurrency=self.concurrency(data.get("concurrency")),
             results_dir=results_dir,
-            tracking_uri=self.uri(data, "tracking_uri", TRACKING_ENV, results_dir, remote, "mlflow.db"),
-            storage=self.uri(data, "storage", STORAGE_ENV, results_dir, remote, "optuna.db"),
+            tracking_uri=self.uri(data, "tracking_uri", TRACKING_ENV, results_dir, remote, "mlflow.db", defaults),
+            storage=self.uri(data, "storage", STORAGE_ENV, results_dir, remote, "optuna.db", defaults),
         )
         self.check_configs(spec)
         return spec
@@ -531,11 +562,12 @@ class _Reader:
             return text.rstrip("/")
         return str(Path(text.removeprefix("file://")).expanduser().resolve())
 
-    def uri(self, data: dict, key: str, env: str, results_dir: str, remote: bool, filename: str) -> str:
+    def uri(self, data: dict, key: str, env: str, results_dir: str, remote: bool, filename: str,
+            defaults: Mapping[str, str]) -> str:
         if data.get(key) is not None:
             text = self.expand(self.coerce(data[key], str, key), key)
-        elif os.environ.get(env):
-            text, key = os.environ[env], f"{key} (from ${env})"
+        elif defaults.get(env):
+            text, key = defaults[env], f"{key} (from ${env})"
         elif remote:  # SQLite cannot live in an object store
             self.fail(key, f"a database URI (or ${env}) when results_dir is remote ({results_dir})")
         else:
@@ -710,7 +742,7 @@ class _Reader:
                     self.fail(origin.get(err.key, err.key), err.expected + suffix, err.got)
                 self.check_objective(spec, cfg)
             if spec.resources.gpu == 0 and spec.fixed.get("device") == "cuda":
-                self.fail("fixed.device", "cpu or auto when resources.gpu is 0 (Ray hides GPUs from the trial)",
+                self.fail("fixed.device", "cpu or auto when resources.gpu is 0 (such a trial sees no GPU)",
                           "cuda")
 
     def check_objective(self, spec: StudySpec, cfg: Any) -> None:

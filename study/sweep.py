@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mann.config import to_dict
+from study.redact import redact
 from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
@@ -42,8 +43,9 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # Our own one-line progress instead of Ray's table.
     "RAY_AIR_NEW_OUTPUT": "0",
-    # Ask the searcher for one trial ahead, not many: a trial asked but never started is an orphan
-    # if the driver dies (reconcile() then marks it not_run).
+    # Trials Tune keeps asked but waiting for resources: one, unless run_sweep sets the study's own
+    # (pending_trials). A trial asked but never started is an orphan if the driver dies (reconcile()
+    # then marks it not_run).
     "TUNE_MAX_PENDING_TRIALS_PG": "1",
     # A local Ray (started by connect_ray) would prestart one idle worker per CPU when the driver connects and
     # make ray.init wait for them; Tune never uses them (its trial actors carry a runtime_env, so they get
@@ -51,6 +53,8 @@ RAY_ENV = {
     # RAY_<config> variable for its prestart_worker_first_driver setting; no effect on a cluster started apart.
     "RAY_prestart_worker_first_driver": "0",
 }
+PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+_PENDING_GIVEN = os.environ.get(PENDING_ENV)  # a value set before mannstudy's is kept for every study
 for _key, _value in RAY_ENV.items():
     os.environ.setdefault(_key, _value)
 
@@ -350,6 +354,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    # A driver started by `ray job submit` or a KubeRay RayJob is told its cluster in RAY_ADDRESS.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
@@ -357,15 +363,67 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def pending_trials(spec: StudySpec, cluster_resources: dict[str, float]) -> int:
+    """How many trials Tune keeps pending (asked, waiting for resources): the study's concurrency.
+
+    The autoscaler adds nodes for the pending trials it sees, so with one pending trial a cluster grows
+    one node at a time; with ``concurrency`` of them it adds what the study needs at once. No more:
+    a trial asked but never started is an orphan if the driver dies (reconcile() marks it not_run).
+    Without a concurrency: as many as the cluster's present resources hold (at least 1).
+    """
+    if spec.concurrency is not None:
+        return spec.concurrency
+    fits = [cluster_resources.get("CPU", 0) / spec.resources.cpu]
+    if spec.resources.gpu:
+        fits.append(cluster_resources.get("GPU", 0) / spec.resources.gpu)
+    return max(1, int(min(fits) + 1e-9))
+
+
+def unshared_record(spec: StudySpec, nodes: Sequence[dict], driver_node_id: str, cwd: Path | None = None) -> str | None:
+    """Why this study's record would be split across machines (one line), or None.
+
+    ``nodes``: ``ray.nodes()``; ``driver_node_id``: the node of this process. Trials evidently run on
+    other machines when the alive nodes have more than one address, or when the driver's node cannot
+    hold one trial (a head with ``CPU: 0``: its workers are yet to be added by the autoscaler). Then
+    a SQLite tracking store, or the local folder ``results/<name>`` that a study falls back to when
+    neither it nor the cluster's environment names one, is on the driver's machine only: the trials'
+    runs and checkpoints would land on whichever node ran them. (A SQLite Optuna storage is fine: only
+    the driver uses it.)
+    """
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    hosts = {n.get("NodeManagerAddress") for n in alive}
+    driver = next((n for n in alive if n.get("NodeID") == driver_node_id), None)
+    held = (driver or {}).get("Resources", {})
+    fits = held.get("CPU", 0) >= spec.resources.cpu and held.get("GPU", 0) >= spec.resources.gpu
+    if len(hosts) > 1:
+        why = f"{len(hosts)} machines"
+    elif driver is not None and not fits:
+        why = "this node has no room for a trial, so they run on nodes yet to join"
+    else:
+        return None
+    fallback = str(((cwd or Path.cwd()) / "results" / spec.name).resolve())
+    if spec.tracking_uri.startswith("sqlite:"):
+        what = f"tracking_uri is a SQLite file on this machine ({spec.tracking_uri})"
+    elif spec.results_dir == fallback:
+        what = f"results_dir fell back to a folder on this machine ({spec.results_dir})"
+    else:
+        return None
+    return (f"the Ray cluster runs trials on other machines ({why}) but {what}: set MLFLOW_TRACKING_URI, "
+            "MANNSTUDY_STORAGE and MANNSTUDY_RESULTS_DIR in the cluster's environment or ~/mannstudy.env "
+            "(docs/cluster.md), or name shared ones in the study file")
+
+
 def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool = False,
               num_cpus: int | None = None, callbacks: Sequence[Callback] = ()) -> SweepSummary:
     """Run (or ``resume``) the study in ``path`` to the end; return its summary.
 
-    ``address``: None starts a local Ray (or uses one this process already started); ``auto`` or
-    ``host:port`` joins a cluster. Raises SpecError / SweepError / TrackingError (one line) before any
-    trial starts when the study file, the results folder or the tracking server is wrong; then nothing
-    was written (no Optuna study, no MLflow run, no Ray started). An already-initialized Ray (e.g. a test
-    cluster) is used as it is and left running. ``callbacks``: extra Tune callbacks (new sweeps only).
+    ``address``: None starts a local Ray (or uses one this process already started, or joins
+    ``$RAY_ADDRESS``); ``auto`` or ``host:port`` joins a cluster. Raises SpecError / SweepError /
+    TrackingError (one line) before any trial starts when the study file, the results folder or the
+    tracking server is wrong; then nothing was written (no Optuna study, no MLflow run, no Ray started).
+    On a cluster whose trials run on other machines, a record those machines cannot share is refused
+    once Ray is joined (:func:`unshared_record`), before anything is written. An already-initialized Ray
+    (e.g. a test cluster) is used as it is and left running. ``callbacks``: extra Tune callbacks (new sweeps only).
     """
     from study import tracking
 
@@ -387,11 +445,6 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
             "(use --resume to finish it, or give the study another name / results_dir)"
         )
 
-    experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
-                                                if "://" not in spec.results_dir else None)
-    parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
-                                      extra_tags={"mannstudy.results_dir": spec.results_dir})
-
     import ray
 
     from mann import native
@@ -402,11 +455,24 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     native.prepare()
     started_ray = connect_ray(address, num_cpus)
     try:
+        problem = unshared_record(spec, ray.nodes(), ray.get_runtime_context().get_node_id())
+        if problem:
+            raise SweepError(f"{path}: {problem}")
+        experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
+                                                    if "://" not in spec.results_dir else None)
+        parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
+                                          extra_tags={"mannstudy.results_dir": spec.results_dir})
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))
+        os.environ[PENDING_ENV] = _PENDING_GIVEN or str(pending_trials(spec, ray.cluster_resources()))
         tuner = make_tuner(spec, context, resume, callbacks)
         print(f"sweep {spec.name}: {spec.budget.num_samples} trials of {', '.join(spec.models)} on {spec.task}; "
-              f"MLflow {uri} (parent run {parent})", flush=True)
+              f"MLflow {redact(uri)} (parent run {parent})", flush=True)
         tuner.fit()
         reconcile(spec, uri, parent, "lost: the trial did not finish in this sweep (driver or node lost)")
         summary = summarize(spec)

@@ -47,6 +47,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -60,6 +61,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from study.redact import redact, redact_values
 
 log = logging.getLogger(__name__)
 
@@ -324,9 +327,11 @@ def start_study_run(
     if not study_file.is_file():
         raise TrackingError(f"{study_file}: study file not found (needed as the study run's artifact)")
     client = _client(uri)
+    # Passwords of connection strings (storage, tracking_uri) never reach the record (study/redact.py).
+    spec_dict = redact_values(dict(spec_dict))
     params = spec_params(spec_dict)
     tags = {TAG_KIND: "study", TAG_STUDY: study_name, **provenance_tags()}
-    tags.update({str(k): _cut(str(v), MAX_TAG_VAL_LENGTH) for k, v in (extra_tags or {}).items()})
+    tags.update({str(k): _cut(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in (extra_tags or {}).items()})
 
     run_id = find_study_run(uri, experiment_id, study_name, timeout_s)
     if run_id is None:
@@ -352,8 +357,13 @@ def start_study_run(
         _retry(lambda: client.update_run(run_id, status="RUNNING"), uri, "reopening the study run", timeout_s)
     tag_list = [RunTag(k, v) for k, v in tags.items()]
     _retry(lambda: client.log_batch(run_id, tags=tag_list, synchronous=True), uri, "tagging the study run", timeout_s)
-    _retry(lambda: client.log_artifact(run_id, str(study_file)), uri, f"uploading {study_file}", timeout_s)
-    spec_json = json.loads(json.dumps(dict(spec_dict), default=str))
+    with tempfile.TemporaryDirectory(prefix="mannstudy-study-") as tmp:
+        text = study_file.read_text()
+        upload = study_file if redact(text) == text else Path(tmp) / study_file.name
+        if upload != study_file:
+            upload.write_text(redact(text))
+        _retry(lambda: client.log_artifact(run_id, str(upload)), uri, f"uploading {study_file}", timeout_s)
+    spec_json = json.loads(json.dumps(spec_dict, default=str))
     _retry(lambda: client.log_dict(run_id, spec_json, "spec.json"), uri, "uploading spec.json", timeout_s)
     return run_id
 

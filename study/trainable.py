@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -134,6 +135,17 @@ class _CpuClock:
         return {"cpu_s": self.cpu, "train_cpu_s": self.train_cpu, "process_cpu_s": time.process_time()}
 
 
+def hide_gpus(gpus: float) -> None:
+    """A trial that holds no GPU sees none: ``CUDA_VISIBLE_DEVICES`` empty, set before anything opens CUDA.
+
+    Ray sets the variable for a trial that holds GPUs (to the ones it assigned), but leaves it as the
+    node's for a trial with ``gpu: 0`` (ray 2.60; RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO defaults to off), where
+    ``device: auto`` would then take cuda:0 outside Ray's accounting.
+    """
+    if gpus == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 _process_prepared = False  # set by the first trial a worker process runs (reuse_actors: later trials share it)
 
 
@@ -165,6 +177,7 @@ def _prepare_process(tracking_uri: str) -> None:
 
 def run_trial(config: dict, context: TrialContext) -> None:
     """Tune function trainable. ``config``: the define-by-run parameters (``model``, ``seed``, searched keys)."""
+    hide_gpus(context.spec.resources.gpu)
     _prepare_process(context.tracking_uri)
     import ray
     import torch

@@ -38,6 +38,7 @@ RAY_TEST_ENV = {
 }
 # A study's defaults come from these when set (study/spec.py); tests want the study file's own values.
 STUDY_ENV = ("MLFLOW_TRACKING_URI", "MANNSTUDY_STORAGE", "MANNSTUDY_RESULTS_DIR")
+ENV_FILE_OFF = {"MANNSTUDY_ENV_FILE": ""}  # nor from a ~/mannstudy.env on the test machine
 
 
 def pytest_sessionstart(session):
@@ -125,7 +126,7 @@ def ray_env(ray_tmpdir):
     """The environment every Ray process of the session inherits (set before the first Ray process starts).
     A study's defaults come from STUDY_ENV when set (study/spec.py); these tests want the files' own values."""
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**RAY_TEST_ENV, "RAY_TMPDIR": ray_tmpdir}.items():
+        for key, value in {**RAY_TEST_ENV, **ENV_FILE_OFF, "RAY_TMPDIR": ray_tmpdir}.items():
             mp.setenv(key, value)
         for key in STUDY_ENV:
             mp.delenv(key, raising=False)
