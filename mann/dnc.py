@@ -11,10 +11,10 @@ One time step, top to bottom (``DNC.step``), in the paper's Methods order:
 7. y_t = W_y h_t + W_r r_t (one layer on [h_t, r_t]; clipped like ξ_t).
 
 The Csordás & Schmidhuber variants are flags of one config (``mann.registry`` presets):
-``masking`` multiplies key and memory by a learned mask in every content look-up, ``deallocation`` scales
-freed memory by ψ_t before the write, ``sharpness`` raises the forward and backward weightings to learned
-powers s^f_t, s^b_t >= 1 and renormalises. Their interface parts come after the paper's parts, so a variant's
-interface layer holds the plain DNC's as its first rows.
+``masking`` multiplies key and memory by a learned mask in every content look-up (floored at ``mask_min``),
+``deallocation`` scales freed memory by ψ_t before the write, ``sharpness`` raises the forward and backward
+weightings to learned powers s^f_t, s^b_t >= 1 and renormalises. Their interface parts come after the paper's
+parts, so a variant's interface layer holds the plain DNC's as its first rows.
 
 Memory, usage, link, weightings and reads all start at zero (content look-up is finite there).
 """
@@ -42,6 +42,9 @@ class DNCConfig:
     masking: bool = False  # key/value masking in content look-up (Csordás & Schmidhuber 2019)
     deallocation: bool = False  # erase freed memory: M_{t-1} ∘ ψ_t before writing (ibid.)
     sharpness: bool = False  # link distribution sharpness control of f_t, b_t (ibid.)
+    # floor of the masks: m = mask_min + (1 - mask_min) sigmoid(.), so no channel is ever masked out entirely
+    # (Csordás & Schmidhuber's code; 0.1 in their associative-recall runs, 0 elsewhere); no effect without masking
+    mask_min: float = 0.0
     clip_value: float | None = 20.0  # clip ξ_t and the output logits to ±clip_value (DeepMind's default; None: off)
     # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
     # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
@@ -52,6 +55,7 @@ class DNCConfig:
             check(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
         check(self.clip_value is None or self.clip_value > 0, "clip_value", "a positive number or null",
               self.clip_value)
+        check(0 <= self.mask_min < 1, "mask_min", "a number in [0, 1)", self.mask_min)
 
 
 class DNCState(NamedTuple):
@@ -68,6 +72,13 @@ class DNCState(NamedTuple):
 def oneplus(x: Tensor) -> Tensor:
     """oneplus(x) = 1 + log(1 + e^x), in [1, inf) (DNC, Methods)."""
     return 1 + F.softplus(x)
+
+
+def floored_mask(x: Tensor, mask_min: float) -> Tensor:
+    """m = mask_min + (1 - mask_min) sigmoid(x), in [mask_min, 1): a content-addressing mask whose channels never
+    drop below ``mask_min`` (Csordás & Schmidhuber's code: ``mask * (1 - mask_min) + mask_min``)."""
+    m = torch.sigmoid(x)
+    return m if mask_min == 0 else mask_min + (1 - mask_min) * m
 
 
 class DNC(nn.Module):
@@ -133,8 +144,8 @@ class DNC(nn.Module):
         read_modes = torch.softmax(parts[9].view(B, R, 2 * Hw + 1), dim=-1)  # π_t: backward heads, content, forward
         read_masks = write_masks = forward_sharpness = backward_sharpness = None
         if cfg.masking:
-            read_masks = torch.sigmoid(parts[10]).view(B, R, W)
-            write_masks = torch.sigmoid(parts[11]).view(B, Hw, W)
+            read_masks = floored_mask(parts[10], cfg.mask_min).view(B, R, W)
+            write_masks = floored_mask(parts[11], cfg.mask_min).view(B, Hw, W)
         if cfg.sharpness:
             forward_sharpness, backward_sharpness = oneplus(parts[-2]), oneplus(parts[-1])  # s^f_t, s^b_t: [B, R]
 

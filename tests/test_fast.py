@@ -163,6 +163,8 @@ def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp
     ("dnc-ms", {}),
     ("dnc-mds", {"write_heads": 2}),
     ("dnc", {"clip_value": None}),
+    ("dnc-md", {"mask_min": 0.1}),
+    ("dnc-mds", {"mask_min": 0.4, "write_heads": 2}),
 ])
 def test_dnc_fast_matches_reference(name, overrides, kernels):
     _compare(_model(name, {**DNC_TINY, **overrides}))

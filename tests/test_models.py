@@ -1,11 +1,13 @@
 """The models' contract (docs/architecture.md, "Models") and the numerics of NTM, DNC and the LSTM baseline."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from mann import addressing
 from mann.config import ConfigError
-from mann.dnc import DNCState
+from mann.dnc import DNCState, floored_mask
 from mann.ntm import MEMORY_INIT_CONSTANT, NTMState
 from mann.registry import MODELS, build_model, make_model_config
 
@@ -123,6 +125,8 @@ def test_lstm_default_matches_ntm_parameter_count_on_copy():
         ("ntm", {"memory_init": "zeros"}, "model.memory_init"),
         ("dnc", {"read_heads": 0}, "model.read_heads"),
         ("dnc-md", {"clip_value": -1}, "model.clip_value"),
+        ("dnc-md", {"mask_min": 1.0}, "model.mask_min"),
+        ("dnc-md", {"mask_min": -0.1}, "model.mask_min"),
         ("lstm", {"layers": 0}, "model.layers"),
     ],
 )
@@ -181,6 +185,67 @@ def test_variant_with_no_flags_equals_plain():
     x = torch.randn(2, 6, I, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), same(x), rtol=0, atol=1e-12)
+
+
+def _numpy_masked_content(memory, keys, beta, mask_logits, mask_min, eps=1e-6):
+    """Csordás & Schmidhuber's masked content look-up in NumPy, from their description and code: the mask
+    m = sigmoid(z) (1 - mask_min) + mask_min multiplies key and memory, D = (k m).(M_i m) / (|k m| |M_i m| + eps),
+    softmax_i(beta D). memory [B, N, W]; keys, mask_logits [B, H, W]; beta [B, H] -> [B, H, N]."""
+    m = 1 / (1 + np.exp(-mask_logits)) * (1 - mask_min) + mask_min
+    km = keys * m  # [B, H, W]
+    Mm = memory[:, None, :, :] * m[:, :, None, :]  # [B, H, N, W]
+    dot = (Mm * km[:, :, None, :]).sum(-1)
+    D = dot / (np.linalg.norm(km, axis=-1)[..., None] * np.linalg.norm(Mm, axis=-1) + eps)
+    z = beta[..., None] * D
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("mask_min", [0.0, 0.1, 0.6])
+def test_masked_content_lookup_with_a_mask_floor_matches_numpy(mask_min):
+    g = torch.Generator().manual_seed(3)
+    memory, keys, z = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in
+                       ((2, 7, 5), (2, 3, 5), (2, 3, 5)))
+    beta = 1 + 3 * torch.rand(2, 3, generator=g, dtype=torch.float64)
+    mask = floored_mask(z, mask_min)
+    assert mask.min() >= mask_min and mask.max() < 1
+    ours = addressing.content_weights(memory, keys, beta, mask=mask)
+    expected = _numpy_masked_content(memory.numpy(), keys.numpy(), beta.numpy(), z.numpy(), mask_min)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dnc-md", "dnc-mds"])
+def test_dnc_step_floors_its_read_and_write_masks_at_mask_min(name, monkeypatch):
+    """The masks DNC.step hands to content addressing are mask_min + (1 - mask_min) sigmoid of their interface
+    parts (recomputed here in NumPy from the interface layer's output), for the write and the read look-up."""
+    mask_min = 0.25
+    model = seeded(name, mask_min=mask_min).double()
+    cfg, R, Hw, W = model.cfg, model.cfg.read_heads, model.cfg.write_heads, model.cfg.word_size
+    raws, masks = [], []
+    model.interface.register_forward_hook(lambda module, args, out: raws.append(out.detach()))
+    original = addressing.content_weights
+    monkeypatch.setattr(addressing, "content_weights",
+                        lambda m, k, b, mask=None: masks.append(mask.detach()) or original(m, k, b, mask=mask))
+    model.step(torch.randn(2, I, dtype=torch.float64), model.initial_state(2))
+    xi = np.clip(raws[0].numpy(), -cfg.clip_value, cfg.clip_value)
+    start = sum(model.interface_sizes[:10])  # the masks follow the paper's ten parts: read masks, write masks
+    z_read, z_write = xi[:, start : start + R * W], xi[:, start + R * W : start + (R + Hw) * W]
+    floor = lambda z: mask_min + (1 - mask_min) / (1 + np.exp(-z))  # noqa: E731
+    write_mask, read_mask = masks  # the write look-up (on M_{t-1}) runs before the read look-up (on M_t)
+    np.testing.assert_allclose(write_mask.numpy().reshape(2, -1), floor(z_write), rtol=1e-12)
+    np.testing.assert_allclose(read_mask.numpy().reshape(2, -1), floor(z_read), rtol=1e-12)
+    assert write_mask.min() >= mask_min
+
+
+def test_mask_min_changes_a_masked_dnc_and_nothing_else():
+    x = torch.randn(2, 5, I)
+    outputs = {}
+    for name in ("dnc", "dnc-md"):
+        for mm in (0.0, 0.3):
+            with torch.no_grad():
+                outputs[name, mm] = seeded(name, mask_min=mm)(x)
+    assert torch.equal(outputs["dnc", 0.0], outputs["dnc", 0.3])  # no masks: nothing to floor
+    assert not torch.allclose(outputs["dnc-md", 0.0], outputs["dnc-md", 0.3])
 
 
 def test_registry_presets_set_the_flags():
