@@ -103,6 +103,8 @@ def kernels(request):
     {"controller": "feedforward"},
     {"memory_init": "learned"},
     {"memory_init": "random"},
+    {"memory_init": "constant_trained"},
+    {"memory_init": "random_trained"},
     {"clip_value": None},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_ntm_fast_matches_reference(overrides, kernels):

@@ -283,7 +283,62 @@ def test_memory_init_schemes():
     assert torch.equal(a, a_again)  # and follows the seed
 
 
-@pytest.mark.parametrize("init", ["constant", "learned", "random"])
+# What each scheme initialises M_0 to and whether training moves it. Collier & Beel's code (ntm.py, zero_state):
+# "constant" is tf.get_variable(init 1e-6), "learned" tanh of a Glorot-uniform 1 -> N*W layer's weights, "random"
+# tanh(tf.get_variable(init N(0, 0.5^2))); every tf.get_variable is trainable and run_tasks.py's optimizer updates
+# all trainable variables. Rows: scheme -> (trained, tanh applied to the parameter, parameter's initial values).
+INIT_SCHEMES = {
+    "constant": (False, None, None),
+    "random": (False, None, None),
+    "learned": (True, True, "glorot"),  # U(+-sqrt(6 / (1 + N W)))
+    "constant_trained": (True, False, "1e-6"),
+    "random_trained": (True, True, "normal 0.5"),
+}
+
+
+@pytest.mark.parametrize("init", sorted(INIT_SCHEMES))
+def test_each_memory_init_scheme_initialises_and_trains_what_collier_and_beel_do(init):
+    trained, tanh, start = INIT_SCHEMES[init]
+    model = seeded("ntm", memory_init=init, memory_size=64, word_size=20)
+    N, W = 64, 20
+    params = dict(model.named_parameters())
+    # the initial reads and weightings are learned in every scheme: r_0 = tanh(p), w_0 = softmax(q)
+    assert {"init_reads", "init_weight_logits"} <= set(params)
+    state = model.initial_state(3)
+    torch.testing.assert_close(state.reads[0], torch.tanh(model.init_reads))
+    torch.testing.assert_close(state.read_weights[0], torch.softmax(model.init_weight_logits, -1)[:1])
+    assert ("init_memory" in params) == trained
+    if trained:
+        P = model.init_memory
+        start_values = P.detach().clone()
+        assert P.shape == (N, W)
+        torch.testing.assert_close(state.memory, (torch.tanh(P) if tanh else P).expand(3, N, W))
+        if start == "1e-6":
+            assert (P == MEMORY_INIT_CONSTANT).all()
+        elif start == "glorot":
+            bound = (6 / (1 + N * W)) ** 0.5
+            assert P.abs().max() <= bound and P.abs().max() > 0.9 * bound and abs(P.mean()) < 0.1 * bound
+        else:
+            assert abs(P.std().item() - 0.5) < 0.02 and abs(P.mean().item()) < 0.02  # 1280 draws of N(0, 0.25)
+        with torch.no_grad():  # tanh(1e-6) is 1e-6 to float precision: whether tanh applies shows at 2
+            P.fill_(2.0)
+        assert (model.initial_state(1).memory == (torch.tanh(torch.tensor(2.0)) if tanh else 2.0)).all()
+        with torch.no_grad():
+            P.copy_(start_values)
+    # one Adam step: the memory a trained scheme starts from moves; an untrained one stays as it was
+    before = model.initial_state(1).memory.detach().clone() if init != "random" else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4, I)).square().sum().backward()
+    optimizer.step()
+    if init == "random":
+        return
+    after = model.initial_state(1).memory
+    assert torch.equal(before, after) != trained
+    if init == "constant":
+        assert (after == MEMORY_INIT_CONSTANT).all()
+
+
+@pytest.mark.parametrize("init", sorted(INIT_SCHEMES))
 def test_ntm_runs_with_a_larger_memory(init):
     model = seeded("ntm", memory_init=init)
     s = model.initial_state(2, memory_size=20)
