@@ -9,16 +9,16 @@ price one trial per core; on a shared machine ``cpu ms`` (process CPU time per s
 
 Protocols (the papers' public training scripts' defaults):
 
-- ``collier_ntm``: Collier & Beel 2018, run_tasks.py: NTM, LSTM-100, N=128, W=20, 1 read + 1 write head, shift
-  range 1, clip 20, memory init as their code runs "constant" (``constant_trained``); copy, 8 bits, lengths 1-20,
-  no curriculum, loss summed per sequence; batch 32; Adam lr 1e-3; global gradient-norm clip 50.
+- ``collier_ntm``: Collier & Beel 2018, run_tasks.py: NTM, LSTM-100 (forget bias 1), N=128, W=20, 1 read + 1
+  write head, shift range 1, clip 20, memory init as their code runs "constant" (``constant_trained``); copy, 8
+  bits, lengths 1-20, no curriculum, loss summed per sequence; batch 32; Adam lr 1e-3; gradient-norm clip 50.
 - ``graves_ntm``: Graves et al. 2014 copy: the same NTM, RMSProp (Graves 2013: centered, momentum 0.9) lr 1e-4,
   gradients clipped to (-10, 10); batch 16 (the paper does not give one).
 - ``graves_lstm``: the paper's LSTM baseline on copy: 3 stacked layers of 256; otherwise as ``graves_ntm``.
 - ``csordas_dnc`` / ``csordas_dnc_mds``: Csordás & Schmidhuber 2019, main.py's associative_recall profile: DNC
-  (and DNC-MDS, masks floored at 0.1), LSTM-128, N=64, W=32, 1 read head, interface clip 20; associative recall,
-  items of 3 x 8 bits, 2-16 items, no curriculum, loss summed per sequence; batch 16; RMSProp (not centered) lr
-  1e-4, momentum 0.9, eps 1e-10, weight decay 1e-5 on weights; gradient-norm clip 10.
+  (and DNC-MDS, masks floored at 0.1), LSTM-128 (forget bias 1), N=64, W=32, 1 read head, interface clip 20;
+  associative recall, items of 3 x 8 bits, 2-16 items, no curriculum, loss summed per sequence; batch 16;
+  RMSProp (not centered) lr 1e-4, momentum 0.9, eps 1e-10, weight decay 1e-5 on weights; gradient-norm clip 10.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/protocols.py --threads 1
     .venv/bin/python bench/protocols.py --protocols csordas_dnc --steps 20
@@ -40,6 +40,7 @@ from mann.train import _Run, make_train_config  # noqa: E402
 
 NTM = {"model.controller_size": 100, "model.memory_size": 128, "model.word_size": 20, "model.read_heads": 1,
        "model.write_heads": 1, "model.shift_range": 1, "model.clip_value": 20}
+FORGET = {"model.forget_bias": 1.0}
 COPY = {"task.bits": 8, "task.min_length": 1, "task.max_length": 20, "task.curriculum": False}
 SUM = {"task.loss_reduction": "sum"}
 GRAVES_OPT = {"optimizer": "rmsprop", "lr": 1e-4, "momentum": 0.9, "alpha": 0.95, "centered": True,
@@ -52,12 +53,14 @@ CSORDAS_OPT = {"optimizer": "rmsprop", "lr": 1e-4, "momentum": 0.9, "alpha": 0.9
                "weight_decay": 1e-5, "clip_norm": 10.0, "clip_value": None, "batch_size": 16}
 
 PROTOCOLS: dict[str, tuple[str, str, dict]] = {
-    "collier_ntm": ("ntm", "copy", {**NTM, **COPY, **SUM, "model.memory_init": "constant_trained", "optimizer": "adam",
-                                    "lr": 1e-3, "clip_norm": 50.0, "clip_value": None, "batch_size": 32}),
+    "collier_ntm": ("ntm", "copy", {**NTM, **COPY, **SUM, **FORGET, "model.memory_init": "constant_trained",
+                                    "optimizer": "adam", "lr": 1e-3, "clip_norm": 50.0, "clip_value": None,
+                                    "batch_size": 32}),
     "graves_ntm": ("ntm", "copy", {**NTM, **COPY, **GRAVES_OPT}),
     "graves_lstm": ("lstm", "copy", {"model.hidden_size": 256, "model.layers": 3, **COPY, **GRAVES_OPT}),
-    "csordas_dnc": ("dnc", "associative_recall", {**DNC, **RECALL, **CSORDAS_OPT}),
-    "csordas_dnc_mds": ("dnc-mds", "associative_recall", {**DNC, **RECALL, **CSORDAS_OPT, "model.mask_min": 0.1}),
+    "csordas_dnc": ("dnc", "associative_recall", {**DNC, **RECALL, **CSORDAS_OPT, **FORGET}),
+    "csordas_dnc_mds": ("dnc-mds", "associative_recall", {**DNC, **RECALL, **CSORDAS_OPT, **FORGET,
+                                                          "model.mask_min": 0.1}),
 }
 
 

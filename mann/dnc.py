@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mann import addressing, fast, memory
 from mann.config import ConfigError, check
+from mann.lstm import add_forget_bias
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class DNCConfig:
     # (Csordás & Schmidhuber's code; 0.1 in their associative-recall runs, 0 elsewhere); no effect without masking
     mask_min: float = 0.0
     clip_value: float | None = 20.0  # clip ξ_t and the output logits to ±clip_value (DeepMind's default; None: off)
+    # added to the LSTM controller's forget-gate bias at initialisation (Csordás & Schmidhuber's code sets it to 1)
+    forget_bias: float = 0.0
     # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
     # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
     impl: Literal["auto", "reference", "fast"] = "auto"
@@ -87,6 +90,7 @@ class DNC(nn.Module):
         self.cfg = cfg
         W, R, Hw, C = cfg.word_size, cfg.read_heads, cfg.write_heads, cfg.controller_size
         self.controller = nn.LSTMCell(input_size + R * W, C)
+        add_forget_bias(self.controller, cfg.forget_bias)
         # ξ_t in the paper's order: read keys, read strengths, write keys, write strengths, erase vectors,
         # write vectors, free gates, allocation gates, write gates, read modes; then the variants' parts.
         self.interface_sizes = [R * W, R, Hw * W, Hw, Hw * W, Hw * W, R, Hw, Hw, R * (2 * Hw + 1)]

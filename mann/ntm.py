@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from mann import addressing, fast, memory
 from mann.config import ConfigError, check
+from mann.lstm import add_forget_bias
 
 MEMORY_INIT_CONSTANT = 1e-6  # Collier & Beel's "small constant"; also fills rows added beyond a learned memory
 RANDOM_INIT_STD = 0.5  # random schemes: M(i, j) = tanh(N(0, 0.5²)) (random: per sequence; random_trained: once)
@@ -56,6 +57,9 @@ class NTMConfig:
     # M_0, see the module docstring; Collier & Beel's code trains its constant (1e-6) memory: "constant_trained"
     memory_init: Literal["constant", "learned", "random", "constant_trained", "random_trained"] = "constant"
     clip_value: float | None = 20.0  # clip head parameters and output logits to ±clip_value (None: no clip)
+    # added to the LSTM controller's forget-gate bias at initialisation (mann.lstm.add_forget_bias); Collier &
+    # Beel's code runs TensorFlow's BasicLSTMCell(forget_bias=1.0), which this reproduces exactly
+    forget_bias: float = 0.0
     # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
     # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
     impl: Literal["auto", "reference", "fast"] = "auto"
@@ -68,6 +72,8 @@ class NTMConfig:
               f"2 * shift_range + 1 <= memory_size ({self.memory_size})", self.shift_range)
         check(self.clip_value is None or self.clip_value > 0, "clip_value", "a positive number or null",
               self.clip_value)
+        check(self.forget_bias == 0 or self.controller == "lstm", "forget_bias", "0 with a feedforward controller",
+              self.forget_bias)
 
 
 class NTMState(NamedTuple):
@@ -87,6 +93,7 @@ class NTM(nn.Module):
         controller_in = input_size + R * W
         if cfg.controller == "lstm":
             self.controller = nn.LSTMCell(controller_in, C)
+            add_forget_bias(self.controller, cfg.forget_bias)
         else:
             self.controller = nn.Linear(controller_in, C)
         # Per head: k (W), β, g, s (2k+1), γ; then per write head: e (W), a (W). One fused layer for all.

@@ -126,6 +126,7 @@ def test_lstm_default_matches_ntm_parameter_count_on_copy():
         ("dnc", {"read_heads": 0}, "model.read_heads"),
         ("dnc-md", {"clip_value": -1}, "model.clip_value"),
         ("dnc-md", {"mask_min": 1.0}, "model.mask_min"),
+        ("ntm", {"controller": "feedforward", "forget_bias": 1.0}, "model.forget_bias"),
         ("dnc-md", {"mask_min": -0.1}, "model.mask_min"),
         ("lstm", {"layers": 0}, "model.layers"),
     ],
@@ -412,3 +413,38 @@ def test_cuda(name):
     assert all(t.is_cuda for t in tensors(state))
     y = model(torch.randn(2, 4, I, device="cuda"))
     assert y.is_cuda and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["ntm", "dnc-mds", "lstm"])
+def test_forget_bias_raises_the_forget_gate_bias_at_initialisation_and_nothing_else(name):
+    plain = dict(seeded(name).named_parameters())
+    biased = seeded(name, forget_bias=1.0)
+    H = 12  # every TINY controller / LSTM has 12 units
+    for n, p in biased.named_parameters():
+        if n.rsplit(".", 1)[-1].startswith("bias_ih"):
+            torch.testing.assert_close(p[H : 2 * H], plain[n][H : 2 * H] + 1.0, rtol=0, atol=1e-7)
+            assert torch.equal(p[:H], plain[n][:H]) and torch.equal(p[2 * H :], plain[n][2 * H :]), n
+        else:
+            assert torch.equal(p, plain[n]), n
+    assert any(n.rsplit(".", 1)[-1].startswith("bias_ih") for n in plain)
+
+
+def test_forget_bias_is_tensorflows_constant_added_to_the_forget_gate():
+    """TF's BasicLSTMCell computes c = sigmoid(f + forget_bias) c_prev + ...: an nn.LSTMCell whose forget bias was
+    raised by forget_bias at initialisation gives the same h and c."""
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(3, 4).double()
+    raised = nn.LSTMCell(3, 4).double()
+    raised.load_state_dict(cell.state_dict())
+    from mann.lstm import add_forget_bias
+
+    add_forget_bias(raised, 1.0)
+    x, h, c = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64), torch.randn(
+        2, 4, dtype=torch.float64)
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+    i, f, g, o = gates.chunk(4, 1)
+    c_tf = torch.sigmoid(f + 1.0) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_tf = torch.sigmoid(o) * torch.tanh(c_tf)
+    h_ours, c_ours = raised(x, (h, c))
+    torch.testing.assert_close(c_ours, c_tf, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_ours, h_tf, rtol=1e-12, atol=1e-12)
