@@ -12,6 +12,8 @@ Protocols (the papers' public training scripts' defaults):
 - ``collier_ntm``: Collier & Beel 2018, run_tasks.py: NTM, LSTM-100 (forget bias 1), N=128, W=20, 1 read + 1
   write head, shift range 1, clip 20, memory init as their code runs "constant" (``constant_trained``); copy, 8
   bits, lengths 1-20, no curriculum, loss summed per sequence; batch 32; Adam lr 1e-3; gradient-norm clip 50.
+  ``collier_ntm_len20``: the same at length 20 only, which is what run_tasks.py trains on with its default
+  ``--curriculum none`` (generate_data.py: ``seq_len = max_seq_len``).
 - ``graves_ntm``: Graves et al. 2014 copy: the same NTM, RMSProp (Graves 2013: centered, momentum 0.9) lr 1e-4,
   gradients clipped to (-10, 10); batch 16 (the paper does not give one).
 - ``graves_lstm``: the paper's LSTM baseline on copy: 3 stacked layers of 256; otherwise as ``graves_ntm``.
@@ -56,6 +58,9 @@ PROTOCOLS: dict[str, tuple[str, str, dict]] = {
     "collier_ntm": ("ntm", "copy", {**NTM, **COPY, **SUM, **FORGET, "model.memory_init": "constant_trained",
                                     "optimizer": "adam", "lr": 1e-3, "clip_norm": 50.0, "clip_value": None,
                                     "batch_size": 32}),
+    "collier_ntm_len20": ("ntm", "copy", {**NTM, **COPY, **SUM, **FORGET, "task.min_length": 20,
+                                          "model.memory_init": "constant_trained", "optimizer": "adam", "lr": 1e-3,
+                                          "clip_norm": 50.0, "clip_value": None, "batch_size": 32}),
     "graves_ntm": ("ntm", "copy", {**NTM, **COPY, **GRAVES_OPT}),
     "graves_lstm": ("lstm", "copy", {"model.hidden_size": 256, "model.layers": 3, **COPY, **GRAVES_OPT}),
     "csordas_dnc": ("dnc", "associative_recall", {**DNC, **RECALL, **CSORDAS_OPT, **FORGET}),
