@@ -206,36 +206,64 @@ def parse_set_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# Limits on values no machine can hold, checked when a configuration is read (a study file, --set) rather
+# than when a trial crashes or is killed for memory.
+#
 # A trial trains on one device, and the largest accelerators hold 141-192 GB (H200, B200). A configuration
-# whose tensors for one training step cannot fit in MAX_DEVICE_BYTES is refused when it is read, naming
-# the limit, rather than when a trial runs out of memory: generous for any GPU cluster, and finite.
+# whose tensors for one training step cannot fit in MAX_DEVICE_BYTES is refused, naming the limit:
+# generous for any GPU cluster, and finite.
 MAX_DEVICE_BYTES = 256 * 2**30
+# Sizes of a task (lengths, counts of items, facts or nodes, bits per vector): Graves (2014) trained copy on
+# lengths 1-20 and tested up to 120, and the bAbI stories hold a few hundred facts. 2^16 is far beyond any of
+# them (a generalization scale multiplies it further); a larger value is a typo that would build sequences of
+# millions of steps.
+MAX_TASK_SIZE = 2**16
+# torch.manual_seed takes a 64-bit integer, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
-def check_device_memory(cfg: Any) -> None:
-    """Refuse a TrainConfig (``mann.train``) that no single device can hold: ConfigError naming the largest factor.
+def check_limits(cfg: Any) -> None:
+    """Refuse a TrainConfig (``mann.train``) that no machine can run; ConfigError naming the key and the limit.
 
-    A lower bound on one step of one batch B: the memory matrix [B, N, W] (NTM, DNC), the DNC's temporal
-    link matrices [B, Hw, N, N], and the controller's recurrent gate weights 4·C² (LSTM) with their gradient
-    and two optimizer moments. Backpropagation through time keeps every step's state, so a run needs more;
-    the bound refuses only what cannot fit at all.
+    Seeds must be integers torch takes; every integer of the task config at most MAX_TASK_SIZE; and the
+    tensors of one step (:func:`_step_bytes`) at most MAX_DEVICE_BYTES.
+    """
+    for key in ("seed", "eval_seed"):
+        value = getattr(cfg, key)
+        if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise ConfigError(key, "a 64-bit integer (torch.manual_seed's seed: -2**63 to 2**64 - 1)", value)
+    for field in dataclasses.fields(cfg.task_cfg):
+        value = getattr(cfg.task_cfg, field.name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TASK_SIZE:
+            raise ConfigError(f"task.{field.name}", f"at most {MAX_TASK_SIZE:,} (a size no task needs more of)",
+                              value)
+    need, factors = _step_bytes(cfg)
+    if need > MAX_DEVICE_BYTES:
+        key = max(factors, key=factors.get)
+        raise ConfigError(key, f"a size that fits on one device (at most {MAX_DEVICE_BYTES / 2**30:g} GiB for "
+                               f"one step's tensors; this configuration needs over {need / 2**30:,.0f} GiB)",
+                          factors[key])
+
+
+def _step_bytes(cfg: Any) -> tuple[float, dict[str, int]]:
+    """A lower bound on the bytes one step of one batch B needs, and the sizes of its largest term.
+
+    The memory matrix [B, N, W] (NTM, DNC), the DNC's temporal link matrices [B, Hw, N, N], and the
+    controller's recurrent gate weights 4·C² per layer (LSTM) with their gradient and two optimizer moments.
+    Backpropagation through time keeps every step's state, so a run needs more; the bound refuses only
+    what cannot fit at all.
     """
     m, batch = cfg.model_cfg, cfg.batch_size
-    terms: list[tuple[float, dict[str, int]]] = []  # (elements, the keys whose product they are)
+    terms: list[tuple[float, dict[str, int]]] = [(0, {"batch_size": batch})]  # (elements, the keys multiplied)
     if hasattr(m, "memory_size") and hasattr(m, "word_size"):
         terms.append((batch * m.memory_size * m.word_size,
                       {"batch_size": batch, "model.memory_size": m.memory_size, "model.word_size": m.word_size}))
         if cfg.model.startswith("dnc"):  # every DNC variant keeps Hw link matrices of N x N per sequence
-            links = batch * m.write_heads * m.memory_size ** 2
-            terms.append((links, {"batch_size": batch, "model.memory_size": m.memory_size}))
+            terms.append((batch * m.write_heads * m.memory_size ** 2,
+                          {"batch_size": batch, "model.memory_size": m.memory_size}))
     for name in ("controller_size", "hidden_size"):
         if hasattr(m, name):
             size = getattr(m, name)
             terms.append((4 * 4 * size ** 2 * getattr(m, "layers", 1), {f"model.{name}": size}))
     need = (8 if cfg.dtype == "float64" else 4) * sum(elements for elements, _ in terms)
-    if need > MAX_DEVICE_BYTES:
-        _, factors = max(terms)
-        key = max(factors, key=factors.get)
-        raise ConfigError(key, f"a size that fits on one device (at most {MAX_DEVICE_BYTES / 2**30:g} GiB for "
-                               f"one step's tensors; this configuration needs over {need / 2**30:,.0f} GiB)",
-                          factors[key])
+    return need, max(terms, key=lambda term: term[0])[1]

@@ -71,7 +71,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mann.config import check_device_memory
+    from mann.config import check_limits
     from mann.train import (
         CheckpointError,
         check_checkpoint_dir,
@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
             cfg = config_from_flat_dict({**stored, **overrides})
         else:
             cfg = make_train_config(args.model or "ntm", args.task or "copy", overrides)
-        check_device_memory(cfg)
+        check_limits(cfg)
         if cfg.checkpoint_dir is not None:
             check_checkpoint_dir(cfg.checkpoint_dir, resuming=args.resume)
         return _fit_with_progress(cfg, resume_from=args.resume)

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Union, get_args, get_origin
 
 import yaml
 
-from mann.config import ConfigError, _type_name, check_device_memory, coerce, field_types, one_line
+from mann.config import SEED_RANGE, ConfigError, _type_name, check_limits, coerce, field_types, one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -185,24 +185,28 @@ class _Loader(yaml.SafeLoader):
 
 
 def _expanded_size(root: yaml.Node) -> float:
-    """How many nodes the document holds once every alias is replaced by what it names.
+    """How many nodes the document holds once every alias is replaced by what it names (inf: an alias inside
+    its own anchor, ``&a [*a]``, which never ends).
 
     An alias is the same node object as its anchor, so sizes are memoized per node: the count is cheap however
     large the expansion. Iterative (a deeply nested document must not exhaust Python's recursion).
     """
     size: dict[int, float] = {}
+    open_: set[int] = set()  # nodes whose children are being counted
     stack = [(root, False)]
     while stack:
         node, children_done = stack.pop()
-        if id(node) in size:
-            continue
         if isinstance(node, yaml.ScalarNode):
             size[id(node)] = 1
             continue
         children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
         if children_done:
-            size[id(node)] = 1 + sum(size.get(id(c), 0) for c in children)
-        else:
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            open_.discard(id(node))
+        elif id(node) in open_:
+            return math.inf
+        elif id(node) not in size:
+            open_.add(id(node))
             stack.append((node, True))
             stack.extend((c, False) for c in children if id(c) not in size)
     return size[id(root)]
@@ -259,7 +263,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(where, "valid YAML", problem, source) from None
     except RecursionError:
-        raise SpecError("yaml", "lists and mappings nested a few levels deep", "nesting too deep to read",
+        raise SpecError("yaml", "lists and mappings nested less deeply", "nesting too deep to read",
                         source) from None
 
 
@@ -571,6 +575,9 @@ class _Reader:
         if not isinstance(value, list) or not value:
             self.fail("seeds", "a non-empty list of integers, or 'trial'", value)
         seeds = self.coerce(value, tuple[int, ...], "seeds")
+        for seed in seeds:
+            if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+                self.fail("seeds", "64-bit integers (torch.manual_seed's seeds: -2**63 to 2**64 - 1)", seed)
         if len(set(seeds)) != len(seeds):
             self.fail("seeds", "each seed once", value)
         if budget.num_samples % len(seeds):
@@ -804,7 +811,7 @@ class _Reader:
                 _, overrides = trial_overrides(spec, {MODEL_PARAM: model, "seed": seed, **sample})
                 try:
                     cfg = make_train_config(model, spec.task, overrides)
-                    check_device_memory(cfg)
+                    check_limits(cfg)
                 except ConfigError as err:
                     suffix = f" (model {model})" if len(spec.models) > 1 else ""
                     self.fail(origin.get(err.key, err.key), err.expected + suffix, err.got)

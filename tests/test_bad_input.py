@@ -79,6 +79,7 @@ STUDY_FILES: list[tuple[str, str | bytes, str]] = [
     ("alias bomb", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"b{i}: &b{i} [{', '.join([f'*b{i - 1}' if i > 1 else '*a'] * 9)}]\n" for i in range(1, 10))
         + "models: *b9\n", "yaml"),
+    ("recursive alias", "name: &a [*a]\n", "yaml"),
     ("deep nesting", "x: " + "[" * 5_000 + "]" * 5_000 + "\n", "yaml"),
     # YAML
     ("unclosed bracket", edit("task: copy", "task: [copy"), "line"),
@@ -133,6 +134,11 @@ STUDY_FILES: list[tuple[str, str | bytes, str]] = [
      "budget.time_budget_s"),
     ("seeds .inf", edit("seeds: [0, 1]", "seeds: [0, .inf]"), "seeds"),
     ("seeds nested", edit("seeds: [0, 1]", "seeds: [[0], [1]]"), "seeds"),
+    ("seeds beyond 64 bits", edit("seeds: [0, 1]", "seeds: [0, 100000000000000000000000]"), "seeds"),
+    ("fixed eval_seed beyond 64 bits", edit("optimizer: adam", "eval_seed: -100000000000000000000000"),
+     "fixed.eval_seed"),
+    ("fixed task length no task needs", edit("task.max_length: 3", "task.max_length: 100000000"),
+     "fixed.task.max_length"),
     ("sampler a list", BASE + "sampler: [tpe]\n", "sampler"),
     ("search_seed .nan", BASE + "search_seed: .nan\n", "search_seed"),
     ("resources a list", BASE + "resources: [1, 0]\n", "resources"),
@@ -180,6 +186,8 @@ def set_cases() -> list[Case]:
         ("lr=.inf", "lr: expected a finite number"),
         ("eval_every=1e400", "eval_every: expected an integer"),
         ("model.memory_size=1000000000", "model.memory_size: expected a size that fits on one device"),
+        ("seed=100000000000000000000000", "seed: expected a 64-bit integer"),
+        ("task.max_length=100000000", "task.max_length: expected at most 65,536"),
         ("lr", "lr: expected key=value"),
         ("=3", "=3: expected key=value"),
         ("nope=1", "nope: expected a known key"),
