@@ -225,18 +225,23 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 def check_limits(cfg: Any) -> None:
     """Refuse a TrainConfig (``mann.train``) that no machine can run; ConfigError naming the key and the limit.
 
-    Seeds must be integers torch takes; every integer of the task config at most MAX_TASK_SIZE; and the
-    tensors of one step (:func:`_step_bytes`) at most MAX_DEVICE_BYTES.
+    Seeds must be integers torch takes; every integer of the task config at most MAX_TASK_SIZE, also at the
+    largest generalization scale; and the tensors of one step (:func:`_step_bytes`) at most MAX_DEVICE_BYTES.
     """
     for key in ("seed", "eval_seed"):
         value = getattr(cfg, key)
         if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
             raise ConfigError(key, "a 64-bit integer (torch.manual_seed's seed: -2**63 to 2**64 - 1)", value)
-    for field in dataclasses.fields(cfg.task_cfg):
-        value = getattr(cfg.task_cfg, field.name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TASK_SIZE:
-            raise ConfigError(f"task.{field.name}", f"at most {MAX_TASK_SIZE:,} (a size no task needs more of)",
-                              value)
+    sizes = {f.name: getattr(cfg.task_cfg, f.name) for f in dataclasses.fields(cfg.task_cfg)}
+    sizes = {name: v for name, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if sizes:
+        name = max(sizes, key=sizes.get)
+        if sizes[name] > MAX_TASK_SIZE:
+            raise ConfigError(f"task.{name}", f"at most {MAX_TASK_SIZE:,} (a size no task needs more of)", sizes[name])
+        scale = max(cfg.gen_scales, default=1.0)  # generalization evaluations multiply the task's sizes
+        if sizes[name] * scale > MAX_TASK_SIZE:
+            raise ConfigError("gen_scales", f"scales that keep task.{name} ({sizes[name]}) at most {MAX_TASK_SIZE:,}",
+                              list(cfg.gen_scales))
     need, factors = _step_bytes(cfg)
     if need > MAX_DEVICE_BYTES:
         key = max(factors, key=factors.get)

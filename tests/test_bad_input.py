@@ -188,6 +188,7 @@ def set_cases() -> list[Case]:
         ("model.memory_size=1000000000", "model.memory_size: expected a size that fits on one device"),
         ("seed=100000000000000000000000", "seed: expected a 64-bit integer"),
         ("task.max_length=100000000", "task.max_length: expected at most 65,536"),
+        ("gen_scales=[1e10]", "gen_scales: expected scales that keep task."),
         ("lr", "lr: expected key=value"),
         ("=3", "=3: expected key=value"),
         ("nope=1", "nope: expected a known key"),
