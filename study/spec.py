@@ -440,7 +440,10 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, expected: str, got: Any = dataclasses.MISSING) -> NoReturn:
-        raise SpecError(key, expected, got, self.source)
+        from study.redact import redact_values
+
+        # masked before the message cuts it: a connection string cut before its '@' no longer looks like one
+        raise SpecError(key, expected, redact_values(got), self.source)
 
     def mapping(self, value: Any, key: str, allowed: set[str], required: tuple[str, ...] = (),
                 what: str = "a mapping") -> dict:

@@ -149,6 +149,8 @@ STUDY_FILES: list[tuple[str, str | bytes, str]] = [
     ("concurrency .inf", BASE + "concurrency: .inf\n", "concurrency"),
     ("tracking_uri a list", BASE + "tracking_uri: [a]\n", "tracking_uri"),
     ("storage a number", BASE + "storage: 5\n", "storage"),
+    ("storage with an unset variable", BASE + "storage: postgresql://mannstudy_user:a-long-secret-password@"
+     "database.example.internal:5432/${NO_SUCH_VARIABLE_42}\n", "storage"),
     ("results_dir a mapping", BASE + "results_dir: {a: 1}\n", "results_dir"),
 ]
 
@@ -326,6 +328,8 @@ def check(case: Case, code: int, err: str) -> list[str]:
     if not line.startswith("mannstudy: ") or "Traceback" in err:
         problems.append("not a 'mannstudy: ' line")
     problems += [f"does not say {needle!r}" for needle in case.needles if needle not in line]
+    if "secret" in line:
+        problems.append("shows a password")
     limit = 400 if case.short else MAX_LINE
     if len(line) > limit:
         problems.append(f"{len(line)} characters (limit {limit})")
