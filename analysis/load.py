@@ -102,6 +102,16 @@ def _client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+def _check_results_exist(uri: str, study_name: str) -> None:
+    """LoadError for a SQLite tracking file that does not exist: loading only reads, and MLflow would create an
+    empty database there (logging its migrations) for a study that has no results."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise LoadError(f"{db}: no results of study {study_name!r} (no MLflow database there; run the study "
+                            "first: mannstudy sweep STUDY_FILE)")
+
+
 def _search_all(client, experiment_id: str, filter_string: str) -> list:
     """Every active run matching ``filter_string``, paging ``PAGE_SIZE`` at a time."""
     runs, token = [], None
@@ -119,6 +129,7 @@ def find_study_runs(tracking_uri: str, study_name: str, include_replications: bo
     from study.replicate import KIND_REPLICATION, TAG_REPLICATION
     from study.tracking import TAG_KIND, TAG_PARENT, TAG_STUDY, find_study_run
 
+    _check_results_exist(tracking_uri, study_name)
     client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
     if experiment is None:

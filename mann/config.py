@@ -10,10 +10,35 @@ expected.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
+
+# A user's value quoted in a message is cut to this many characters and "…": an expanded YAML alias
+# or a whole file read as one string would otherwise fill the terminal with one line.
+QUOTE_CHARS = 60
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, QUOTE_CHARS, QUOTE_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters and ``…``.
+
+    reprlib stops after a few items and levels, so a huge or deeply shared structure (an expanded alias
+    bomb) is never turned into a long string first; repr escapes line breaks, so the result is one line.
+    """
+    text = repr(value[: limit + 1]) if isinstance(value, str) else _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """A message as one line of at most ``limit`` characters (the command line prints every error through it)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class ConfigError(ValueError):
@@ -25,8 +50,9 @@ class ConfigError(ValueError):
 
     def _line(self) -> str:
         where = f"{self.source}: " if self.source else ""
-        got = "" if self.got is dataclasses.MISSING else f", got {self.got!r}"
-        return f"{where}{self.key}: expected {self.expected}{got}"
+        key = self.key if isinstance(self.key, str) and len(self.key) <= QUOTE_CHARS else quoted(self.key)
+        got = "" if self.got is dataclasses.MISSING else f", got {quoted(self.got)}"
+        return f"{where}{key or '(top level)'}: expected {self.expected}{got}"
 
     def with_source(self, source: str, prefix: str = "") -> ConfigError:
         """The same error, attributed to a file and (optionally) a key prefix."""
@@ -90,7 +116,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(key, "true/false", value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        # float('inf').is_integer() and float('nan').is_integer() are False: neither reaches int()
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                isinstance(value, float) and not value.is_integer()):
             raise ConfigError(key, "an integer", value)
         return int(value)
     if tp is float:
@@ -101,6 +129,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, "a number", value)
+        if not math.isfinite(value):  # .inf / .nan: no setting means "infinite" (null does, where allowed)
+            raise ConfigError(key, "a finite number", value)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -174,3 +204,71 @@ def parse_set_args(items: list[str]) -> dict[str, Any]:
             raise ConfigError(item, "key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+# Limits on values no machine can hold, checked when a configuration is read (a study file, --set) rather
+# than when a trial crashes or is killed for memory.
+#
+# A trial trains on one device, and the largest accelerators hold 141-192 GB (H200, B200). A configuration
+# whose tensors for one training step cannot fit in MAX_DEVICE_BYTES is refused, naming the limit:
+# generous for any GPU cluster, and finite.
+MAX_DEVICE_BYTES = 256 * 2**30
+# Sizes of a task (lengths, counts of items, facts or nodes, bits per vector): Graves (2014) trained copy on
+# lengths 1-20 and tested up to 120, and the bAbI stories hold a few hundred facts. 2^16 is far beyond any of
+# them (a generalization scale multiplies it further); a larger value is a typo that would build sequences of
+# millions of steps.
+MAX_TASK_SIZE = 2**16
+# torch.manual_seed takes a 64-bit integer, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_limits(cfg: Any) -> None:
+    """Refuse a TrainConfig (``mann.train``) that no machine can run; ConfigError naming the key and the limit.
+
+    Seeds must be integers torch takes; every integer of the task config at most MAX_TASK_SIZE, also at the
+    largest generalization scale; and the tensors of one step (:func:`_step_bytes`) at most MAX_DEVICE_BYTES.
+    """
+    for key in ("seed", "eval_seed"):
+        value = getattr(cfg, key)
+        if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise ConfigError(key, "a 64-bit integer (torch.manual_seed's seed: -2**63 to 2**64 - 1)", value)
+    sizes = {f.name: getattr(cfg.task_cfg, f.name) for f in dataclasses.fields(cfg.task_cfg)}
+    sizes = {name: v for name, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if sizes:
+        name = max(sizes, key=sizes.get)
+        if sizes[name] > MAX_TASK_SIZE:
+            raise ConfigError(f"task.{name}", f"at most {MAX_TASK_SIZE:,} (a size no task needs more of)", sizes[name])
+        scale = max(cfg.gen_scales, default=1.0)  # generalization evaluations multiply the task's sizes
+        if sizes[name] * scale > MAX_TASK_SIZE:
+            raise ConfigError("gen_scales", f"scales that keep task.{name} ({sizes[name]}) at most {MAX_TASK_SIZE:,}",
+                              list(cfg.gen_scales))
+    need, factors = _step_bytes(cfg)
+    if need > MAX_DEVICE_BYTES:
+        key = max(factors, key=factors.get)
+        raise ConfigError(key, f"a size that fits on one device (at most {MAX_DEVICE_BYTES / 2**30:g} GiB for "
+                               f"one step's tensors; this configuration needs over {need / 2**30:,.0f} GiB)",
+                          factors[key])
+
+
+def _step_bytes(cfg: Any) -> tuple[float, dict[str, int]]:
+    """A lower bound on the bytes one step of one batch B needs, and the sizes of its largest term.
+
+    The memory matrix [B, N, W] (NTM, DNC), the DNC's temporal link matrices [B, Hw, N, N], and the
+    controller's recurrent gate weights 4·C² per layer (LSTM) with their gradient and two optimizer moments.
+    Backpropagation through time keeps every step's state, so a run needs more; the bound refuses only
+    what cannot fit at all.
+    """
+    m, batch = cfg.model_cfg, cfg.batch_size
+    terms: list[tuple[float, dict[str, int]]] = [(0, {"batch_size": batch})]  # (elements, the keys multiplied)
+    if hasattr(m, "memory_size") and hasattr(m, "word_size"):
+        terms.append((batch * m.memory_size * m.word_size,
+                      {"batch_size": batch, "model.memory_size": m.memory_size, "model.word_size": m.word_size}))
+        if cfg.model.startswith("dnc"):  # every DNC variant keeps Hw link matrices of N x N per sequence
+            terms.append((batch * m.write_heads * m.memory_size ** 2,
+                          {"batch_size": batch, "model.memory_size": m.memory_size}))
+    for name in ("controller_size", "hidden_size"):
+        if hasattr(m, name):
+            size = getattr(m, name)
+            terms.append((4 * 4 * size ** 2 * getattr(m, "layers", 1), {f"model.{name}": size}))
+    need = (8 if cfg.dtype == "float64" else 4) * sum(elements for elements, _ in terms)
+    return need, max(terms, key=lambda term: term[0])[1]

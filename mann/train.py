@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from mann.config import ConfigError, check, flatten, replace_checked, to_dict
+from mann.config import ConfigError, check, flatten, quoted, replace_checked, to_dict
 from mann.optim import Adam, FlatParams, RMSprop, bias_mask, grad_norm
 from mann.registry import build_model, make_model_config, model_entry
 from mann.tasks import build_task, make_task_config
@@ -345,8 +346,9 @@ class _Run:
             self.generator.set_state(state["data_generator"])
             self._set_rng_state(state["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{path}: expected a checkpoint of this run's model and task ({detail})") from None
+            detail = " ".join(str(err).split()) or type(err).__name__
+            raise CheckpointError(f"{path}: model: expected a checkpoint of this run's model and task, "
+                                  f"got one that does not fit ({quoted(detail)})") from None
         self.step = int(state["step"])
         self.wall_time = float(state["wall_time"])
         self.metrics = dict(state["metrics"])
@@ -368,18 +370,51 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file (expected a {CHECKPOINT_NAME} written by mannstudy)")
+    # torch.save writes a zip archive: anything else (random bytes, a truncated copy, another format) is no
+    # checkpoint, whatever torch.load would complain about.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: file: expected a mannstudy checkpoint (the zip archive torch.save writes), "
+                              f"got {path.stat().st_size:,} bytes that are not one (truncated, or another file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, zip errors)
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: expected a mannstudy checkpoint written by torch.save ({detail})") from None
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"{path}: file: expected a mannstudy checkpoint holding only tensors and plain "
+                              f"values, got a torch file that does not load ({quoted(detail)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT!r}, got {got!r}")
+        raise CheckpointError(f"{path}: format: expected checkpoint format {CHECKPOINT_FORMAT!r}, got {quoted(got)}")
     missing = [key for key in _CHECKPOINT_KEYS if key not in state]
     if missing:
-        raise CheckpointError(f"{path}: expected checkpoint keys {', '.join(missing)} (missing)")
+        raise CheckpointError(f"{path}: {missing[0]}: expected checkpoint keys {', '.join(missing)} (missing)")
+    config = state["config"]
+    if not (isinstance(config, dict) and all(isinstance(k, str) for k in config)
+            and isinstance(config.get("model"), str) and isinstance(config.get("task"), str)):
+        raise CheckpointError(f"{path}: config: expected a mapping of config keys with the model and task "
+                              f"names, got {quoted(config)}")
     return state
+
+
+def check_checkpoint_dir(directory: str | os.PathLike, resuming: str | os.PathLike | None = None) -> Path:
+    """Make ``directory`` for fit's checkpoints, or ConfigError(checkpoint_dir) before any training.
+
+    Refused: a path that is (or lies under) an existing file, a folder that cannot be made, and a folder that
+    already holds the checkpoint of another run (a new run would overwrite it; ``resuming`` names the
+    checkpoint a run continues from, which it may replace).
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError("checkpoint_dir", "a folder for checkpoint.pt, not an existing file", source=str(directory))
+    existing = directory / CHECKPOINT_NAME
+    if existing.exists() and not (resuming is not None and checkpoint_path(resuming).resolve() == existing.resolve()):
+        raise ConfigError("checkpoint_dir", f"a folder without a {CHECKPOINT_NAME} of another run (continue that "
+                          "run with --resume, or choose another folder)", source=str(directory))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("checkpoint_dir", f"a folder that can be made ({err.strerror or err})",
+                          source=str(directory)) from None
+    return directory
 
 
 def config_from_checkpoint(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainConfig:

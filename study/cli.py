@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from mann.config import ConfigError, parse_set_args
+from mann.config import ConfigError, one_line, parse_set_args
 from study.redact import redact
 
 PROG = "mannstudy"
@@ -71,21 +71,36 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mann.train import CheckpointError, config_from_flat_dict, load_checkpoint, make_train_config
+    from mann.config import check_limits
+    from mann.train import (
+        CheckpointError,
+        check_checkpoint_dir,
+        checkpoint_path,
+        config_from_flat_dict,
+        load_checkpoint,
+        make_train_config,
+    )
 
     overrides = _train_overrides(args)
     try:
         if args.resume:
             # The checkpoint's own config, with --set on top (e.g. more steps); --model/--task must agree with it.
-            flat = dict(load_checkpoint(args.resume)["config"])
+            source = str(checkpoint_path(args.resume))
+            stored = load_checkpoint(args.resume)["config"]
             for key in ("model", "task"):
                 given = getattr(args, key)
-                if given is not None and given != flat[key]:
-                    raise ConfigError(key, f"the checkpoint's {key} {flat[key]!r}", given)
-            flat.update(overrides)
-            cfg = config_from_flat_dict(flat)
+                if given is not None and given != stored[key]:
+                    raise ConfigError(f"--{key}", f"the {key} of {source} ({stored[key]!r})", given)
+            try:
+                config_from_flat_dict(stored)
+            except ConfigError as err:  # the stored config itself, not --set: name the checkpoint
+                raise err.with_source(source, "config.") from None
+            cfg = config_from_flat_dict({**stored, **overrides})
         else:
             cfg = make_train_config(args.model or "ntm", args.task or "copy", overrides)
+        check_limits(cfg)
+        if cfg.checkpoint_dir is not None:
+            check_checkpoint_dir(cfg.checkpoint_dir, resuming=args.resume)
         return _fit_with_progress(cfg, resume_from=args.resume)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
@@ -285,13 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return _commands[args.command].run(args)
     except (ConfigError, UsageError) as err:
-        print(f"{PROG}: {redact(str(err))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(redact(str(err)))}", file=sys.stderr)
         return 2
     except Exception as err:
         # User-facing errors of the other packages (a missing database, an unreachable tracking server,
         # a corrupt checkpoint, a study that already has results): one line, exit 2.
         if type(err).__name__ in _USER_ERRORS:
-            print(f"{PROG}: {redact(str(err))}", file=sys.stderr)
+            print(f"{PROG}: {one_line(redact(str(err)))}", file=sys.stderr)
             return 2
         raise
     except SystemExit as exit_:  # --help

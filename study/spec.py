@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Union, get_args, get_origin
 
 import yaml
 
-from mann.config import ConfigError, _type_name, coerce, field_types
+from mann.config import SEED_RANGE, ConfigError, _type_name, check_limits, coerce, field_types, one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -89,6 +89,9 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # (``ray job submit``'s driver, a KubeRay pod sets them as container variables instead).
 ENV_FILE_ENV = "MANNSTUDY_ENV_FILE"  # the file; set empty to read none
 ENV_FILE = "~/mannstudy.env"
+# Ray places a trial's resources on one machine; the largest have a few hundred cores and 8-16 GPUs.
+MAX_TRIAL_CPUS = 1024
+MAX_TRIAL_GPUS = 16
 
 
 class SpecError(ConfigError):
@@ -163,8 +166,50 @@ class StudySpec:
 # --------------------------------------------------------------------------------------------- loading
 
 
+# A study file is a few hundred lines; these bounds refuse a wrong file (a log, a data set, a binary) or a YAML
+# alias bomb (nested &a [*b, *b, ...] that expands to billions of values) before anything large is built.
+MAX_FILE_BYTES = 1 << 20  # 1 MiB: the shipped studies are under 2 KiB
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings after expanding aliases (a grid of thousands fits)
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-3 as a number (YAML 1.2) and refuses duplicate keys."""
+    """SafeLoader that reads 1e-3 as a number (YAML 1.2), refuses duplicate and non-scalar keys, and refuses a
+    document that expands to more than MAX_YAML_VALUES values."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        expanded = _expanded_size(node)
+        if expanded > MAX_YAML_VALUES:
+            raise SpecError("yaml", f"at most {MAX_YAML_VALUES:,} values after expanding aliases (*name)",
+                            f"{expanded:,.3g} values")
+        return super().construct_document(node)
+
+
+def _expanded_size(root: yaml.Node) -> float:
+    """How many nodes the document holds once every alias is replaced by what it names (inf: an alias inside
+    its own anchor, ``&a [*a]``, which never ends).
+
+    An alias is the same node object as its anchor, so sizes are memoized per node: the count is cheap however
+    large the expansion. Iterative (a deeply nested document must not exhaust Python's recursion).
+    """
+    size: dict[int, float] = {}
+    open_: set[int] = set()  # nodes whose children are being counted
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            size[id(node)] = 1
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            open_.discard(id(node))
+        elif id(node) in open_:
+            return math.inf
+        elif id(node) not in size:
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+    return size[id(root)]
 
 
 _Loader.add_implicit_resolver(
@@ -177,9 +222,13 @@ _Loader.add_implicit_resolver(
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        line = f"line {key_node.start_mark.line + 1}"
+        if not isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key: no study key is one
+            raise SpecError(line, "a key that is a name, not a list or mapping", loader.construct_object(key_node,
+                                                                                                       deep=True))
         key = loader.construct_object(key_node)
         if key in seen:
-            raise SpecError(f"line {key_node.start_mark.line + 1}", "each key once in a mapping", key)
+            raise SpecError(line, "each key once in a mapping", key)
         seen.add(key)
     return loader.construct_mapping(node)
 
@@ -188,12 +237,22 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
-    """Parsed YAML, or a SpecError naming the file (missing file, syntax error with its line)."""
+    """Parsed YAML, or a SpecError naming the file (missing, too large, not UTF-8 text, syntax error with its
+    line, too many values)."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         raise SpecError("file", "a readable study file", err.strerror or str(err), source) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError("file", f"a study file of at most {MAX_FILE_BYTES >> 20} MiB (a YAML file of a few hundred "
+                        "lines)", f"{os.path.getsize(path):,} bytes", source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError("file", "a YAML text file (UTF-8)", f"binary data (byte {err.start} is not UTF-8)",
+                        source) from None
     try:
         return yaml.load(text, Loader=_Loader)
     except SpecError as err:
@@ -203,6 +262,9 @@ def read_yaml(path: str | os.PathLike) -> Any:
         where = f"line {mark.line + 1}" if mark is not None else "yaml"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(where, "valid YAML", problem, source) from None
+    except RecursionError:
+        raise SpecError("yaml", "lists and mappings nested less deeply", "nesting too deep to read",
+                        source) from None
 
 
 def load_spec(path: str | os.PathLike) -> StudySpec:
@@ -221,7 +283,7 @@ def cli_validate(path: str | os.PathLike, prefix: str = "") -> int:
     except ConfigError as err:
         if not err.source:
             err = err.with_source(str(path))
-        print(f"{prefix}{redact(str(err))}", file=sys.stderr)
+        print(f"{prefix}{one_line(redact(str(err)))}", file=sys.stderr)
         return 2
 
     def count(n: int, word: str) -> str:
@@ -378,7 +440,10 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, expected: str, got: Any = dataclasses.MISSING) -> NoReturn:
-        raise SpecError(key, expected, got, self.source)
+        from study.redact import redact_values
+
+        # masked before the message cuts it: a connection string cut before its '@' no longer looks like one
+        raise SpecError(key, expected, redact_values(got), self.source)
 
     def mapping(self, value: Any, key: str, allowed: set[str], required: tuple[str, ...] = (),
                 what: str = "a mapping") -> dict:
@@ -392,6 +457,15 @@ class _Reader:
             if k not in value:
                 self.fail(f"{where}{k}", "a value (this key is required)")
         return value
+
+    def names(self, value: Any, key: str, what: str) -> tuple[str, ...]:
+        """A non-empty list of names (strings), before any of them is looked up."""
+        if not isinstance(value, list) or not value:
+            self.fail(key, what, value)
+        for item in value:
+            if not isinstance(item, str):
+                self.fail(key, "a list of names (strings, not nested lists or mappings)", item)
+        return tuple(value)
 
     def coerce(self, value: Any, tp: Any, key: str) -> Any:
         try:
@@ -455,14 +529,13 @@ class _Reader:
     def models(self, value: Any) -> tuple[str, ...]:
         from mann.registry import MODELS
 
-        if isinstance(value, str) or not isinstance(value, list) or not value:
-            self.fail("models", "a non-empty list of model names, e.g. [ntm, dnc]", value)
+        value = self.names(value, "models", "a non-empty list of model names, e.g. [ntm, dnc]")
         for m in value:
             if m not in MODELS:
                 self.fail("models", "model names among " + ", ".join(sorted(MODELS)), m)
         if len(set(value)) != len(value):
             self.fail("models", "each model once", value)
-        return tuple(value)
+        return value
 
     def task(self, value: Any) -> str:
         from mann.tasks import TASKS
@@ -505,6 +578,9 @@ class _Reader:
         if not isinstance(value, list) or not value:
             self.fail("seeds", "a non-empty list of integers, or 'trial'", value)
         seeds = self.coerce(value, tuple[int, ...], "seeds")
+        for seed in seeds:
+            if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+                self.fail("seeds", "64-bit integers (torch.manual_seed's seeds: -2**63 to 2**64 - 1)", seed)
         if len(set(seeds)) != len(seeds):
             self.fail("seeds", "each seed once", value)
         if budget.num_samples % len(seeds):
@@ -545,10 +621,14 @@ class _Reader:
     def resources(self, value: Any) -> Resources:
         raw = self.mapping(value, "resources", {"cpu", "gpu"})
         cpu = self.positive(raw.get("cpu", 1.0), float, "resources.cpu", "a positive number of CPUs")
+        if cpu > MAX_TRIAL_CPUS:
+            self.fail("resources.cpu", f"at most {MAX_TRIAL_CPUS} CPUs (a trial runs on one machine)", cpu)
         gpu = self.coerce(raw.get("gpu", 0.0), float, "resources.gpu")
         if not _sensible_gpu(gpu):
             self.fail("resources.gpu", "0, a whole number, or 1/n to pack n trials per GPU (0.5, 0.33, 0.25, "
                       "0.2, ...)", raw.get("gpu"))
+        if gpu > MAX_TRIAL_GPUS:
+            self.fail("resources.gpu", f"at most {MAX_TRIAL_GPUS} GPUs (a trial runs on one machine)", gpu)
         return Resources(cpu, gpu)
 
     def concurrency(self, value: Any) -> int | None:
@@ -667,13 +747,10 @@ class _Reader:
                              what="{low, high, log} or {choices: [...]} (constants go under fixed)")
         only: tuple[str, ...] = ()
         if "models" in entry:
-            only = entry["models"]
-            if isinstance(only, str) or not isinstance(only, list) or not only:
-                self.fail(f"{path}.models", "a non-empty list of the study's models", only)
+            only = self.names(entry["models"], f"{path}.models", "a non-empty list of the study's models")
             for m in only:
                 if m not in models:
                     self.fail(f"{path}.models", "models of this study (" + ", ".join(models) + ")", m)
-            only = tuple(only)
         tp = self.target_type(key, path, only or models, task, "; add models: [{have}] to make it conditional")
         if "choices" in entry:
             for k in ("low", "high", "log"):
@@ -737,6 +814,7 @@ class _Reader:
                 _, overrides = trial_overrides(spec, {MODEL_PARAM: model, "seed": seed, **sample})
                 try:
                     cfg = make_train_config(model, spec.task, overrides)
+                    check_limits(cfg)
                 except ConfigError as err:
                     suffix = f" (model {model})" if len(spec.models) > 1 else ""
                     self.fail(origin.get(err.key, err.key), err.expected + suffix, err.got)
