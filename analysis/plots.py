@@ -21,7 +21,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.sensitivity import Interaction, Marginal, SeedNoise
+from analysis.sensitivity import Importance, Interaction, Marginal, SeedNoise
 
 STATUS_COLORS = {
     "completed": "#2ca02c",
@@ -30,7 +30,6 @@ STATUS_COLORS = {
     "failed": "#000000",
     "running": "#1f77b4",
 }
-EVALUATOR_TITLES = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA", "abs_rank_corr": "|rank correlation|"}
 
 
 class PlotError(ValueError):
@@ -110,37 +109,45 @@ def success_rate_figure(stability: pd.DataFrame, max_configs: int = 20) -> Figur
     return fig
 
 
-def importance_figure(
-    importances: pd.DataFrame,
-    evaluators: Sequence[str] | None = None,
-    seed_noise: SeedNoise | None = None,
-) -> Figure:
-    """One bar chart per evaluator (fANOVA, PED-ANOVA, |rank correlation|), parameters in the first one's order.
+def importance_figure(analyses: Sequence[Importance], seed_noise: SeedNoise | None = None) -> Figure:
+    """Permutation importance with its interval, one panel per analysis (full budget, common rung).
 
-    The seed-noise share, when given, is written in the title: importances of a study whose
-    objective is mostly seed noise say little.
+    Bars: each parameter's share of the objective's variance lost when it is shuffled; whiskers: the
+    bootstrap interval; the dashed line: the surrogate's explained variance R^2 (the most any
+    parameter can reach). An analysis that was not estimated says why in its panel. The seed-noise
+    share, when known, is in the title: it bounds what any hyperparameter can explain (1 - share).
     """
-    if evaluators is None:
-        evaluators = [e for e in EVALUATOR_TITLES if e in getattr(importances, "columns", [])]
-    _require(importances, list(evaluators), "importances")
-    fig = _figure(3.2 * max(1, len(evaluators)), max(2.5, 0.35 * len(importances) + 1.5))
-    if importances.empty or not evaluators:
-        no_data(fig.add_subplot(), "no hyperparameters or no evaluators")
+    if not all(isinstance(a, Importance) for a in analyses):
+        raise PlotError("importance: expected a list of analysis.sensitivity.Importance")
+    params = list(dict.fromkeys(p for a in analyses for p in a.table.index))[::-1]
+    fig = _figure(4.2 * max(1, len(analyses)), max(2.5, 0.35 * len(params) + 1.6))
+    if not analyses:
+        no_data(fig.add_subplot(), "no importance analysis")
         return fig
-    params = list(importances.index)[::-1]
-    axes = fig.subplots(1, len(evaluators), sharey=True, squeeze=False)[0]
-    for ax, name in zip(axes, evaluators, strict=True):
-        values = importances.loc[params, name].to_numpy(dtype=float)
-        if np.isnan(values).all():
-            no_data(ax, f"{EVALUATOR_TITLES.get(name, name)} needs >= 2 completed trials")
+    axes = fig.subplots(1, len(analyses), sharey=True, squeeze=False)[0]
+    for ax, a in zip(axes, analyses, strict=True):
+        title = f"{a.basis} (n={a.selection.n_used})"
+        if not a.estimated or not params:
+            no_data(ax, a.why or "no hyperparameters")
+            ax.set_title(title)
             continue
-        ax.barh(np.arange(len(params)), np.nan_to_num(values), color="#55a868")
-        ax.set_yticks(np.arange(len(params)), params)
-        ax.set(title=EVALUATOR_TITLES.get(name, name), xlim=(0, max(1e-9, float(np.nanmax(values))) * 1.1))
+        t = a.table.reindex(params)
+        value = t["importance"].to_numpy(dtype=float)
+        err = np.vstack([value - t["importance_lo"].to_numpy(dtype=float),
+                         t["importance_hi"].to_numpy(dtype=float) - value])
+        colors = ["#55a868" if bool(x) else "#bbbbbb" for x in t["above_noise"].fillna(False)]
+        y = np.arange(len(params))
+        ax.barh(y, np.nan_to_num(value), xerr=np.nan_to_num(err), color=colors, ecolor="black", capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.axvline(a.explained, color="#4c72b0", linestyle="--", linewidth=1,
+                   label=f"surrogate R^2 {a.explained:.2f} [{a.explained_ci[0]:.2f}, {a.explained_ci[1]:.2f}]")
+        ax.set_yticks(y, params)
+        ax.set(title=title, xlabel="variance lost when shuffled (fraction)")
+        ax.legend(fontsize="x-small", loc="lower right")
     if seed_noise is not None and np.isfinite(seed_noise.share):
         lo, hi = seed_noise.ci
-        fig.suptitle(f"seed noise: {seed_noise.share:.2f} of the variance [{lo:.2f}, {hi:.2f}], "
-                     f"{seed_noise.n_configs} replicated configs")
+        fig.suptitle(f"seed noise: {seed_noise.share:.2f} of the variance [{lo:.2f}, {hi:.2f}] "
+                     f"({seed_noise.n_configs} configurations with several seeds)")
     return fig
 
 
@@ -209,5 +216,5 @@ def status_figure(status: pd.DataFrame) -> Figure:
                                zip(status["n_runs"], status["n_used"], strict=True)], fontsize="small")
     ax.set_xticks(x, status["status"])
     ax.margins(y=0.15)  # room for the labels above the bars
-    ax.set(ylabel="runs", title="Trial status (importance uses completed runs only)")
+    ax.set(ylabel="runs", title="Trial status (n used: full-budget importance)")
     return fig

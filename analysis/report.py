@@ -38,7 +38,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analysis import plots
-from analysis.load import LoadError, OptunaInfo, StudyRuns, export, find_study_runs, load_optuna, tidy_from_runs
+from analysis.load import (
+    LoadError,
+    OptunaInfo,
+    StudyRuns,
+    export,
+    find_study_runs,
+    load_optuna,
+    study_space,
+    tidy_from_runs,
+)
 from analysis.tidy import final_rows, params_of
 
 SECTIONS = (
@@ -184,6 +193,7 @@ class StudyContext:
     results_dir: str | None
     running: bool
     optuna_note: str | None = None  # why the Optuna record is not used, when it was asked for
+    space: dict | None = None  # the search space as Optuna distributions: the study file's, else Optuna's
 
     @property
     def search(self) -> pd.DataFrame:
@@ -237,7 +247,7 @@ def overview_section(ctx: StudyContext) -> Section:
         states = ", ".join(f"{k.lower()} {v}" for k, v in sorted(ctx.optuna.states.items()))
         s.text(f"Optuna record: {states or 'no trials'}.")
     elif ctx.optuna_note:
-        s.text(f"Optuna record not used ({ctx.optuna_note}): the search space is inferred from the runs.")
+        s.text(f"Optuna record not used ({ctx.optuna_note}).")
     s.text(f"MLflow: {ctx.runs.tracking_uri}, study run {ctx.runs.parent.info.run_id}. "
            f"Results folder: {ctx.results_dir or 'unknown (generalization needs it)'}.")
     return s
@@ -336,24 +346,23 @@ class _Sensitivity:
 
 
 def _sensitivity(ctx: StudyContext) -> _Sensitivity:
-    from analysis.sensitivity import hyperparameter_sensitivity, select_trials
+    from analysis.sensitivity import hyperparameter_sensitivity, select_at_rung, select_trials
     from analysis.tidy import param_columns
 
     search = ctx.search
     if search.empty:
         return _Sensitivity(None, "no search runs recorded yet")
     selection = select_trials(search, ctx.metric)
-    if selection.n_used < 2:
+    rung = select_at_rung(search, ctx.metric)
+    if max(selection.n_used, rung.n_used) < 2:
         return _Sensitivity(None, f"{selection.n_used} completed search run(s) with a finite {ctx.metric} "
-                                  f"({_excluded_text(selection)}); importance needs at least 2")
-    if not param_columns(selection.used) and selection.used["model"].nunique() < 2:
-        return _Sensitivity(None, "no hyperparameter (nor the model) varies among the completed search runs")
-    known = dict(ctx.optuna.distributions) if ctx.optuna else None
-    if selection.used[ctx.metric].astype(float).nunique() < 2:
-        return _Sensitivity(None, f"all {selection.n_used} completed search runs have the same final {ctx.metric}: "
-                                  "there is no variation to attribute")
+                                  f"({_excluded_text(selection)}) and {rung.n_used} at a common step; "
+                                  "a sensitivity needs at least 2")
+    trials = selection.used if selection.n_used >= 2 else rung.used
+    if not param_columns(trials) and trials["model"].nunique() < 2:
+        return _Sensitivity(None, "no hyperparameter (nor the model) varies among the search runs")
     try:
-        result = hyperparameter_sensitivity(search, ctx.metric, ctx.direction, distributions=known)
+        result = hyperparameter_sensitivity(search, ctx.metric, ctx.direction, distributions=ctx.space)
     except Exception as err:  # an evaluator that cannot fit these trials must not sink the whole report
         return _Sensitivity(None, f"the analysis failed on these trials ({type(err).__name__}: "
                                   f"{' '.join(str(err).split())[:200]})")
@@ -366,32 +375,54 @@ def _excluded_text(selection) -> str:
     return "excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(selection.excluded.items()))
 
 
+def _importance_text(ctx: StudyContext, imp) -> str:
+    what = ("full-budget trials (completed, final " if imp.selection.step is None
+            else f"every trial at step {imp.selection.step}, the largest step all of them reached (") + ctx.metric + ")"
+    head = f"On {imp.selection.n_used} {what}; {_excluded_text(imp.selection)}: "
+    if not imp.estimated:
+        return head + imp.why + "."
+    above = [p for p in imp.table.index if bool(imp.table.loc[p, "above_noise"])]
+    lo, hi = imp.explained_ci
+    return (head + f"the surrogate explains {imp.explained:.2f} of the variance [{lo:.2f}, {hi:.2f}] "
+            f"({imp.n_boot} bootstrap refits); above noise (interval excludes 0): "
+            + (", ".join(above) if above else "no parameter") + ".")
+
+
 def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
+    from analysis.sensitivity import MIN_TRIALS, TRIALS_PER_PARAM
+
     s = Section("importance", "Hyperparameter importance")
     if sens.result is None:
         s.text(f"Not computed: {sens.why}.")
         return s
     r = sens.result
-    s.text(f"Computed on {r.selection.n_used} completed search runs (final {ctx.metric}), the trials that had "
-           f"their full budget; {_excluded_text(r.selection)}. Replication runs are left out. fANOVA and "
-           "PED-ANOVA are Optuna's evaluators on these trials; the rank correlation is Spearman's rho "
-           "(categorical: the correlation ratio of ranks).")
+    s.text("Importance = the fraction of the objective's variance a hyperparameter carries: half the increase "
+           "of a random-forest surrogate's error on left-out trials when that parameter is shuffled, with a 95% "
+           "bootstrap interval over trials (the surrogate is refitted on each resample). Estimated only from "
+           f"max({MIN_TRIALS}, {TRIALS_PER_PARAM} x searched parameters) trials. fANOVA and PED-ANOVA (Optuna) "
+           "are shares of what their model explains, summing to 1: read them as a ranking, not as a size. "
+           "Replication runs are left out.")
+    if not r.space_known:
+        s.text("Search space: not recorded with the study; ranges are the values seen, on a linear scale.")
+    for imp in (r.full, r.rung):
+        s.text(("Full budget. " if imp.selection.step is None else "Common rung. ") + _importance_text(ctx, imp))
     noise = r.seed_noise
     if np.isfinite(noise.share):
-        s.text(f"Seed noise: {noise.share:.2f} of the objective's variance [{noise.ci[0]:.2f}, {noise.ci[1]:.2f}] "
-               f"comes from reseeding ({noise.n_configs} configurations run with several seeds); an importance "
-               "below it is indistinguishable from noise.")
+        s.text(f"Seed noise: reseeding one configuration accounts for {noise.share:.2f} of the full-budget "
+               f"variance [{noise.ci[0]:.2f}, {noise.ci[1]:.2f}] ({noise.n_configs} configurations with several "
+               "seeds): no hyperparameter can explain that part; compare it with the surrogate's explained variance.")
     else:
-        s.text("Seed noise: unknown (no configuration ran with two seeds among the used trials).")
-    if r.importances.empty:
-        s.text("No hyperparameter varied among the used trials.")
-        return s
-    table = r.importances.reset_index()
-    s.table(table)
-    s.figure("importance", plots.importance_figure(r.importances, seed_noise=r.seed_noise),
-             "hyperparameter importance per evaluator")
+        s.text("Seed noise: not estimated (no configuration ran with two seeds among the full-budget trials).")
+    for imp in (r.full, r.rung):
+        if imp.estimated and len(imp.table):
+            table = imp.table.reset_index()
+            table.insert(0, "trials", imp.basis)
+            s.table(table)
+    if r.full.estimated or r.rung.estimated:
+        s.figure("importance", plots.importance_figure([r.full, r.rung], seed_noise=r.seed_noise),
+                 "hyperparameter importance with bootstrap intervals")
     used = ", ".join(r.selection.run_ids[:50])
-    s.text(f"Run ids used: {used}" + (" ..." if r.selection.n_used > 50 else "") + ".")
+    s.text(f"Full-budget run ids: {used}" + (" ..." if r.selection.n_used > 50 else "") + ".")
     return s
 
 
@@ -417,7 +448,8 @@ def interaction_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         return s
     table = sens.result.interaction
     if table is None or table.median.isna().all().all():
-        s.text("Not drawn: fewer than two hyperparameters were rated by the first evaluator.")
+        s.text("Not drawn: full-budget importance did not rate two hyperparameters (not estimated, or fewer than "
+               "two with a positive importance).")
         return s
     a, b = table.params
     s.text(f"Median final {ctx.metric} over bins of the two most important hyperparameters, {a} and {b} "
@@ -628,8 +660,9 @@ def build_context(tracking_uri: str, study_name: str, optuna_storage: str | None
         df["error"] = np.nan
     results = results_dir if results_dir is not None else runs.parent.data.tags.get("mannstudy.results_dir")
     running = runs.running or bool(optuna_info and optuna_info.running) or bool((df["status"] == "running").any())
+    space = study_space(runs) or (dict(optuna_info.distributions) if optuna_info else None)
     return StudyContext(study_name, df, runs, optuna_info, metric, "minimize" if mode == "min" else "maximize",
-                        str(results) if results else None, running, optuna_note)
+                        str(results) if results else None, running, optuna_note, space)
 
 
 def make_report(

@@ -110,6 +110,22 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     return last.set_index("run_id", drop=False).loc[order].reset_index(drop=True)
 
 
+def final_values(df: pd.DataFrame, metric: str) -> pd.Series:
+    """Per run (index ``run_id``): the run's final ``metric``.
+
+    The end-of-run evaluation ``final_<metric>`` (a larger held-out set, logged once when a run ends)
+    where the run has a finite one, else ``metric`` at the run's last evaluation. NaN when neither.
+    """
+    validate_tidy(df, [metric])
+    last = final_rows(df).set_index("run_id")[metric].astype(float)
+    column = "final_" + metric
+    if column in df.columns:
+        logged = df[np.isfinite(df[column].astype(float))].sort_values("step", kind="stable")
+        ended = logged.groupby("run_id", sort=False)[column].last().astype(float)
+        last = ended.reindex(last.index).fillna(last)
+    return last
+
+
 def _canonical(value: Any) -> Any:
     """A JSON-ready value with one spelling per value: 64, 64.0 and np.int64(64) hash alike."""
     if isinstance(value, bool | np.bool_):
