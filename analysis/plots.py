@@ -13,7 +13,7 @@ says what is missing rather than failing or showing blank axes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analysis.sensitivity import Importance, Interaction, Marginal, SeedNoise
+from analysis.stats import Survival
 
 STATUS_COLORS = {
     "completed": "#2ca02c",
@@ -85,14 +86,17 @@ def learning_curves_figure(
 
 
 def success_rate_figure(stability: pd.DataFrame, max_configs: int = 20) -> Figure:
-    """Success rate per configuration with its bootstrap interval (from stability.seed_stability)."""
-    _require(stability, ["label", "n_seeds", "success_rate", "success_rate_lo", "success_rate_hi"], "success rate")
-    rows = stability[stability["n_seeds"] > 0].sort_values("success_rate", ascending=False, kind="stable")
+    """Success rate per configuration (or arm) with its Wilson interval (from stability.seed_stability).
+
+    The denominator of each rate, every ended run (stopped-early ones included), is in the label.
+    """
+    _require(stability, ["label", "n_runs", "success_rate", "success_rate_lo", "success_rate_hi"], "success rate")
+    rows = stability[stability["n_runs"] > 0].sort_values("success_rate", ascending=False, kind="stable")
     rows = rows.head(max_configs).iloc[::-1]  # best at the top of a horizontal bar chart
     fig = _figure(6.4, max(2.5, 0.35 * len(rows) + 1.2))
     ax = fig.add_subplot()
     if rows.empty:
-        no_data(ax, "no configuration has a full-budget run")
+        no_data(ax, "no configuration has an ended run")
         return fig
     rate = rows["success_rate"].to_numpy(dtype=float)
     err = np.vstack([rate - rows["success_rate_lo"].to_numpy(dtype=float),
@@ -100,12 +104,36 @@ def success_rate_figure(stability: pd.DataFrame, max_configs: int = 20) -> Figur
     y = np.arange(len(rows))
     bars = ax.barh(y, rate, xerr=err, color="#4c72b0", ecolor="black", capsize=3)
     # Written out so a rate of 0 (an invisible bar) still reads as a value.
-    ax.bar_label(bars, labels=[f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
-                               zip(rate, rows["success_rate_lo"], rows["success_rate_hi"], strict=True)],
+    ax.bar_label(bars, labels=[f"{k}/{n} [{lo:.2f}, {hi:.2f}]" for k, n, lo, hi in
+                               zip(rows["n_success"], rows["n_runs"], rows["success_rate_lo"],
+                                   rows["success_rate_hi"], strict=True)],
                  padding=4, fontsize="small")
-    ax.set_yticks(y, [f"{label} (n={n})" for label, n in zip(rows["label"], rows["n_seeds"], strict=True)])
+    ax.set_yticks(y, [f"{label} (n={n})" for label, n in zip(rows["label"], rows["n_runs"], strict=True)])
     ax.set_xticks(np.linspace(0.0, 1.0, 6))
-    ax.set(xlim=(0, 1.45), xlabel="success rate (95% bootstrap CI)", title="Success over seeds")
+    ax.set(xlim=(0, 1.45), xlabel="success rate (fraction of ended runs; 95% Wilson interval)",
+           title="Success over seeds")
+    return fig
+
+
+def survival_figure(curves: Mapping[str, Survival], title: str, xlabel: str = "step (optimizer updates)") -> Figure:
+    """Kaplan-Meier curves per arm (fraction of runs not yet at the target) with their 95% bands.
+
+    curves: {arm: analysis.stats.Survival} (from stability.survival_curves); steps, drawn from (0, 1).
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    if not curves:
+        no_data(ax, "no ended run")
+        return fig
+    palette = sns.color_palette("colorblind", len(curves))
+    for (arm, km), color in zip(curves.items(), palette, strict=True):
+        t = np.concatenate([[0.0], km.t])
+        ax.step(t, np.concatenate([[1.0], km.survival]), where="post", color=color, label=arm)
+        ax.fill_between(t, np.concatenate([[1.0], km.lo]), np.concatenate([[1.0], km.hi]), step="post",
+                        color=color, alpha=0.2, linewidth=0)
+    ax.set(xlabel=xlabel, ylabel="fraction not yet at the target", ylim=(-0.02, 1.02),
+           title=f"Time to target, {title} (Kaplan-Meier, 95% band)")
+    ax.legend(fontsize="small")
     return fig
 
 

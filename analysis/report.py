@@ -55,6 +55,7 @@ SECTIONS = (
     ("best", "Best configurations"),
     ("status", "Status breakdown"),
     ("stability", "Seed stability"),
+    ("arms", "Arms compared"),
     ("importance", "Hyperparameter importance"),
     ("marginals", "Marginals"),
     ("interaction", "Interaction"),
@@ -200,6 +201,17 @@ class StudyContext:
         return self.df[self.df["replication"].isna()]
 
     @property
+    def task(self) -> str | None:
+        tasks = self.df["task"].dropna().unique() if "task" in self.df else []
+        return str(tasks[0]) if len(tasks) == 1 else None
+
+    @property
+    def arm_runs(self) -> tuple[pd.DataFrame, str]:
+        """The runs arms are compared on: the replications where there are any, else the search; and which."""
+        rep = self.df[self.df["replication"].notna()]
+        return (rep, "replication runs") if len(rep) else (self.search, "search runs")
+
+    @property
     def target(self) -> float:
         values = self.df["target_error"].dropna() if "target_error" in self.df else pd.Series(dtype=float)
         return float(values.median()) if len(values) else 0.1
@@ -226,6 +238,38 @@ def _better(direction: str) -> bool:
     return direction == "minimize"
 
 
+def metric_unit(metric: str, task: str | None) -> str:
+    """The unit of ``metric`` for ``task`` (:data:`mann.tasks.METRIC_UNITS`, the bit- or class-task side)."""
+    from mann.tasks import TASKS
+    from mann.tasks import metric_unit as unit_of
+
+    unit = unit_of(metric)
+    if " | " in unit:
+        entry = TASKS.get(task or "")
+        kind = getattr(entry.task_class, "targets_kind", None) if entry else None
+        bits, classes = (u.rsplit(" (", 1)[0] for u in unit.split(" | ", 1))
+        unit = bits if kind == "bits" else classes if kind == "classes" else unit
+    return unit
+
+
+def metric_label(ctx: StudyContext, metric: str, prefix: str = "") -> str:
+    """``prefix metric (unit)``, e.g. "final error (wrong bits per sequence)": every metric label carries its unit."""
+    unit = metric_unit(metric, ctx.task)
+    name = f"{prefix} {metric}".strip()
+    return f"{name} ({unit})" if unit else name
+
+
+def _interval(value: float, lo: float, hi: float, why: str | None = None, digits: int = 3) -> str:
+    """"v [lo, hi]"; "v (interval not estimated: ...)" when ``why``; "" for no value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return why or ""
+    if value == math.inf:
+        return "not reached" + (f" [{lo:.{digits}g}, inf]" if math.isfinite(lo) else "")
+    if why:
+        return f"{value:.{digits}g} (interval {why})"
+    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sections
 
@@ -241,8 +285,13 @@ def overview_section(ctx: StudyContext) -> Section:
     n_search = int(finals["replication"].isna().sum()) if len(finals) else 0
     n_rep = len(finals) - n_search
     s.text(f"Study {ctx.name}: {n_search} search runs and {n_rep} replication runs of {models} on {tasks}. "
-           f"Objective: final {ctx.metric} ({ctx.direction}). Success: final error at most {ctx.target:g} "
-           "(the task's target_error).")
+           f"Objective: {metric_label(ctx, ctx.metric, 'final')}, {ctx.direction}d. Success: final error at most "
+           f"{ctx.target:g} (the task's target_error).")
+    s.text("error is measured at the task's full training difficulty (its longest sequences, most items or "
+           "nodes), whatever a run's curriculum reached, on held-out sequences fixed by the evaluation seed: every "
+           "run is scored on the same task. Final values are the end-of-run evaluation on 640 held-out sequences "
+           "where a run logged one (final_error), else its last evaluation. Steps to target: the first evaluation "
+           "with error at most the target; runs that never got there are censored at their last step.")
     if ctx.optuna is not None:
         states = ", ".join(f"{k.lower()} {v}" for k, v in sorted(ctx.optuna.states.items()))
         s.text(f"Optuna record: {states or 'no trials'}.")
@@ -253,37 +302,31 @@ def overview_section(ctx: StudyContext) -> Section:
     return s
 
 
-def _config_table(ctx: StudyContext, finals: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration (model, config_id): completed runs, median and best final metric, params."""
-    done = finals[(finals["status"] == "completed") & np.isfinite(finals[ctx.metric].astype(float))]
-    rows = []
-    for (model, cid), runs in done.groupby(["model", "config_id"], sort=False):
-        values = runs[ctx.metric].astype(float)
-        rows.append({"config": _config_label(model, cid), "model": model, "completed runs": len(runs),
-                     f"median {ctx.metric}": values.median(),
-                     f"best {ctx.metric}": values.min() if _better(ctx.direction) else values.max(),
-                     "seeds": ",".join(str(s) for s in sorted(runs["seed"])),
-                     "params": _params_text(runs.iloc[0])})
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values(f"median {ctx.metric}", ascending=_better(ctx.direction), kind="stable")
-    return table.reset_index(drop=True)
-
-
 def best_section(ctx: StudyContext) -> Section:
+    from analysis.stability import rank_configurations
+
     s = Section("best", "Best configurations")
-    finals = final_rows(ctx.df)
-    table = _config_table(ctx, finals)
-    if table.empty:
+    ranked = rank_configurations(ctx.df, ctx.target, ctx.metric, ctx.direction)
+    if ranked.empty:
         s.text(f"No completed run with a finite {ctx.metric} yet: nothing to rank "
-               f"({len(finals)} runs, none finished its budget).")
+               f"({ctx.df['run_id'].nunique()} runs, none finished its budget).")
         return s
-    s.text(f"Configurations ranked by the median final {ctx.metric} of their completed runs (search and "
-           "replications); stopped-early, diverged, failed and running runs do not rank.")
-    per_model = table.groupby("model", sort=False).head(1)
+    s.text(f"Configurations ranked per model by the median {metric_label(ctx, ctx.metric, 'final')} of their "
+           "completed runs. A configuration with replications is judged on its replication runs only (the search "
+           "run that selected it is left out: it was chosen for looking best), and where a model has replicated "
+           "configurations only those compete. Ties go to the better configuration: higher success rate, then "
+           "lower mean, then more runs.")
+    finals = final_rows(ctx.df).drop_duplicates("config_id").set_index("config_id")
+    table = pd.DataFrame({
+        "config": ranked["label"], "model": ranked["model"], "judged on": ranked["source"],
+        "runs (n)": ranked["runs"], f"median {ctx.metric}": ranked["median"], f"mean {ctx.metric}": ranked["mean"],
+        "success rate": ranked["success_rate"],
+        "params": [_params_text(finals.loc[c]) for c in ranked["config_id"]],
+    })
+    best = table[ranked["rank"] == 0]
     median = f"median {ctx.metric}"
-    s.text("Best per model: " + "; ".join(f"{r['model']}: {r['config']} ({median} {_fmt(r[median])})"
-                                          for _, r in per_model.iterrows()) + ".")
+    s.text("Best per model: " + "; ".join(f"{r['model']}: {r['config']} ({median} {_fmt(r[median])} over "
+                                          f"{r['runs (n)']} {r['judged on']} runs)" for _, r in best.iterrows()) + ".")
     s.table(table, max_rows=15)
     return s
 
@@ -307,6 +350,39 @@ def status_section(ctx: StudyContext) -> Section:
     return s
 
 
+def _stability_table(ctx: StudyContext, table: pd.DataFrame, name: str = "label") -> pd.DataFrame:
+    """seed_stability rows as a readable table: each statistic with its interval, n beside it."""
+    steps = "median steps to target (optimizer updates) [95% CI]"
+    return pd.DataFrame({
+        name: table[name],
+        "ended runs (n)": table["n_runs"],
+        "success k/n": [f"{k}/{n}" for k, n in zip(table["n_success"], table["n_runs"], strict=True)],
+        "success rate [95% CI]": [_interval(v, lo, hi) for v, lo, hi in
+                                  zip(table["success_rate"], table["success_rate_lo"], table["success_rate_hi"],
+                                      strict=True)],
+        f"median final error ({metric_unit('error', ctx.task)}) [95% CI]": [
+            _interval(v, lo, hi, why) for v, lo, hi, why in
+            zip(table["median_error"], table["median_error_lo"], table["median_error_hi"], table["median_error_why"],
+                strict=True)],
+        "completed (n)": table["n_final"],
+        steps: [_interval(v, lo, hi) for v, lo, hi in
+                zip(table["median_steps_to_target"], table["median_steps_to_target_lo"],
+                    table["median_steps_to_target_hi"], strict=True)],
+        "stopped early (censored)": table["n_stopped_early"],
+        "diverged": table["n_diverged"],
+        "failed (left out)": table["n_failed"],
+    })
+
+
+STABILITY_TEXT = (
+    "Every run that ended counts: the denominator n of each rate is the completed, diverged and stopped-early "
+    "runs; a run stopped by ASHA counts as not successful and as censored at its last step, never dropped. Failed "
+    "runs (an exception) are counted apart. Intervals: Wilson for rates; the exact order-statistic interval for "
+    "a median error (needs 6 runs at 95%); Kaplan-Meier with the Brookmeyer-Crowley interval for the median "
+    "steps to target (inf: fewer than half are known to reach the target, or the data cannot bound it)."
+)
+
+
 def stability_section(ctx: StudyContext) -> Section:
     from analysis.stability import learning_curves, seed_stability
 
@@ -315,27 +391,61 @@ def stability_section(ctx: StudyContext) -> Section:
         s.text("No evaluation has a finite error yet: no stability to measure.")
         return s
     table = seed_stability(ctx.df, ctx.target, "error")
-    full = table[table["n_seeds"] > 0]
-    if full.empty:
-        s.text("No configuration has a full-budget run (completed or diverged) yet: stability is measured over "
-               "full-budget runs only.")
+    ended = table[table["n_runs"] > 0]
+    if ended.empty:
+        s.text("No configuration has an ended run (completed, diverged or stopped early) yet.")
         return s
-    replicated = int((full["n_seeds"] >= 2).sum())
-    s.text(f"Per configuration over its full-budget runs (seeds): success rate (final error <= {ctx.target:g}), "
-           "median and IQR of the final error, divergence rate, median steps to the target, each with a 95% "
-           f"percentile-bootstrap interval over seeds. {replicated} of {len(full)} configurations ran with two "
-           "or more seeds" + ("" if replicated else
-                              ": intervals need seeds [0, 1, ...] in the study file or `mannstudy replicate`") + ".")
-    cols = ["label", "n_seeds", "success_rate", "success_rate_lo", "success_rate_hi", "median_error",
-            "median_error_lo", "median_error_hi", "iqr_error", "divergence_rate", "median_steps_to_target",
-            "n_stopped_early", "n_failed"]
-    shown = full.sort_values(["success_rate", "median_error"], ascending=[False, True], kind="stable")
-    s.table(shown[[c for c in cols if c in shown.columns]].reset_index(drop=True), max_rows=20)
-    s.figure("success_rate", plots.success_rate_figure(full), "success rate per configuration with its interval")
+    replicated = int((ended["n_runs"] >= 2).sum())
+    s.text(f"Per configuration over its seeds (search and replications): success (final error <= {ctx.target:g}), "
+           f"median final error, steps to target. {STABILITY_TEXT} {replicated} of {len(ended)} configurations ran "
+           "with two or more seeds" + ("" if replicated else
+                                       ": more seeds need seeds [0, 1, ...] in the study file or `mannstudy "
+                                       "replicate`") + ".")
+    shown = ended.sort_values(["success_rate", "median_error"], ascending=[False, True], kind="stable")
+    s.table(_stability_table(ctx, shown.reset_index(drop=True)), max_rows=20)
+    s.figure("success_rate", plots.success_rate_figure(ended), "success rate per configuration with its interval")
     curves = learning_curves(ctx.df, "error")
     if len(curves):
-        s.figure("learning_curves", plots.learning_curves_figure(curves, "error", ctx.target),
+        s.figure("learning_curves", plots.learning_curves_figure(curves, metric_label(ctx, "error"), ctx.target),
                  "learning curves: median over seeds with quantile band")
+    return s
+
+
+def arms_section(ctx: StudyContext) -> Section:
+    from analysis.stability import compare_arms, seed_stability, survival_curves
+
+    s = Section("arms", "Arms compared")
+    runs, which = ctx.arm_runs
+    arms = [("model", "model")] if runs["model"].nunique() > 1 else []
+    if which == "replication runs" and runs["config_id"].nunique() > 1:
+        arms.append(("label", "replicated configuration"))
+    if not arms:
+        s.text("One arm only (one model" + (", no replicated configurations" if which == "search runs" else "")
+               + "): nothing to compare.")
+        return s
+    runs = runs.assign(label=[f"{m}:{c[:6]}" for m, c in zip(runs["model"], runs["config_id"], strict=True)])
+    s.text(f"Arms compared pairwise on the {which} ({runs['run_id'].nunique()} runs). {STABILITY_TEXT} Success "
+           "rates: difference with Newcombe's interval and Boschloo's exact test. Final error: Cliff's delta "
+           "(P(a > b) - P(a < b); negative: arm a has lower errors) with its interval and the Mann-Whitney test; "
+           "a diverged run ranks worst, a stopped one has no final error. Steps to target: ratio of the "
+           "Kaplan-Meier medians and the log-rank test. All p-values of one table form one family, Holm-adjusted "
+           "(p_holm).")
+    for column, what in arms:
+        summary = seed_stability(runs, ctx.target, "error", by=(column,))
+        s.text(f"Per {what}:")
+        s.table(_stability_table(ctx, summary, column))
+        table = compare_arms(runs, ctx.target, column, "error")
+        if len(table):
+            shown = table.rename(columns={"arm_a": f"{what} a", "arm_b": f"{what} b", "n_a": "n a", "n_b": "n b",
+                                          "estimate": "estimate (a vs b)", "why": "not estimated"})
+            s.table(shown, max_rows=60)
+            found = table[table["p_holm"] < 0.05]
+            s.text(f"{len(found)} of {int(table['p'].notna().sum())} comparisons differ at Holm-adjusted p < 0.05"
+                   + (": " + "; ".join(f"{r['arm_a']} vs {r['arm_b']} on {r['outcome']}"
+                                       for _, r in found.iterrows()) if len(found) else "") + ".")
+        if column == "model":
+            s.figure("time_to_target", plots.survival_figure(survival_curves(runs, ctx.target, column), ctx.name),
+                     "time to target per model: Kaplan-Meier curves with 95% bands")
     return s
 
 
@@ -376,9 +486,11 @@ def _excluded_text(selection) -> str:
 
 
 def _importance_text(ctx: StudyContext, imp) -> str:
-    what = ("full-budget trials (completed, final " if imp.selection.step is None
-            else f"every trial at step {imp.selection.step}, the largest step all of them reached (") + ctx.metric + ")"
-    head = f"On {imp.selection.n_used} {what}; {_excluded_text(imp.selection)}: "
+    n = imp.selection.n_used
+    what = (f"{n} full-budget trials (completed, final {ctx.metric})" if imp.selection.step is None else
+            f"every trial at step {imp.selection.step}, the largest step all of them reached ({n} trials, "
+            f"{ctx.metric} at that step)")
+    head = f"On {what}; {_excluded_text(imp.selection)}: "
     if not imp.estimated:
         return head + imp.why + "."
     above = [p for p in imp.table.index if bool(imp.table.loc[p, "above_noise"])]
@@ -407,12 +519,14 @@ def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
     for imp in (r.full, r.rung):
         s.text(("Full budget. " if imp.selection.step is None else "Common rung. ") + _importance_text(ctx, imp))
     noise = r.seed_noise
-    if np.isfinite(noise.share):
+    if noise.why is None:
         s.text(f"Seed noise: reseeding one configuration accounts for {noise.share:.2f} of the full-budget "
                f"variance [{noise.ci[0]:.2f}, {noise.ci[1]:.2f}] ({noise.n_configs} configurations with several "
-               "seeds): no hyperparameter can explain that part; compare it with the surrogate's explained variance.")
+               "seeds, one-way random effects): no hyperparameter can explain that part, so set it against the "
+               "surrogate's explained variance (together they approach 1 when the surrogate explains what there "
+               "is to explain), not against the fANOVA / PED-ANOVA shares.")
     else:
-        s.text("Seed noise: not estimated (no configuration ran with two seeds among the full-budget trials).")
+        s.text(f"Seed noise: {noise.why}.")
     for imp in (r.full, r.rung):
         if imp.estimated and len(imp.table):
             table = imp.table.reset_index()
@@ -481,7 +595,7 @@ def boundary_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
     return s
 
 
-def generalization_figure(table: pd.DataFrame, target: float | None = None) -> Figure:
+def generalization_figure(table: pd.DataFrame, target: float | None = None, unit: str = "") -> Figure:
     """Error against test length, input noise and memory size: per model the median over seeds, band = min..max."""
     import seaborn as sns
 
@@ -506,9 +620,12 @@ def generalization_figure(table: pd.DataFrame, target: float | None = None) -> F
             n = int(rows[rows["model"] == model]["seed"].nunique())
             ax.plot(stats[x], stats["median"], marker="o", color=colors[model], label=f"{model} (n={n})")
             ax.fill_between(stats[x], stats["min"], stats["max"], color=colors[model], alpha=0.2, linewidth=0)
+        if axis == "noise" and rows["noise_floor"].notna().any():
+            floor = rows.groupby(x)["noise_floor"].median()
+            ax.plot(floor.index, floor.to_numpy(), color="grey", linestyle=":", label="noise floor (copying the noise)")
         if target is not None:
             ax.axhline(target, color="black", linestyle="--", linewidth=1)
-        ax.set(xlabel=label, ylabel="error")
+        ax.set(xlabel=label, ylabel=f"error ({unit})" if unit else "error")
         if axis == "memory":
             scale = rows["scale"].iloc[0]
             ax.set_title(f"at {scale:g}x length", fontsize="small")
@@ -537,7 +654,8 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
         s.text("Not evaluated: none of the best runs has a checkpoint in the results folder.")
         return s
     kinds = ", ".join(sorted(result.table["noise_kind"].unique()))
-    s.text("The best configuration of each model (by median final error of its completed runs), each seed's last "
+    s.text("The best configuration of each model (as in Best configurations: judged on its replication runs where "
+           "it has any), each seed's last "
            "checkpoint evaluated on: longer sequences than trained (scale s: sizes beyond the training range "
            "up to s times it; memory grows with s as in training's own generalization metrics), corrupted inputs "
            f"({kinds}: data bits flipped with the given probability before the first scored step, or Gaussian "
@@ -545,10 +663,16 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
            "band: min to max.")
     if absent:
         s.text("No completed run to evaluate for: " + ", ".join(absent) + ".")
-    s.figure("generalization", generalization_figure(result.table, ctx.target), "error against length, noise, memory")
-    summary = result.table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"], values="error",
-                                       aggfunc="median").reset_index()
-    s.table(summary.rename(columns={"error": "median error"}), max_rows=60)
+    s.figure("generalization", generalization_figure(result.table, ctx.target, metric_unit("error", ctx.task)),
+             "error against length, noise, memory")
+    summary = result.table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"],
+                                       values=["error", "noise_floor"], aggfunc="median", dropna=False).reset_index()
+    unit = metric_unit("error", ctx.task)
+    s.text(f"Error in {unit}, median over the evaluated seeds. Input noise: noise floor = the error that copying "
+           "the noise would give (flip probability x scored bits per sequence), beside the model's error; a model "
+           "at its floor reproduces its corrupted input faithfully. Gaussian noise (class tasks) has no such floor.")
+    summary = summary.rename(columns={"error": f"median error ({unit})", "noise_floor": f"noise floor ({unit})"})
+    s.table(summary, max_rows=60)
     return s
 
 
@@ -573,6 +697,12 @@ def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric:
     return fig
 
 
+def _replication_seed_noise(runs: pd.DataFrame):
+    from analysis.sensitivity import seed_noise, select_trials
+
+    return seed_noise(select_trials(runs, "error").used, "error")
+
+
 def replication_section(ctx: StudyContext) -> Section:
     from analysis.stability import seed_stability
 
@@ -590,9 +720,11 @@ def replication_section(ctx: StudyContext) -> Section:
                f"{finals['seed'].nunique()} seeds ({', '.join(str(x) for x in sorted(finals['seed'].unique()))}); "
                f"runs: {counts}.")
         table = seed_stability(runs, ctx.target, "error")
-        if (table["n_seeds"] > 0).sum() == 0:
-            s.text("No replication run has finished its budget yet.")
+        if (table["n_runs"] > 0).sum() == 0:
+            s.text("No replication run has ended yet.")
             continue
+        s.text("Statistics over the replication runs only: the search run that selected a configuration is shown "
+               "beside them (search error), never pooled with them. " + STABILITY_TEXT)
         search_value = {}
         for _, row in table.iterrows():
             same = search_finals[(search_finals["config_id"] == row["config_id"])
@@ -600,18 +732,23 @@ def replication_section(ctx: StudyContext) -> Section:
             values = same[ctx.metric].astype(float) if len(same) else pd.Series(dtype=float)
             best = (values.min() if _better(ctx.direction) else values.max()) if len(values) else math.nan
             search_value[row["label"]] = best
-        table["search " + ctx.metric] = table["label"].map(search_value)
-        table["search rank"] = table["search " + ctx.metric].rank(ascending=_better(ctx.direction), method="min")
+        search_col = f"search {metric_label(ctx, ctx.metric)}"
+        table[search_col] = table["label"].map(search_value)
+        table["search rank"] = table[search_col].rank(ascending=_better(ctx.direction), method="min")
         table["replication rank"] = table["median_error"].rank(ascending=True, method="min")
         table["search value in interval"] = [
             bool(lo <= v <= hi) if np.isfinite(v) and np.isfinite(lo) else None
-            for v, lo, hi in zip(table["search " + ctx.metric], table["median_error_lo"], table["median_error_hi"],
-                                 strict=True)
+            for v, lo, hi in zip(table[search_col], table["median_error_lo"], table["median_error_hi"], strict=True)
         ]
-        cols = ["label", "n_seeds", "search " + ctx.metric, "median_error", "median_error_lo", "median_error_hi",
-                "success_rate", "success_rate_lo", "success_rate_hi", "divergence_rate", "search rank",
-                "replication rank", "search value in interval"]
-        s.table(table[cols])
+        shown = _stability_table(ctx, table)
+        for column in (search_col, "search rank", "replication rank", "search value in interval"):
+            shown[column] = table[column].to_numpy()
+        s.table(shown)
+        noise = _replication_seed_noise(runs)
+        s.text("Seed noise across these configurations: " + (
+            f"reseeding accounts for {noise.share:.2f} of the final error's variance [{noise.ci[0]:.2f}, "
+            f"{noise.ci[1]:.2f}] ({noise.n_configs} configurations, {noise.n_runs} runs; one-way random effects)."
+            if noise.why is None else noise.why + "."))
         outside = [label for label, ok in zip(table["label"], table["search value in interval"], strict=True)
                    if ok is False]
         if outside:
@@ -690,6 +827,7 @@ def make_report(
         "best": lambda: best_section(ctx),
         "status": lambda: status_section(ctx),
         "stability": lambda: stability_section(ctx),
+        "arms": lambda: arms_section(ctx),
         "importance": lambda: importance_section(ctx, sens),
         "marginals": lambda: marginals_section(ctx, sens),
         "interaction": lambda: interaction_section(ctx, sens),

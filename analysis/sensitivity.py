@@ -67,7 +67,8 @@ import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
 
-from analysis.stability import CONFIG_KEYS, LEVEL, N_BOOTSTRAP, _percentile_interval
+from analysis.stability import LEVEL, _percentile_interval
+from analysis.stats import NotEstimated, variance_components
 from analysis.tidy import PARAM_PREFIX, STATUSES, final_rows, final_values, param_columns, param_name, validate_tidy
 
 EVALUATORS = ("fanova", "ped_anova")
@@ -514,50 +515,37 @@ def importance(
 
 @dataclass(frozen=True)
 class SeedNoise:
-    """How much of the objective's variance the seeds alone explain.
+    """How much of the objective's variance reseeding one configuration produces.
 
-    share = within-config variance / total variance: the pooled variance over seeds of the
-    configurations replicated over >= 2 seeds (sum_i SS_i / sum_i (n_i - 1)), over the variance
-    of the objective across all used trials. It can exceed 1 when the replicated configs are
-    noisier than the study as a whole. ``ci``: percentile bootstrap, resampling replicated configs
-    (whole, with their seeds) and, independently, the trials of the total.
-    NaN when no configuration was replicated.
+    A one-way random-effects model, configuration random and seeds within it
+    (:func:`analysis.stats.variance_components`), on the configurations run with at least two seeds:
+    share = within / (between + within) = 1 - ICC, with the exact F-based interval ``ci``.
+    ``why`` says why it was not estimated (share and ci NaN): fewer than 3 such configurations, or
+    no variation between seeds.
     """
 
     share: float
     ci: tuple[float, float]
     within_var: float
-    total_var: float
-    n_configs: int  # replicated configurations
+    between_var: float
+    n_configs: int  # configurations with >= 2 seeds
     n_runs: int  # runs of those configurations
+    why: str | None = None
 
 
-def seed_noise(
-    used: pd.DataFrame,
-    metric: str = "error",
-    n_boot: int = N_BOOTSTRAP,
-    level: float = LEVEL,
-    seed: int = 0,
-) -> SeedNoise:
+def seed_noise(used: pd.DataFrame, metric: str = "error", level: float = LEVEL) -> SeedNoise:
     """Seed-noise share of the objective's variance, from configurations replicated over seeds (see SeedNoise)."""
-    y = used[metric].to_numpy(dtype=float)
-    groups = used.groupby(list(CONFIG_KEYS))[metric]
-    n_i = groups.count().to_numpy(dtype=float)
-    ss_i = groups.agg(lambda s: float(((s - s.mean()) ** 2).sum())).to_numpy(dtype=float)
-    n_i, ss_i = n_i[n_i >= 2], ss_i[n_i >= 2]
-    if len(n_i) == 0 or len(y) < 3:
-        return SeedNoise(np.nan, (np.nan, np.nan), np.nan, np.nan, 0, 0)
-    within = ss_i.sum() / (n_i - 1).sum()
-    total = float(np.var(y, ddof=1))
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(n_i), np.full(len(n_i), 1.0 / len(n_i)), size=n_boot)  # [B, configs]
-    boot_within = (counts @ ss_i) / (counts @ (n_i - 1))
-    boot_total = np.var(y[rng.integers(0, len(y), size=(n_boot, len(y)))], axis=1, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boot = boot_within / boot_total
-    ci = _percentile_interval(boot[np.isfinite(boot)], level)
-    share = within / total if total > 0 else np.nan
-    return SeedNoise(float(share), ci, float(within), total, int(len(n_i)), int(n_i.sum()))
+    groups = pd.Series([f"{m}/{c}" for m, c in zip(used["model"], used["config_id"], strict=True)],
+                       index=used.index, dtype=object)
+    sizes = groups.map(groups.value_counts())
+    keep = (sizes >= 2).to_numpy() & np.isfinite(used[metric].to_numpy(dtype=float))
+    n_configs, n_runs = int(groups[keep].nunique()), int(keep.sum())
+    try:
+        vc = variance_components(used.loc[keep, metric].to_numpy(dtype=float), groups[keep].to_numpy(), level)
+    except NotEstimated as err:
+        reason = err.reason + (" (configurations with two or more seeds)" if "configurations" in err.reason else "")
+        return SeedNoise(np.nan, (np.nan, np.nan), np.nan, np.nan, n_configs, n_runs, reason)
+    return SeedNoise(vc.seed_share, (vc.seed_share_lo, vc.seed_share_hi), vc.within, vc.between, n_configs, n_runs)
 
 
 # --- marginals, interaction, boundary ------------------------------------------------------------
@@ -794,7 +782,7 @@ def hyperparameter_sensitivity(
         distributions=dists,
         full=full,
         rung=rung,
-        seed_noise=seed_noise(used, metric, seed=seed),
+        seed_noise=seed_noise(used, metric),
         marginals=marginals(used, dists, metric, params=order),
         interaction=interaction(used, dists, (top[0], top[1]), metric) if len(top) == 2 else None,
         boundary=boundary_check(used, dists, metric, direction, known=[param_name(k) for k in distributions or {}]),

@@ -25,9 +25,12 @@ column             meaning
                    the last rung of a stopped trial); NaN for completed runs
 ``step``           int: the training step of this evaluation
 metrics            float columns named as ``mann.train`` reports them (see :data:`METRIC_COLUMNS`):
-                   ``error``, ``bit_error``, ``accuracy``, ``train_loss``, ``level``,
-                   ``wall_time``, ``sequences``, ``gen2x_error``, ``gen4x_error``, ...
-                   NaN where not measured
+                   ``error`` (at the task's full training difficulty, held-out sequences),
+                   ``cost_bits``, ``accuracy``, ``curriculum_error``, ``level``, ``train_loss``,
+                   ``wall_time``, ``sequences``, ``gen2x_error``, ..., the end-of-run
+                   ``final_error``, ``final_cost_bits``, ``final_accuracy``, ``final_gen2x_error``,
+                   ... (logged once, at the run's last step) and ``converged_step``;
+                   units: :data:`mann.tasks.METRIC_UNITS`. NaN where not measured
 ``param.<key>``    one column per hyperparameter, named by its dotted key (``param.lr``,
                    ``param.model.memory_size``, ``param.task.max_length``), holding the typed
                    value: int columns for integer parameters (pandas ``Int64`` where some runs lack
@@ -61,8 +64,9 @@ ID_COLUMNS = (
 )
 REQUIRED_COLUMNS = ID_COLUMNS
 METRIC_COLUMNS = (
-    "error", "bit_error", "accuracy", "train_loss", "level", "wall_time", "sequences",
-    "gen2x_error", "gen2x_bit_error", "gen2x_accuracy", "gen4x_error", "gen4x_bit_error", "gen4x_accuracy",
+    "error", "cost_bits", "accuracy", "curriculum_error", "level", "train_loss", "wall_time", "sequences",
+    "gen2x_error", "gen2x_cost_bits", "gen2x_accuracy", "gen4x_error", "gen4x_cost_bits", "gen4x_accuracy",
+    "final_error", "final_cost_bits", "final_accuracy", "converged_step",
 )
 PARAM_PREFIX = "param."
 _SEED_KEYS = ("seed", PARAM_PREFIX + "seed")

@@ -238,7 +238,7 @@ def test_seed_noise_share_is_estimated_near_the_truth():
         for s in range(5):
             rows += rows_of(f"c{c}-s{s}", params, 0.4 * u_lr(params) + rng.normal(0.0, 0.08), seed=s)
     used = select_trials(pd.DataFrame(rows)).used
-    noise = seed_noise(used, n_boot=1000, seed=0)
+    noise = seed_noise(used)
     truth = 0.08**2 / (0.4**2 / 12 + 0.08**2)
     assert noise.n_configs == 40 and noise.n_runs == 200
     assert noise.share == pytest.approx(truth, abs=0.1)
@@ -246,9 +246,26 @@ def test_seed_noise_share_is_estimated_near_the_truth():
     assert noise.within_var == pytest.approx(0.08**2, rel=0.25)
 
 
-def test_seed_noise_is_nan_without_replicated_configs(mixed_result):
+def test_seed_noise_is_not_estimated_without_replicated_configs(mixed_result):
     noise = mixed_result.seed_noise
     assert noise.n_configs == 0 and math.isnan(noise.share)
+    assert noise.why == "not estimated: 0 configurations, needs at least 3 (configurations with two or more seeds)"
+
+
+def test_seed_noise_and_the_surrogates_explained_variance_add_up_to_about_one():
+    """20 configurations x 3 seeds, error = 0.4 u + N(0, 0.08^2): the surrogate can explain the
+    configurations' share (~0.68) and no more; the seeds carry the rest (~0.32)."""
+    rng = np.random.default_rng(12)
+    rows = []
+    for c in range(20):
+        params = sample(rng)
+        for s in range(3):
+            rows += rows_of(f"c{c}-s{s}", params, 0.4 * u_lr(params) + rng.normal(0.0, 0.08), seed=s)
+    result = hyperparameter_sensitivity(pd.DataFrame(rows), distributions=SPACE, n_boot=20)
+    noise, full = result.seed_noise, result.full
+    assert noise.n_configs == 20 and noise.why is None
+    assert full.estimated and full.explained + noise.share == pytest.approx(1.0, abs=0.25)
+    assert full.table.index[0] == "lr" and bool(full.table.loc["lr", "above_noise"])
 
 
 def test_boundary_check_flags_an_edge_optimum_and_not_a_middle_one():
