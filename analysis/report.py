@@ -319,12 +319,12 @@ def best_section(ctx: StudyContext) -> Section:
     finals = final_rows(ctx.df).drop_duplicates("config_id").set_index("config_id")
     table = pd.DataFrame({
         "config": ranked["label"], "model": ranked["model"], "judged on": ranked["source"],
-        "runs (n)": ranked["runs"], f"median {ctx.metric}": ranked["median"], f"mean {ctx.metric}": ranked["mean"],
-        "success rate": ranked["success_rate"],
+        "runs (n)": ranked["runs"], f"median {metric_label(ctx, ctx.metric, 'final')}": ranked["median"],
+        f"mean final {ctx.metric}": ranked["mean"], "success rate (fraction)": ranked["success_rate"],
         "params": [_params_text(finals.loc[c]) for c in ranked["config_id"]],
     })
     best = table[ranked["rank"] == 0]
-    median = f"median {ctx.metric}"
+    median = f"median {metric_label(ctx, ctx.metric, 'final')}"
     s.text("Best per model: " + "; ".join(f"{r['model']}: {r['config']} ({median} {_fmt(r[median])} over "
                                           f"{r['runs (n)']} {r['judged on']} runs)" for _, r in best.iterrows()) + ".")
     s.table(table, max_rows=15)
@@ -529,7 +529,11 @@ def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         s.text(f"Seed noise: {noise.why}.")
     for imp in (r.full, r.rung):
         if imp.estimated and len(imp.table):
-            table = imp.table.reset_index()
+            table = imp.table.reset_index().rename(columns={
+                "n": "trials with it (n)", "importance": "importance (fraction of variance)",
+                "importance_lo": "lo", "importance_hi": "hi", "above_noise": "above noise",
+                "fanova": "fANOVA (share)", "ped_anova": "PED-ANOVA (share)", "rank_corr": "rank corr.",
+                "abs_rank_corr": "|rank corr.|"})
             table.insert(0, "trials", imp.basis)
             s.table(table)
     if r.full.estimated or r.rung.estimated:
@@ -551,7 +555,8 @@ def marginals_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         return s
     s.text(f"Final {ctx.metric} against each hyperparameter (most important first): every used run as a dot, "
            "the binned median as a line.")
-    s.figure("marginals", plots.marginals_figure(sens.result.marginals, ctx.metric), "objective per hyperparameter")
+    s.figure("marginals", plots.marginals_figure(sens.result.marginals, metric_label(ctx, ctx.metric, "final")),
+             "objective per hyperparameter")
     return s
 
 
@@ -568,7 +573,7 @@ def interaction_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
     a, b = table.params
     s.text(f"Median final {ctx.metric} over bins of the two most important hyperparameters, {a} and {b} "
            "(empty cells: no run).")
-    s.figure("interaction", plots.interaction_figure(table, ctx.metric), f"{a} x {b}")
+    s.figure("interaction", plots.interaction_figure(table, metric_label(ctx, ctx.metric, "final")), f"{a} x {b}")
     counts = table.count.reset_index()
     counts.columns = [str(c) for c in counts.columns]
     s.table(counts)
@@ -676,7 +681,8 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
     return s
 
 
-def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric: str, target: float) -> Figure:
+def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric: str, target: float,
+                       unit: str = "") -> Figure:
     """Final metric of every replication run per configuration (dots) with the search's value (cross)."""
     fig = Figure(figsize=(6.4, max(2.6, 0.5 * rep["label"].nunique() + 1.4)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -692,7 +698,8 @@ def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric:
                        label="search" if i == 0 else None)
     ax.axvline(target, color="black", linestyle="--", linewidth=1)
     ax.set_yticks(np.arange(len(labels)), labels)
-    ax.set(xlabel=f"final {metric}", title="Replications: each seed's final value vs the search's")
+    ax.set(xlabel=f"final {metric}" + (f" ({unit})" if unit else ""),
+           title="Replications: each seed's final value vs the search's")
     ax.legend(fontsize="small")
     return fig
 
@@ -759,7 +766,8 @@ def replication_section(ctx: StudyContext) -> Section:
         if len(done) and np.isfinite(done["error"].astype(float)).any():
             done["label"] = [_config_label(m, c) for m, c in zip(done["model"], done["config_id"], strict=True)]
             marks = search_value if ctx.metric == "error" else {}  # the figure shows the error
-            s.figure(f"replication_{rid}", replication_figure(done, marks, "error", ctx.target),
+            s.figure(f"replication_{rid}", replication_figure(done, marks, "error", ctx.target,
+                                                              metric_unit("error", ctx.task)),
                      f"replication {rid}: final error per seed")
     return s
 
