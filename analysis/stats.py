@@ -477,7 +477,7 @@ class VarianceComponents(NamedTuple):
 def variance_components(values, groups, level: float = LEVEL) -> VarianceComponents:
     """Seed noise vs configuration effect: one-way random-effects ANOVA (Searle, Casella & McCulloch 1992, ch. 3).
 
-    values: [N] metric per run; groups: [N] configuration label per run (any hashable values).
+    values: [N] metric per run; groups: [N] configuration label per run (ints or strings: sortable).
     Model: y_ij = mu + a_i + e_ij, a_i ~ N(0, sigma^2_a) (configuration), e_ij ~ N(0, sigma^2_e)
     (seed). With k configurations of n_i runs, N = sum n_i, MSB and MSW the between and within
     mean squares, and n0 = (N - sum n_i^2 / N) / (k - 1) (n0 = n when balanced):

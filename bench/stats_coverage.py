@@ -23,6 +23,7 @@ from analysis.stats import (  # noqa: E402
     NotEstimated,
     compare_rates,
     compare_values,
+    holm,
     logrank,
     median_ratio,
     median_time,
@@ -59,8 +60,9 @@ def rates(n: int = 10) -> None:
         pbar = (p1 + p2) / 2
         normal = stats.norm.cdf((abs(p1 - p2) - Z * math.sqrt(2 * pbar * (1 - pbar) / n))
                                 / math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n))
+        theory = f", normal approximation {normal:.3f}" if p1 != p2 else ""
         print(f"compare_rates n={n}/arm p1={p1} p2={p2}: rejection {(w * (p <= 0.05)).sum():.3f} (exact sum; "
-              f"Fisher's {(w * (fisher <= 0.05)).sum():.3f}, normal approximation {normal:.3f}), "
+              f"Fisher's {(w * (fisher <= 0.05)).sum():.3f}{theory}), "
               f"Newcombe coverage {(w * ((lo <= p1 - p2) & (p1 - p2 <= hi))).sum():.3f}")
 
 
@@ -125,6 +127,15 @@ def survival(studies: int) -> None:
               f"of {s} studies where both medians were reached")
 
 
+def holm_fwer(studies: int) -> None:
+    rng = np.random.default_rng(3)
+    for m in (2, 5, 10):
+        p = rng.uniform(size=(studies * 20, m))  # m independent true nulls
+        fwer = np.mean([(holm(row) <= 0.05).any() for row in p])
+        print(f"holm m={m} true nulls: family-wise error {fwer:.4f} over {studies * 20} families "
+              f"theory 1 - (1 - 0.05/m)^m = {1 - (1 - 0.05 / m) ** m:.4f}; unadjusted {(p <= 0.05).any(1).mean():.3f}")
+
+
 def seed_noise(studies: int) -> None:
     for k, n, icc in ((10, 5, 0.3), (5, 3, 0.5), (20, 4, 0.1), (10, None, 0.3), (8, None, 0.6)):
         rng = np.random.default_rng(4)
@@ -149,6 +160,7 @@ def main() -> None:
     rates()
     values(args.studies)
     survival(args.studies)
+    holm_fwer(args.studies)
     seed_noise(args.studies)
 
 
