@@ -4,11 +4,11 @@ A trained model is a trial's last checkpoint (``mann.train``'s ``checkpoint.pt``
 folder, found by the trial id). Three axes, each one :class:`pandas.DataFrame` row per model and
 condition, so NTM, DNC and LSTM sit side by side:
 
-``length``  for s in ``scales`` (1x to 4x). Scale 1 is the task's full training difficulty
-            (``task.sample(full=True)``, whatever curriculum level the checkpoint reached) and
+``length``  ``task.sample(scale=s, full=True)`` for s in ``scales`` (1x to 4x). Scale 1 is the
+            task's full training difficulty (whatever curriculum level the checkpoint reached) and
             scores exactly what ``fit`` reported as ``error`` (same sequences: ``eval_seed``,
-            ``eval_batches`` of ``batch_size``). Scale s > 1 is ``task.sample(scale=s)``, as
-            ``fit``'s ``gen{s}x`` metrics (:mod:`mann.tasks`). Memory grows with the length as in ``fit``'s own
+            ``eval_batches`` of ``batch_size``). Scale s > 1 draws every size from beyond the full
+            training range (:mod:`mann.tasks`). Memory grows with the length as in ``fit``'s own
             generalization metrics when the run has ``gen_scale_memory`` (``ceil(s * N)`` slots),
             so a failure there is not a lack of slots.
 ``noise``   at scale 1, inputs corrupted with probability / standard deviation ``noise``:
@@ -171,11 +171,11 @@ def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_si
     """``error``, ``cost_bits``, ``accuracy`` over ``batches`` x ``batch_size`` sequences (defaults: the run's),
     with ``noise_floor`` and ``sequences``.
 
-    The same procedure as ``fit``'s held-out evaluation: scale 1 is the task's full training
-    difficulty (``sample(full=True)``, whatever the curriculum's level), scale s > 1 as ``fit``'s
-    ``gen{s}x`` metrics; the global RNG forked and seeded with ``eval_seed`` (a model may draw a random
-    initial memory), task data from a generator seeded with ``eval_seed``, scores summed over the
-    sequences (:class:`mann.tasks.Score`). ``memory_size`` None: the trained N.
+    The same procedure as ``fit``'s held-out evaluation: sizes from the task's full training
+    difficulty (``sample(full=True)``, whatever the curriculum's level), scaled by s; the global
+    RNG forked and seeded with ``eval_seed`` (a model may draw a random initial memory), task data
+    from a generator seeded with ``eval_seed``, scores summed over the sequences
+    (:class:`mann.tasks.Score`). ``memory_size`` None: the trained N.
 
     ``noise_floor``: the error that copying the noise would give, beside the model's: on a bit task
     with flip probability p, p x the scored bits per sequence (a model that reproduces its input
@@ -194,8 +194,7 @@ def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_si
         data = torch.Generator().manual_seed(eval_seed)
         noise_gen = torch.Generator().manual_seed(eval_seed + 1)
         for _ in range(batches):
-            sampled = task.sample(batch_size, data, full=True) if scale == 1 else task.sample(batch_size, data, scale)
-            batch = corrupt(sampled, task, noise, noise_gen)
+            batch = corrupt(task.sample(batch_size, data, scale=scale, full=True), task, noise, noise_gen)
             inputs = batch.inputs.to(device=device, dtype=dtype)
             targets = batch.targets.to(device=device, dtype=dtype if batch.targets.is_floating_point() else None)
             moved = Batch(inputs, targets, batch.mask.to(device=device, dtype=dtype))

@@ -30,7 +30,7 @@ metrics            float columns named as ``mann.train`` reports them (see :data
                    ``wall_time``, ``sequences``, ``gen2x_error``, ..., the end-of-run
                    ``final_error``, ``final_cost_bits``, ``final_accuracy``, ``final_gen2x_error``,
                    ... (logged once, at the run's last step) and ``converged_step``;
-                   units: :data:`mann.tasks.METRIC_UNITS`. NaN where not measured
+                   units: docs/metrics.md. NaN where not measured
 ``param.<key>``    one column per hyperparameter, named by its dotted key (``param.lr``,
                    ``param.model.memory_size``, ``param.task.max_length``), holding the typed
                    value: int columns for integer parameters (pandas ``Int64`` where some runs lack
