@@ -10,10 +10,13 @@ Outputs in ``out_dir``::
 
 and the same files as artifacts of the study's MLflow parent run, under ``report/``.
 
-Sections: overview, best configurations, status breakdown, seed stability, hyperparameter
-importance (which trials were used, how many), marginals, interaction heatmap, boundary check,
+Sections: overview, best configurations, status breakdown, seed stability, arms compared (models
+or replicated configurations pairwise, Holm-adjusted, with Kaplan-Meier time to target),
+hyperparameter importance (full budget and common rung: which trials were used, how many, and
+"not estimated" below the minimum), marginals, interaction heatmap, boundary check,
 generalization of the best configuration per model (from checkpoints; needs the results folder),
-replications. A section without enough data says why in words and shows no figure. A study
+replications. A section without enough data says why in words and shows no figure; every metric
+label carries its unit (:func:`metric_label`) and every table its n. A study
 still running is marked at the top; the report then covers the runs finished so far (running
 runs are counted, never analysed).
 """
