@@ -289,7 +289,8 @@ def _times(ra: pd.DataFrame, rb: pd.DataFrame, level: float) -> dict[str, float]
     p = stats.logrank(ta, ea, tb, eb)
     ma, mb = stats.median_time(ta, ea, level)[0], stats.median_time(tb, eb, level)[0]
     ratio = ma / mb if math.isfinite(ma) and math.isfinite(mb) and mb > 0 else math.nan
-    return {"n_a": len(ra), "n_b": len(rb), "estimate": ratio, "lo": math.nan, "hi": math.nan, "p": p}
+    why = None if math.isfinite(ratio) else "ratio not estimated: a median time is not reached (log-rank p still valid)"
+    return {"n_a": len(ra), "n_b": len(rb), "estimate": ratio, "lo": math.nan, "hi": math.nan, "p": p, "why": why}
 
 
 def survival_curves(df: pd.DataFrame, target: float, arm: str = "model", metric: str = "error",
