@@ -4,11 +4,11 @@ A trained model is a trial's last checkpoint (``mann.train``'s ``checkpoint.pt``
 folder, found by the trial id). Three axes, each one :class:`pandas.DataFrame` row per model and
 condition, so NTM, DNC and LSTM sit side by side:
 
-``length``  ``task.sample(scale=s)`` for s in ``scales`` (1x to 4x). Scale 1 is the run's full
-            training difficulty (``full=True``: the curriculum level ignored) and scores exactly
-            what ``fit`` reported as ``error`` (same sequences: ``eval_seed``, ``eval_batches`` of
-            ``batch_size``). Scale s > 1 draws every size from beyond the training range
-            (:mod:`mann.tasks`). Memory grows with the length as in ``fit``'s own
+``length``  ``task.sample(scale=s, full=True)`` for s in ``scales`` (1x to 4x). Scale 1 is the
+            task's full training difficulty (whatever curriculum level the checkpoint reached) and
+            scores exactly what ``fit`` reported as ``error`` (same sequences: ``eval_seed``,
+            ``eval_batches`` of ``batch_size``). Scale s > 1 draws every size from beyond the full
+            training range (:mod:`mann.tasks`). Memory grows with the length as in ``fit``'s own
             generalization metrics when the run has ``gen_scale_memory`` (``ceil(s * N)`` slots),
             so a failure there is not a lack of slots.
 ``noise``   at scale 1, inputs corrupted with probability / standard deviation ``noise``:
@@ -19,7 +19,9 @@ condition, so NTM, DNC and LSTM sit side by side:
             Class tasks (graph, bAbI-style): Gaussian noise N(0, sigma^2) added to every input
             element. ``noise_kind`` says which. The noise has its own generator
             (``eval_seed + 1``), so the sequences are those of the clean evaluation and noise 0
-            is exactly the plain evaluation.
+            is exactly the plain evaluation. ``noise_floor`` is the error that copying the noise
+            would give (p x scored bits per sequence), so a reader sees what is the model and
+            what is the noise.
 ``memory``  at scale ``memory_scale`` (default: the largest scale), the memory is ``factor * N``
             slots (``model(x, memory_size=...)``; the extra slots start as the model's init
             scheme says). Models without external memory (LSTM) have ``memory_size`` NaN: their
@@ -51,7 +53,7 @@ DEFAULT_MEMORY_FACTORS = (1.0, 2.0, 4.0)
 AXES = ("length", "noise", "memory")
 COLUMNS = (
     "label", "run_id", "model", "seed", "config_id", "axis", "scale", "noise", "noise_kind", "memory_size",
-    "memory_factor", "level", "error", "cost_bits", "accuracy", "target_error", "sequences",
+    "memory_factor", "level", "error", "noise_floor", "cost_bits", "accuracy", "target_error", "sequences",
 )
 
 
@@ -166,11 +168,18 @@ def corrupt(batch: Batch, task: Task, noise: float, generator: torch.Generator) 
 def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_size: int | None = None,
              eval_seed: int | None = None, batches: int | None = None, batch_size: int | None = None
              ) -> dict[str, float]:
-    """``error``, ``cost_bits``, ``accuracy`` over ``batches`` x ``batch_size`` sequences (defaults: the run's).
+    """``error``, ``cost_bits``, ``accuracy`` over ``batches`` x ``batch_size`` sequences (defaults: the run's),
+    with ``noise_floor`` and ``sequences``.
 
-    The same procedure as ``fit``'s evaluation: the global RNG forked and seeded with ``eval_seed``
-    (a model may draw a random initial memory), task data from a generator seeded with
-    ``eval_seed``. ``memory_size`` None: the trained N.
+    The same procedure as ``fit``'s held-out evaluation: sizes from the task's full training
+    difficulty (``sample(full=True)``, whatever the curriculum's level), scaled by s; the global
+    RNG forked and seeded with ``eval_seed`` (a model may draw a random initial memory), task data
+    from a generator seeded with ``eval_seed``, scores summed over the sequences
+    (:class:`mann.tasks.Score`). ``memory_size`` None: the trained N.
+
+    ``noise_floor``: the error that copying the noise would give, beside the model's: on a bit task
+    with flip probability p, p x the scored bits per sequence (a model that reproduces its input
+    exactly gets that many bits wrong); NaN for Gaussian noise (class tasks), where no such count exists.
     """
     cfg, task, model = trained.cfg, trained.task, trained.model
     eval_seed = cfg.eval_seed if eval_seed is None else eval_seed
@@ -179,7 +188,7 @@ def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_si
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     devices = [device] if device.type == "cuda" else []
-    total = Score()
+    total, scored_bits = Score(), 0.0
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(eval_seed)
         data = torch.Generator().manual_seed(eval_seed)
@@ -189,10 +198,13 @@ def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_si
             inputs = batch.inputs.to(device=device, dtype=dtype)
             targets = batch.targets.to(device=device, dtype=dtype if batch.targets.is_floating_point() else None)
             moved = Batch(inputs, targets, batch.mask.to(device=device, dtype=dtype))
-            logits = model(inputs, memory_size=memory_size)
-            total = total.plus(task.score(logits, moved))
+            total = total.plus(task.score(model(inputs, memory_size=memory_size), moved))
+            if task.targets_kind == "bits":
+                scored_bits += float(batch.mask.sum()) * batch.targets.shape[-1]
     out = total.metrics()
-    out["sequences"] = float(batches * batch_size)
+    sequences = float(batches * batch_size)
+    out["noise_floor"] = noise * scored_bits / sequences if task.targets_kind == "bits" else math.nan
+    out["sequences"] = sequences
     return out
 
 
@@ -249,26 +261,31 @@ def generalization_table(
 # From a study's tidy frame
 
 
-def best_runs(df: pd.DataFrame, metric: str = "error", per_model: int = 1, max_seeds: int = 3) -> pd.DataFrame:
+def best_runs(df: pd.DataFrame, metric: str = "error", per_model: int = 1, max_seeds: int = 3,
+              direction: str = "minimize") -> pd.DataFrame:
     """The final rows of the completed runs of the best ``per_model`` configurations of each model.
 
-    A configuration (model, config_id) ranks by the median final ``metric`` of its completed runs
-    (replications included, so a replicated configuration is judged on all its seeds); at most
-    ``max_seeds`` runs of each (the best first). Columns: the tidy columns plus ``rank`` (0 = best).
+    Configurations rank as :func:`analysis.stability.rank_configurations` says: on their replication
+    runs where a model has any (the search run that chose a configuration is not one of them), else
+    on their completed search runs; ties go to the better configuration. At most ``max_seeds`` runs
+    of each (the best first) from the runs it was judged on. Columns: the tidy columns plus ``rank``
+    (0 = best).
     """
+    from analysis.stability import rank_configurations
+
     validate_tidy(df, [metric])
     finals = final_rows(df)
     done = finals[(finals["status"] == "completed") & np.isfinite(finals[metric].astype(float))]
     if done.empty:
         return done.assign(rank=pd.Series(dtype=int))
-    medians = done.groupby(["model", "config_id"], sort=True)[metric].median().rename("median").reset_index()
+    target = float(df["target_error"].median()) if "target_error" in df and df["target_error"].notna().any() \
+        else math.inf
+    ranked = rank_configurations(df, target, metric, direction)
     picked = []
-    for _, group in medians.groupby("model", sort=True):
-        best = group.sort_values(["median", "config_id"], kind="stable").head(per_model)
-        for rank, (_, row) in enumerate(best.iterrows()):
-            runs = done[(done["model"] == row["model"]) & (done["config_id"] == row["config_id"])]
-            runs = runs.sort_values([metric, "seed"], kind="stable").head(max_seeds)
-            picked.append(runs.assign(rank=rank))
+    for _, row in ranked[ranked["rank"] < per_model].iterrows():
+        runs = done[done["run_id"].isin(row["run_ids"])]
+        runs = runs.sort_values([metric, "seed"], ascending=[direction == "minimize", True], kind="stable")
+        picked.append(runs.head(max_seeds).assign(rank=int(row["rank"])))
     return pd.concat(picked, ignore_index=True)
 
 

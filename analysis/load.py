@@ -467,3 +467,54 @@ def export(df: pd.DataFrame, path: str | Path) -> Path:
 def distributions(optuna_info: OptunaInfo | None) -> Mapping[str, Any] | None:
     """The searched keys' Optuna distributions (for :func:`analysis.sensitivity.hyperparameter_sensitivity`)."""
     return dict(optuna_info.distributions) if optuna_info else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The search space as the study file wrote it
+
+
+def space_from_search(search: Mapping[str, Any]) -> dict[str, Any]:
+    """A study file's ``search`` mapping -> Optuna distributions keyed by dotted name, scale and order as written.
+
+    ``{choices: [...]}`` -> CategoricalDistribution with the choices in the file's order (numeric
+    choices keep that order: the analysis reads it, never the order of the values that survived);
+    ``{low, high, log}`` -> IntDistribution when ``integer`` is true (or, without that key, when both
+    bounds are integers), FloatDistribution otherwise, log scale exactly when ``log`` is true.
+    """
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for key, entry in search.items():
+        if not isinstance(entry, Mapping):
+            raise LoadError(f"spec search.{key}: expected {{low, high, log}} or {{choices: [...]}}, got {entry!r}")
+        if entry.get("choices") is not None:
+            out[key] = CategoricalDistribution(list(entry["choices"]))
+            continue
+        low, high, log = entry.get("low"), entry.get("high"), bool(entry.get("log", False))
+        if not isinstance(low, int | float) or not isinstance(high, int | float):
+            raise LoadError(f"spec search.{key}: expected numeric low and high, got {low!r} and {high!r}")
+        integer = entry.get("integer")
+        if integer is None:
+            integer = isinstance(low, int) and isinstance(high, int) and not isinstance(low, bool)
+        out[key] = (IntDistribution(int(low), int(high), log=log) if integer
+                    else FloatDistribution(float(low), float(high), log=log))
+    return out
+
+
+def study_space(runs: StudyRuns) -> dict[str, Any] | None:
+    """The search space of the study file, from the ``spec.json`` artifact of the study's parent run.
+
+    None when the run has no such artifact or it holds no ``search`` mapping (a study recorded
+    without it); the caller then says the space was inferred.
+    """
+    import tempfile
+
+    client = _client(runs.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(runs.parent.info.run_id, "spec.json", tmp)
+        except Exception:  # no artifact, or a store that cannot serve it: the space is then unknown
+            return None
+        spec = json.loads(Path(path).read_text())
+    search = spec.get("search") if isinstance(spec, Mapping) else None
+    return space_from_search(search) if isinstance(search, Mapping) else None

@@ -13,7 +13,7 @@ says what is missing rather than failing or showing blank axes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,8 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.sensitivity import Interaction, Marginal, SeedNoise
+from analysis.sensitivity import Importance, Interaction, Marginal, SeedNoise
+from analysis.stats import Survival
 
 STATUS_COLORS = {
     "completed": "#2ca02c",
@@ -30,7 +31,6 @@ STATUS_COLORS = {
     "failed": "#000000",
     "running": "#1f77b4",
 }
-EVALUATOR_TITLES = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA", "abs_rank_corr": "|rank correlation|"}
 
 
 class PlotError(ValueError):
@@ -86,14 +86,17 @@ def learning_curves_figure(
 
 
 def success_rate_figure(stability: pd.DataFrame, max_configs: int = 20) -> Figure:
-    """Success rate per configuration with its bootstrap interval (from stability.seed_stability)."""
-    _require(stability, ["label", "n_seeds", "success_rate", "success_rate_lo", "success_rate_hi"], "success rate")
-    rows = stability[stability["n_seeds"] > 0].sort_values("success_rate", ascending=False, kind="stable")
+    """Success rate per configuration (or arm) with its Wilson interval (from stability.seed_stability).
+
+    The denominator of each rate, every ended run (stopped-early ones included), is in the label.
+    """
+    _require(stability, ["label", "n_runs", "success_rate", "success_rate_lo", "success_rate_hi"], "success rate")
+    rows = stability[stability["n_runs"] > 0].sort_values("success_rate", ascending=False, kind="stable")
     rows = rows.head(max_configs).iloc[::-1]  # best at the top of a horizontal bar chart
     fig = _figure(6.4, max(2.5, 0.35 * len(rows) + 1.2))
     ax = fig.add_subplot()
     if rows.empty:
-        no_data(ax, "no configuration has a full-budget run")
+        no_data(ax, "no configuration has an ended run")
         return fig
     rate = rows["success_rate"].to_numpy(dtype=float)
     err = np.vstack([rate - rows["success_rate_lo"].to_numpy(dtype=float),
@@ -101,46 +104,78 @@ def success_rate_figure(stability: pd.DataFrame, max_configs: int = 20) -> Figur
     y = np.arange(len(rows))
     bars = ax.barh(y, rate, xerr=err, color="#4c72b0", ecolor="black", capsize=3)
     # Written out so a rate of 0 (an invisible bar) still reads as a value.
-    ax.bar_label(bars, labels=[f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
-                               zip(rate, rows["success_rate_lo"], rows["success_rate_hi"], strict=True)],
+    ax.bar_label(bars, labels=[f"{k}/{n} [{lo:.2f}, {hi:.2f}]" for k, n, lo, hi in
+                               zip(rows["n_success"], rows["n_runs"], rows["success_rate_lo"],
+                                   rows["success_rate_hi"], strict=True)],
                  padding=4, fontsize="small")
-    ax.set_yticks(y, [f"{label} (n={n})" for label, n in zip(rows["label"], rows["n_seeds"], strict=True)])
+    ax.set_yticks(y, [f"{label} (n={n})" for label, n in zip(rows["label"], rows["n_runs"], strict=True)])
     ax.set_xticks(np.linspace(0.0, 1.0, 6))
-    ax.set(xlim=(0, 1.45), xlabel="success rate (95% bootstrap CI)", title="Success over seeds")
+    ax.set(xlim=(0, 1.45), xlabel="success rate (fraction of ended runs; 95% Wilson interval)",
+           title="Success over seeds")
     return fig
 
 
-def importance_figure(
-    importances: pd.DataFrame,
-    evaluators: Sequence[str] | None = None,
-    seed_noise: SeedNoise | None = None,
-) -> Figure:
-    """One bar chart per evaluator (fANOVA, PED-ANOVA, |rank correlation|), parameters in the first one's order.
+def survival_figure(curves: Mapping[str, Survival], title: str, xlabel: str = "step (optimizer updates)") -> Figure:
+    """Kaplan-Meier curves per arm (fraction of runs not yet at the target) with their 95% bands.
 
-    The seed-noise share, when given, is written in the title: importances of a study whose
-    objective is mostly seed noise say little.
+    curves: {arm: analysis.stats.Survival} (from stability.survival_curves); steps, drawn from (0, 1).
     """
-    if evaluators is None:
-        evaluators = [e for e in EVALUATOR_TITLES if e in getattr(importances, "columns", [])]
-    _require(importances, list(evaluators), "importances")
-    fig = _figure(3.2 * max(1, len(evaluators)), max(2.5, 0.35 * len(importances) + 1.5))
-    if importances.empty or not evaluators:
-        no_data(fig.add_subplot(), "no hyperparameters or no evaluators")
+    fig = _figure()
+    ax = fig.add_subplot()
+    if not curves:
+        no_data(ax, "no ended run")
         return fig
-    params = list(importances.index)[::-1]
-    axes = fig.subplots(1, len(evaluators), sharey=True, squeeze=False)[0]
-    for ax, name in zip(axes, evaluators, strict=True):
-        values = importances.loc[params, name].to_numpy(dtype=float)
-        if np.isnan(values).all():
-            no_data(ax, f"{EVALUATOR_TITLES.get(name, name)} needs >= 2 completed trials")
+    palette = sns.color_palette("colorblind", len(curves))
+    for (arm, km), color in zip(curves.items(), palette, strict=True):
+        t = np.concatenate([[0.0], km.t])
+        ax.step(t, np.concatenate([[1.0], km.survival]), where="post", color=color, label=arm)
+        ax.fill_between(t, np.concatenate([[1.0], km.lo]), np.concatenate([[1.0], km.hi]), step="post",
+                        color=color, alpha=0.2, linewidth=0)
+    ax.set(xlabel=xlabel, ylabel="fraction not yet at the target", ylim=(-0.02, 1.02),
+           title=f"Time to target, {title} (Kaplan-Meier, 95% band)")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def importance_figure(analyses: Sequence[Importance], seed_noise: SeedNoise | None = None) -> Figure:
+    """Permutation importance with its interval, one panel per analysis (full budget, common rung).
+
+    Bars: each parameter's share of the objective's variance lost when it is shuffled; whiskers: the
+    bootstrap interval; the dashed line: the surrogate's explained variance R^2 (the most any
+    parameter can reach). An analysis that was not estimated says why in its panel. The seed-noise
+    share, when known, is in the title: it bounds what any hyperparameter can explain (1 - share).
+    """
+    if not all(isinstance(a, Importance) for a in analyses):
+        raise PlotError("importance: expected a list of analysis.sensitivity.Importance")
+    params = list(dict.fromkeys(p for a in analyses for p in a.table.index))[::-1]
+    fig = _figure(4.2 * max(1, len(analyses)), max(2.5, 0.35 * len(params) + 1.6))
+    if not analyses:
+        no_data(fig.add_subplot(), "no importance analysis")
+        return fig
+    axes = fig.subplots(1, len(analyses), sharey=True, squeeze=False)[0]
+    for ax, a in zip(axes, analyses, strict=True):
+        title = f"{a.basis} (n={a.selection.n_used})"
+        if not a.estimated or not params:
+            no_data(ax, a.why or "no hyperparameters")
+            ax.set_title(title)
             continue
-        ax.barh(np.arange(len(params)), np.nan_to_num(values), color="#55a868")
-        ax.set_yticks(np.arange(len(params)), params)
-        ax.set(title=EVALUATOR_TITLES.get(name, name), xlim=(0, max(1e-9, float(np.nanmax(values))) * 1.1))
+        t = a.table.reindex(params)
+        value = t["importance"].to_numpy(dtype=float)
+        err = np.vstack([value - t["importance_lo"].to_numpy(dtype=float),
+                         t["importance_hi"].to_numpy(dtype=float) - value])
+        colors = ["#55a868" if bool(x) else "#bbbbbb" for x in t["above_noise"].fillna(False)]
+        y = np.arange(len(params))
+        ax.barh(y, np.nan_to_num(value), xerr=np.nan_to_num(err), color=colors, ecolor="black", capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.axvline(a.explained, color="#4c72b0", linestyle="--", linewidth=1,
+                   label=f"surrogate R^2 {a.explained:.2f} [{a.explained_ci[0]:.2f}, {a.explained_ci[1]:.2f}]")
+        ax.set_yticks(y, params)
+        ax.set(title=title, xlabel="variance lost when shuffled (fraction)")
+        ax.legend(fontsize="x-small", loc="lower right")
     if seed_noise is not None and np.isfinite(seed_noise.share):
         lo, hi = seed_noise.ci
-        fig.suptitle(f"seed noise: {seed_noise.share:.2f} of the variance [{lo:.2f}, {hi:.2f}], "
-                     f"{seed_noise.n_configs} replicated configs")
+        fig.suptitle(f"seed noise: {seed_noise.share:.2f} of the variance [{lo:.2f}, {hi:.2f}] "
+                     f"({seed_noise.n_configs} configurations with several seeds)")
     return fig
 
 
@@ -209,5 +244,5 @@ def status_figure(status: pd.DataFrame) -> Figure:
                                zip(status["n_runs"], status["n_used"], strict=True)], fontsize="small")
     ax.set_xticks(x, status["status"])
     ax.margins(y=0.15)  # room for the labels above the bars
-    ax.set(ylabel="runs", title="Trial status (importance uses completed runs only)")
+    ax.set(ylabel="runs", title="Trial status (n used: full-budget importance)")
     return fig

@@ -10,10 +10,13 @@ Outputs in ``out_dir``::
 
 and the same files as artifacts of the study's MLflow parent run, under ``report/``.
 
-Sections: overview, best configurations, status breakdown, seed stability, hyperparameter
-importance (which trials were used, how many), marginals, interaction heatmap, boundary check,
+Sections: overview, best configurations, status breakdown, seed stability, arms compared (models
+or replicated configurations pairwise, Holm-adjusted, with Kaplan-Meier time to target),
+hyperparameter importance (full budget and common rung: which trials were used, how many, and
+"not estimated" below the minimum), marginals, interaction heatmap, boundary check,
 generalization of the best configuration per model (from checkpoints; needs the results folder),
-replications. A section without enough data says why in words and shows no figure. A study
+replications. A section without enough data says why in words and shows no figure; every metric
+label carries its unit (:func:`metric_label`) and every table its n. A study
 still running is marked at the top; the report then covers the runs finished so far (running
 runs are counted, never analysed).
 """
@@ -38,7 +41,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analysis import plots
-from analysis.load import LoadError, OptunaInfo, StudyRuns, export, find_study_runs, load_optuna, tidy_from_runs
+from analysis.load import (
+    LoadError,
+    OptunaInfo,
+    StudyRuns,
+    export,
+    find_study_runs,
+    load_optuna,
+    study_space,
+    tidy_from_runs,
+)
 from analysis.tidy import final_rows, params_of
 
 SECTIONS = (
@@ -46,6 +58,7 @@ SECTIONS = (
     ("best", "Best configurations"),
     ("status", "Status breakdown"),
     ("stability", "Seed stability"),
+    ("arms", "Arms compared"),
     ("importance", "Hyperparameter importance"),
     ("marginals", "Marginals"),
     ("interaction", "Interaction"),
@@ -184,10 +197,22 @@ class StudyContext:
     results_dir: str | None
     running: bool
     optuna_note: str | None = None  # why the Optuna record is not used, when it was asked for
+    space: dict | None = None  # the search space as Optuna distributions: the study file's, else Optuna's
 
     @property
     def search(self) -> pd.DataFrame:
         return self.df[self.df["replication"].isna()]
+
+    @property
+    def task(self) -> str | None:
+        tasks = self.df["task"].dropna().unique() if "task" in self.df else []
+        return str(tasks[0]) if len(tasks) == 1 else None
+
+    @property
+    def arm_runs(self) -> tuple[pd.DataFrame, str]:
+        """The runs arms are compared on: the replications where there are any, else the search; and which."""
+        rep = self.df[self.df["replication"].notna()]
+        return (rep, "replication runs") if len(rep) else (self.search, "search runs")
 
     @property
     def target(self) -> float:
@@ -216,6 +241,38 @@ def _better(direction: str) -> bool:
     return direction == "minimize"
 
 
+def metric_unit(metric: str, task: str | None) -> str:
+    """The unit of ``metric`` for ``task`` (:data:`mann.tasks.METRIC_UNITS`, the bit- or class-task side)."""
+    from mann.tasks import TASKS
+    from mann.tasks import metric_unit as unit_of
+
+    unit = unit_of(metric)
+    if " | " in unit:
+        entry = TASKS.get(task or "")
+        kind = getattr(entry.task_class, "targets_kind", None) if entry else None
+        bits, classes = (u.rsplit(" (", 1)[0] for u in unit.split(" | ", 1))
+        unit = bits if kind == "bits" else classes if kind == "classes" else unit
+    return unit
+
+
+def metric_label(ctx: StudyContext, metric: str, prefix: str = "") -> str:
+    """``prefix metric (unit)``, e.g. "final error (wrong bits per sequence)": every metric label carries its unit."""
+    unit = metric_unit(metric, ctx.task)
+    name = f"{prefix} {metric}".strip()
+    return f"{name} ({unit})" if unit else name
+
+
+def _interval(value: float, lo: float, hi: float, why: str | None = None, digits: int = 3) -> str:
+    """"v [lo, hi]"; "v (interval not estimated: ...)" when ``why``; "" for no value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return why or ""
+    if value == math.inf:
+        return "not reached" + (f" [{lo:.{digits}g}, inf]" if math.isfinite(lo) else "")
+    if why:
+        return f"{value:.{digits}g} (interval {why})"
+    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sections
 
@@ -231,49 +288,48 @@ def overview_section(ctx: StudyContext) -> Section:
     n_search = int(finals["replication"].isna().sum()) if len(finals) else 0
     n_rep = len(finals) - n_search
     s.text(f"Study {ctx.name}: {n_search} search runs and {n_rep} replication runs of {models} on {tasks}. "
-           f"Objective: final {ctx.metric} ({ctx.direction}). Success: final error at most {ctx.target:g} "
-           "(the task's target_error).")
+           f"Objective: {metric_label(ctx, ctx.metric, 'final')}, {ctx.direction}d. Success: final error at most "
+           f"{ctx.target:g} (the task's target_error).")
+    s.text("error is measured at the task's full training difficulty (its longest sequences, most items or "
+           "nodes), whatever a run's curriculum reached, on held-out sequences fixed by the evaluation seed: every "
+           "run is scored on the same task. Final values are the end-of-run evaluation on 640 held-out sequences "
+           "where a run logged one (final_error), else its last evaluation. Steps to target: the first evaluation "
+           "with error at most the target; runs that never got there are censored at their last step.")
     if ctx.optuna is not None:
         states = ", ".join(f"{k.lower()} {v}" for k, v in sorted(ctx.optuna.states.items()))
         s.text(f"Optuna record: {states or 'no trials'}.")
     elif ctx.optuna_note:
-        s.text(f"Optuna record not used ({ctx.optuna_note}): the search space is inferred from the runs.")
+        s.text(f"Optuna record not used ({ctx.optuna_note}).")
     s.text(f"MLflow: {ctx.runs.tracking_uri}, study run {ctx.runs.parent.info.run_id}. "
            f"Results folder: {ctx.results_dir or 'unknown (generalization needs it)'}.")
     return s
 
 
-def _config_table(ctx: StudyContext, finals: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration (model, config_id): completed runs, median and best final metric, params."""
-    done = finals[(finals["status"] == "completed") & np.isfinite(finals[ctx.metric].astype(float))]
-    rows = []
-    for (model, cid), runs in done.groupby(["model", "config_id"], sort=False):
-        values = runs[ctx.metric].astype(float)
-        rows.append({"config": _config_label(model, cid), "model": model, "completed runs": len(runs),
-                     f"median {ctx.metric}": values.median(),
-                     f"best {ctx.metric}": values.min() if _better(ctx.direction) else values.max(),
-                     "seeds": ",".join(str(s) for s in sorted(runs["seed"])),
-                     "params": _params_text(runs.iloc[0])})
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values(f"median {ctx.metric}", ascending=_better(ctx.direction), kind="stable")
-    return table.reset_index(drop=True)
-
-
 def best_section(ctx: StudyContext) -> Section:
+    from analysis.stability import rank_configurations
+
     s = Section("best", "Best configurations")
-    finals = final_rows(ctx.df)
-    table = _config_table(ctx, finals)
-    if table.empty:
+    ranked = rank_configurations(ctx.df, ctx.target, ctx.metric, ctx.direction)
+    if ranked.empty:
         s.text(f"No completed run with a finite {ctx.metric} yet: nothing to rank "
-               f"({len(finals)} runs, none finished its budget).")
+               f"({ctx.df['run_id'].nunique()} runs, none finished its budget).")
         return s
-    s.text(f"Configurations ranked by the median final {ctx.metric} of their completed runs (search and "
-           "replications); stopped-early, diverged, failed and running runs do not rank.")
-    per_model = table.groupby("model", sort=False).head(1)
-    median = f"median {ctx.metric}"
-    s.text("Best per model: " + "; ".join(f"{r['model']}: {r['config']} ({median} {_fmt(r[median])})"
-                                          for _, r in per_model.iterrows()) + ".")
+    s.text(f"Configurations ranked per model by the median {metric_label(ctx, ctx.metric, 'final')} of their "
+           "completed runs. A configuration with replications is judged on its replication runs only (the search "
+           "run that selected it is left out: it was chosen for looking best), and where a model has replicated "
+           "configurations only those compete. Ties go to the better configuration: higher success rate, then "
+           "lower mean, then more runs.")
+    finals = final_rows(ctx.df).drop_duplicates("config_id").set_index("config_id")
+    table = pd.DataFrame({
+        "config": ranked["label"], "model": ranked["model"], "judged on": ranked["source"],
+        "runs (n)": ranked["runs"], f"median {metric_label(ctx, ctx.metric, 'final')}": ranked["median"],
+        f"mean final {ctx.metric}": ranked["mean"], "success rate (fraction)": ranked["success_rate"],
+        "params": [_params_text(finals.loc[c]) for c in ranked["config_id"]],
+    })
+    best = table[ranked["rank"] == 0]
+    median = f"median {metric_label(ctx, ctx.metric, 'final')}"
+    s.text("Best per model: " + "; ".join(f"{r['model']}: {r['config']} ({median} {_fmt(r[median])} over "
+                                          f"{r['runs (n)']} {r['judged on']} runs)" for _, r in best.iterrows()) + ".")
     s.table(table, max_rows=15)
     return s
 
@@ -297,6 +353,39 @@ def status_section(ctx: StudyContext) -> Section:
     return s
 
 
+def _stability_table(ctx: StudyContext, table: pd.DataFrame, name: str = "label") -> pd.DataFrame:
+    """seed_stability rows as a readable table: each statistic with its interval, n beside it."""
+    steps = "median steps to target (optimizer updates) [95% CI]"
+    return pd.DataFrame({
+        name: table[name],
+        "ended runs (n)": table["n_runs"],
+        "success k/n": [f"{k}/{n}" for k, n in zip(table["n_success"], table["n_runs"], strict=True)],
+        "success rate [95% CI]": [_interval(v, lo, hi) for v, lo, hi in
+                                  zip(table["success_rate"], table["success_rate_lo"], table["success_rate_hi"],
+                                      strict=True)],
+        f"median final error ({metric_unit('error', ctx.task)}) [95% CI]": [
+            _interval(v, lo, hi, why) for v, lo, hi, why in
+            zip(table["median_error"], table["median_error_lo"], table["median_error_hi"], table["median_error_why"],
+                strict=True)],
+        "completed (n)": table["n_final"],
+        steps: [_interval(v, lo, hi) for v, lo, hi in
+                zip(table["median_steps_to_target"], table["median_steps_to_target_lo"],
+                    table["median_steps_to_target_hi"], strict=True)],
+        "stopped early (censored)": table["n_stopped_early"],
+        "diverged": table["n_diverged"],
+        "failed (left out)": table["n_failed"],
+    })
+
+
+STABILITY_TEXT = (
+    "Every run that ended counts: the denominator n of each rate is the completed, diverged and stopped-early "
+    "runs; a run stopped by ASHA counts as not successful and as censored at its last step, never dropped. Failed "
+    "runs (an exception) are counted apart. Intervals: Wilson for rates; the exact order-statistic interval for "
+    "a median error (needs 6 runs at 95%); Kaplan-Meier with the Brookmeyer-Crowley interval for the median "
+    "steps to target (inf: fewer than half are known to reach the target, or the data cannot bound it)."
+)
+
+
 def stability_section(ctx: StudyContext) -> Section:
     from analysis.stability import learning_curves, seed_stability
 
@@ -305,27 +394,61 @@ def stability_section(ctx: StudyContext) -> Section:
         s.text("No evaluation has a finite error yet: no stability to measure.")
         return s
     table = seed_stability(ctx.df, ctx.target, "error")
-    full = table[table["n_seeds"] > 0]
-    if full.empty:
-        s.text("No configuration has a full-budget run (completed or diverged) yet: stability is measured over "
-               "full-budget runs only.")
+    ended = table[table["n_runs"] > 0]
+    if ended.empty:
+        s.text("No configuration has an ended run (completed, diverged or stopped early) yet.")
         return s
-    replicated = int((full["n_seeds"] >= 2).sum())
-    s.text(f"Per configuration over its full-budget runs (seeds): success rate (final error <= {ctx.target:g}), "
-           "median and IQR of the final error, divergence rate, median steps to the target, each with a 95% "
-           f"percentile-bootstrap interval over seeds. {replicated} of {len(full)} configurations ran with two "
-           "or more seeds" + ("" if replicated else
-                              ": intervals need seeds [0, 1, ...] in the study file or `mannstudy replicate`") + ".")
-    cols = ["label", "n_seeds", "success_rate", "success_rate_lo", "success_rate_hi", "median_error",
-            "median_error_lo", "median_error_hi", "iqr_error", "divergence_rate", "median_steps_to_target",
-            "n_stopped_early", "n_failed"]
-    shown = full.sort_values(["success_rate", "median_error"], ascending=[False, True], kind="stable")
-    s.table(shown[[c for c in cols if c in shown.columns]].reset_index(drop=True), max_rows=20)
-    s.figure("success_rate", plots.success_rate_figure(full), "success rate per configuration with its interval")
+    replicated = int((ended["n_runs"] >= 2).sum())
+    s.text(f"Per configuration over its seeds (search and replications): success (final error <= {ctx.target:g}), "
+           f"median final error, steps to target. {STABILITY_TEXT} {replicated} of {len(ended)} configurations ran "
+           "with two or more seeds" + ("" if replicated else
+                                       ": more seeds need seeds [0, 1, ...] in the study file or `mannstudy "
+                                       "replicate`") + ".")
+    shown = ended.sort_values(["success_rate", "median_error"], ascending=[False, True], kind="stable")
+    s.table(_stability_table(ctx, shown.reset_index(drop=True)), max_rows=20)
+    s.figure("success_rate", plots.success_rate_figure(ended), "success rate per configuration with its interval")
     curves = learning_curves(ctx.df, "error")
     if len(curves):
-        s.figure("learning_curves", plots.learning_curves_figure(curves, "error", ctx.target),
+        s.figure("learning_curves", plots.learning_curves_figure(curves, metric_label(ctx, "error"), ctx.target),
                  "learning curves: median over seeds with quantile band")
+    return s
+
+
+def arms_section(ctx: StudyContext) -> Section:
+    from analysis.stability import compare_arms, seed_stability, survival_curves
+
+    s = Section("arms", "Arms compared")
+    runs, which = ctx.arm_runs
+    arms = [("model", "model")] if runs["model"].nunique() > 1 else []
+    if which == "replication runs" and runs["config_id"].nunique() > 1:
+        arms.append(("label", "replicated configuration"))
+    if not arms:
+        s.text("One arm only (one model" + (", no replicated configurations" if which == "search runs" else "")
+               + "): nothing to compare.")
+        return s
+    runs = runs.assign(label=[f"{m}:{c[:6]}" for m, c in zip(runs["model"], runs["config_id"], strict=True)])
+    s.text(f"Arms compared pairwise on the {which} ({runs['run_id'].nunique()} runs). {STABILITY_TEXT} Success "
+           "rates: difference with Newcombe's interval and Boschloo's exact test. Final error: Cliff's delta "
+           "(P(a > b) - P(a < b); negative: arm a has lower errors) with its interval and the Mann-Whitney test; "
+           "a diverged run ranks worst, a stopped one has no final error. Steps to target: ratio of the "
+           "Kaplan-Meier medians and the log-rank test. All p-values of one table form one family, Holm-adjusted "
+           "(p_holm).")
+    for column, what in arms:
+        summary = seed_stability(runs, ctx.target, "error", by=(column,))
+        s.text(f"Per {what}:")
+        s.table(_stability_table(ctx, summary, column))
+        table = compare_arms(runs, ctx.target, column, "error")
+        if len(table):
+            shown = table.rename(columns={"arm_a": f"{what} a", "arm_b": f"{what} b", "n_a": "n a", "n_b": "n b",
+                                          "estimate": "estimate (a vs b)", "why": "not estimated"})
+            s.table(shown, max_rows=60)
+            found = table[table["p_holm"] < 0.05]
+            s.text(f"{len(found)} of {int(table['p'].notna().sum())} comparisons differ at Holm-adjusted p < 0.05"
+                   + (": " + "; ".join(f"{r['arm_a']} vs {r['arm_b']} on {r['outcome']}"
+                                       for _, r in found.iterrows()) if len(found) else "") + ".")
+        if column == "model":
+            s.figure("time_to_target", plots.survival_figure(survival_curves(runs, ctx.target, column), ctx.name),
+                     "time to target per model: Kaplan-Meier curves with 95% bands")
     return s
 
 
@@ -336,24 +459,23 @@ class _Sensitivity:
 
 
 def _sensitivity(ctx: StudyContext) -> _Sensitivity:
-    from analysis.sensitivity import hyperparameter_sensitivity, select_trials
+    from analysis.sensitivity import hyperparameter_sensitivity, select_at_rung, select_trials
     from analysis.tidy import param_columns
 
     search = ctx.search
     if search.empty:
         return _Sensitivity(None, "no search runs recorded yet")
     selection = select_trials(search, ctx.metric)
-    if selection.n_used < 2:
+    rung = select_at_rung(search, ctx.metric)
+    if max(selection.n_used, rung.n_used) < 2:
         return _Sensitivity(None, f"{selection.n_used} completed search run(s) with a finite {ctx.metric} "
-                                  f"({_excluded_text(selection)}); importance needs at least 2")
-    if not param_columns(selection.used) and selection.used["model"].nunique() < 2:
-        return _Sensitivity(None, "no hyperparameter (nor the model) varies among the completed search runs")
-    known = dict(ctx.optuna.distributions) if ctx.optuna else None
-    if selection.used[ctx.metric].astype(float).nunique() < 2:
-        return _Sensitivity(None, f"all {selection.n_used} completed search runs have the same final {ctx.metric}: "
-                                  "there is no variation to attribute")
+                                  f"({_excluded_text(selection)}) and {rung.n_used} at a common step; "
+                                  "a sensitivity needs at least 2")
+    trials = selection.used if selection.n_used >= 2 else rung.used
+    if not param_columns(trials) and trials["model"].nunique() < 2:
+        return _Sensitivity(None, "no hyperparameter (nor the model) varies among the search runs")
     try:
-        result = hyperparameter_sensitivity(search, ctx.metric, ctx.direction, distributions=known)
+        result = hyperparameter_sensitivity(search, ctx.metric, ctx.direction, distributions=ctx.space)
     except Exception as err:  # an evaluator that cannot fit these trials must not sink the whole report
         return _Sensitivity(None, f"the analysis failed on these trials ({type(err).__name__}: "
                                   f"{' '.join(str(err).split())[:200]})")
@@ -366,32 +488,62 @@ def _excluded_text(selection) -> str:
     return "excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(selection.excluded.items()))
 
 
+def _importance_text(ctx: StudyContext, imp) -> str:
+    n = imp.selection.n_used
+    what = (f"{n} full-budget trials (completed, final {ctx.metric})" if imp.selection.step is None else
+            f"every trial at step {imp.selection.step}, the largest step all of them reached ({n} trials, "
+            f"{ctx.metric} at that step)")
+    head = f"On {what}; {_excluded_text(imp.selection)}: "
+    if not imp.estimated:
+        return head + imp.why + "."
+    above = [p for p in imp.table.index if bool(imp.table.loc[p, "above_noise"])]
+    lo, hi = imp.explained_ci
+    return (head + f"the surrogate explains {imp.explained:.2f} of the variance [{lo:.2f}, {hi:.2f}] "
+            f"({imp.n_boot} bootstrap refits); above noise (interval excludes 0): "
+            + (", ".join(above) if above else "no parameter") + ".")
+
+
 def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
+    from analysis.sensitivity import MIN_TRIALS, TRIALS_PER_PARAM
+
     s = Section("importance", "Hyperparameter importance")
     if sens.result is None:
         s.text(f"Not computed: {sens.why}.")
         return s
     r = sens.result
-    s.text(f"Computed on {r.selection.n_used} completed search runs (final {ctx.metric}), the trials that had "
-           f"their full budget; {_excluded_text(r.selection)}. Replication runs are left out. fANOVA and "
-           "PED-ANOVA are Optuna's evaluators on these trials; the rank correlation is Spearman's rho "
-           "(categorical: the correlation ratio of ranks).")
+    s.text("Importance = the fraction of the objective's variance a hyperparameter carries: half the increase "
+           "of a random-forest surrogate's error on left-out trials when that parameter is shuffled, with a 95% "
+           "bootstrap interval over trials (the surrogate is refitted on each resample). Estimated only from "
+           f"max({MIN_TRIALS}, {TRIALS_PER_PARAM} x searched parameters) trials. fANOVA and PED-ANOVA (Optuna) "
+           "are shares of what their model explains, summing to 1: read them as a ranking, not as a size. "
+           "Replication runs are left out.")
+    if not r.space_known:
+        s.text("Search space: not recorded with the study; ranges are the values seen, on a linear scale.")
+    for imp in (r.full, r.rung):
+        s.text(("Full budget. " if imp.selection.step is None else "Common rung. ") + _importance_text(ctx, imp))
     noise = r.seed_noise
-    if np.isfinite(noise.share):
-        s.text(f"Seed noise: {noise.share:.2f} of the objective's variance [{noise.ci[0]:.2f}, {noise.ci[1]:.2f}] "
-               f"comes from reseeding ({noise.n_configs} configurations run with several seeds); an importance "
-               "below it is indistinguishable from noise.")
+    if noise.why is None:
+        s.text(f"Seed noise: reseeding one configuration accounts for {noise.share:.2f} of the full-budget "
+               f"variance [{noise.ci[0]:.2f}, {noise.ci[1]:.2f}] ({noise.n_configs} configurations with several "
+               "seeds, one-way random effects): no hyperparameter can explain that part, so set it against the "
+               "surrogate's explained variance (together they approach 1 when the surrogate explains what there "
+               "is to explain), not against the fANOVA / PED-ANOVA shares.")
     else:
-        s.text("Seed noise: unknown (no configuration ran with two seeds among the used trials).")
-    if r.importances.empty:
-        s.text("No hyperparameter varied among the used trials.")
-        return s
-    table = r.importances.reset_index()
-    s.table(table)
-    s.figure("importance", plots.importance_figure(r.importances, seed_noise=r.seed_noise),
-             "hyperparameter importance per evaluator")
+        s.text(f"Seed noise: {noise.why}.")
+    for imp in (r.full, r.rung):
+        if imp.estimated and len(imp.table):
+            table = imp.table.reset_index().rename(columns={
+                "n": "trials with it (n)", "importance": "importance (fraction of variance)",
+                "importance_lo": "lo", "importance_hi": "hi", "above_noise": "above noise",
+                "fanova": "fANOVA (share)", "ped_anova": "PED-ANOVA (share)", "rank_corr": "rank corr.",
+                "abs_rank_corr": "|rank corr.|"})
+            table.insert(0, "trials", imp.basis)
+            s.table(table)
+    if r.full.estimated or r.rung.estimated:
+        s.figure("importance", plots.importance_figure([r.full, r.rung], seed_noise=r.seed_noise),
+                 "hyperparameter importance with bootstrap intervals")
     used = ", ".join(r.selection.run_ids[:50])
-    s.text(f"Run ids used: {used}" + (" ..." if r.selection.n_used > 50 else "") + ".")
+    s.text(f"Full-budget run ids: {used}" + (" ..." if r.selection.n_used > 50 else "") + ".")
     return s
 
 
@@ -406,7 +558,8 @@ def marginals_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         return s
     s.text(f"Final {ctx.metric} against each hyperparameter (most important first): every used run as a dot, "
            "the binned median as a line.")
-    s.figure("marginals", plots.marginals_figure(sens.result.marginals, ctx.metric), "objective per hyperparameter")
+    s.figure("marginals", plots.marginals_figure(sens.result.marginals, metric_label(ctx, ctx.metric, "final")),
+             "objective per hyperparameter")
     return s
 
 
@@ -417,12 +570,13 @@ def interaction_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         return s
     table = sens.result.interaction
     if table is None or table.median.isna().all().all():
-        s.text("Not drawn: fewer than two hyperparameters were rated by the first evaluator.")
+        s.text("Not drawn: full-budget importance did not rate two hyperparameters (not estimated, or fewer than "
+               "two with a positive importance).")
         return s
     a, b = table.params
     s.text(f"Median final {ctx.metric} over bins of the two most important hyperparameters, {a} and {b} "
            "(empty cells: no run).")
-    s.figure("interaction", plots.interaction_figure(table, ctx.metric), f"{a} x {b}")
+    s.figure("interaction", plots.interaction_figure(table, metric_label(ctx, ctx.metric, "final")), f"{a} x {b}")
     counts = table.count.reset_index()
     counts.columns = [str(c) for c in counts.columns]
     s.table(counts)
@@ -449,7 +603,7 @@ def boundary_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
     return s
 
 
-def generalization_figure(table: pd.DataFrame, target: float | None = None) -> Figure:
+def generalization_figure(table: pd.DataFrame, target: float | None = None, unit: str = "") -> Figure:
     """Error against test length, input noise and memory size: per model the median over seeds, band = min..max."""
     import seaborn as sns
 
@@ -474,9 +628,12 @@ def generalization_figure(table: pd.DataFrame, target: float | None = None) -> F
             n = int(rows[rows["model"] == model]["seed"].nunique())
             ax.plot(stats[x], stats["median"], marker="o", color=colors[model], label=f"{model} (n={n})")
             ax.fill_between(stats[x], stats["min"], stats["max"], color=colors[model], alpha=0.2, linewidth=0)
+        if axis == "noise" and rows["noise_floor"].notna().any():
+            floor = rows.groupby(x)["noise_floor"].median()
+            ax.plot(floor.index, floor.to_numpy(), color="grey", linestyle=":", label="noise floor (copying the noise)")
         if target is not None:
             ax.axhline(target, color="black", linestyle="--", linewidth=1)
-        ax.set(xlabel=label, ylabel="error")
+        ax.set(xlabel=label, ylabel=f"error ({unit})" if unit else "error")
         if axis == "memory":
             scale = rows["scale"].iloc[0]
             ax.set_title(f"at {scale:g}x length", fontsize="small")
@@ -505,7 +662,8 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
         s.text("Not evaluated: none of the best runs has a checkpoint in the results folder.")
         return s
     kinds = ", ".join(sorted(result.table["noise_kind"].unique()))
-    s.text("The best configuration of each model (by median final error of its completed runs), each seed's last "
+    s.text("The best configuration of each model (as in Best configurations: judged on its replication runs where "
+           "it has any), each seed's last "
            "checkpoint evaluated on: longer sequences than trained (scale s: sizes beyond the training range "
            "up to s times it; memory grows with s as in training's own generalization metrics), corrupted inputs "
            f"({kinds}: data bits flipped with the given probability before the first scored step, or Gaussian "
@@ -513,14 +671,21 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
            "band: min to max.")
     if absent:
         s.text("No completed run to evaluate for: " + ", ".join(absent) + ".")
-    s.figure("generalization", generalization_figure(result.table, ctx.target), "error against length, noise, memory")
-    summary = result.table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"], values="error",
-                                       aggfunc="median").reset_index()
-    s.table(summary.rename(columns={"error": "median error"}), max_rows=60)
+    s.figure("generalization", generalization_figure(result.table, ctx.target, metric_unit("error", ctx.task)),
+             "error against length, noise, memory")
+    summary = result.table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"],
+                                       values=["error", "noise_floor"], aggfunc="median", dropna=False).reset_index()
+    unit = metric_unit("error", ctx.task)
+    s.text(f"Error in {unit}, median over the evaluated seeds. Input noise: noise floor = the error that copying "
+           "the noise would give (flip probability x scored bits per sequence), beside the model's error; a model "
+           "at its floor reproduces its corrupted input faithfully. Gaussian noise (class tasks) has no such floor.")
+    summary = summary.rename(columns={"error": f"median error ({unit})", "noise_floor": f"noise floor ({unit})"})
+    s.table(summary, max_rows=60)
     return s
 
 
-def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric: str, target: float) -> Figure:
+def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric: str, target: float,
+                       unit: str = "") -> Figure:
     """Final metric of every replication run per configuration (dots) with the search's value (cross)."""
     fig = Figure(figsize=(6.4, max(2.6, 0.5 * rep["label"].nunique() + 1.4)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -536,9 +701,16 @@ def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric:
                        label="search" if i == 0 else None)
     ax.axvline(target, color="black", linestyle="--", linewidth=1)
     ax.set_yticks(np.arange(len(labels)), labels)
-    ax.set(xlabel=f"final {metric}", title="Replications: each seed's final value vs the search's")
+    ax.set(xlabel=f"final {metric}" + (f" ({unit})" if unit else ""),
+           title="Replications: each seed's final value vs the search's")
     ax.legend(fontsize="small")
     return fig
+
+
+def _replication_seed_noise(runs: pd.DataFrame):
+    from analysis.sensitivity import seed_noise, select_trials
+
+    return seed_noise(select_trials(runs, "error").used, "error")
 
 
 def replication_section(ctx: StudyContext) -> Section:
@@ -558,9 +730,11 @@ def replication_section(ctx: StudyContext) -> Section:
                f"{finals['seed'].nunique()} seeds ({', '.join(str(x) for x in sorted(finals['seed'].unique()))}); "
                f"runs: {counts}.")
         table = seed_stability(runs, ctx.target, "error")
-        if (table["n_seeds"] > 0).sum() == 0:
-            s.text("No replication run has finished its budget yet.")
+        if (table["n_runs"] > 0).sum() == 0:
+            s.text("No replication run has ended yet.")
             continue
+        s.text("Statistics over the replication runs only: the search run that selected a configuration is shown "
+               "beside them (search error), never pooled with them. " + STABILITY_TEXT)
         search_value = {}
         for _, row in table.iterrows():
             same = search_finals[(search_finals["config_id"] == row["config_id"])
@@ -568,18 +742,23 @@ def replication_section(ctx: StudyContext) -> Section:
             values = same[ctx.metric].astype(float) if len(same) else pd.Series(dtype=float)
             best = (values.min() if _better(ctx.direction) else values.max()) if len(values) else math.nan
             search_value[row["label"]] = best
-        table["search " + ctx.metric] = table["label"].map(search_value)
-        table["search rank"] = table["search " + ctx.metric].rank(ascending=_better(ctx.direction), method="min")
+        search_col = f"search {metric_label(ctx, ctx.metric)}"
+        table[search_col] = table["label"].map(search_value)
+        table["search rank"] = table[search_col].rank(ascending=_better(ctx.direction), method="min")
         table["replication rank"] = table["median_error"].rank(ascending=True, method="min")
         table["search value in interval"] = [
             bool(lo <= v <= hi) if np.isfinite(v) and np.isfinite(lo) else None
-            for v, lo, hi in zip(table["search " + ctx.metric], table["median_error_lo"], table["median_error_hi"],
-                                 strict=True)
+            for v, lo, hi in zip(table[search_col], table["median_error_lo"], table["median_error_hi"], strict=True)
         ]
-        cols = ["label", "n_seeds", "search " + ctx.metric, "median_error", "median_error_lo", "median_error_hi",
-                "success_rate", "success_rate_lo", "success_rate_hi", "divergence_rate", "search rank",
-                "replication rank", "search value in interval"]
-        s.table(table[cols])
+        shown = _stability_table(ctx, table)
+        for column in (search_col, "search rank", "replication rank", "search value in interval"):
+            shown[column] = table[column].to_numpy()
+        s.table(shown)
+        noise = _replication_seed_noise(runs)
+        s.text("Seed noise across these configurations: " + (
+            f"reseeding accounts for {noise.share:.2f} of the final error's variance [{noise.ci[0]:.2f}, "
+            f"{noise.ci[1]:.2f}] ({noise.n_configs} configurations, {noise.n_runs} runs; one-way random effects)."
+            if noise.why is None else noise.why + "."))
         outside = [label for label, ok in zip(table["label"], table["search value in interval"], strict=True)
                    if ok is False]
         if outside:
@@ -590,7 +769,8 @@ def replication_section(ctx: StudyContext) -> Section:
         if len(done) and np.isfinite(done["error"].astype(float)).any():
             done["label"] = [_config_label(m, c) for m, c in zip(done["model"], done["config_id"], strict=True)]
             marks = search_value if ctx.metric == "error" else {}  # the figure shows the error
-            s.figure(f"replication_{rid}", replication_figure(done, marks, "error", ctx.target),
+            s.figure(f"replication_{rid}", replication_figure(done, marks, "error", ctx.target,
+                                                              metric_unit("error", ctx.task)),
                      f"replication {rid}: final error per seed")
     return s
 
@@ -628,8 +808,9 @@ def build_context(tracking_uri: str, study_name: str, optuna_storage: str | None
         df["error"] = np.nan
     results = results_dir if results_dir is not None else runs.parent.data.tags.get("mannstudy.results_dir")
     running = runs.running or bool(optuna_info and optuna_info.running) or bool((df["status"] == "running").any())
+    space = study_space(runs) or (dict(optuna_info.distributions) if optuna_info else None)
     return StudyContext(study_name, df, runs, optuna_info, metric, "minimize" if mode == "min" else "maximize",
-                        str(results) if results else None, running, optuna_note)
+                        str(results) if results else None, running, optuna_note, space)
 
 
 def make_report(
@@ -657,6 +838,7 @@ def make_report(
         "best": lambda: best_section(ctx),
         "status": lambda: status_section(ctx),
         "stability": lambda: stability_section(ctx),
+        "arms": lambda: arms_section(ctx),
         "importance": lambda: importance_section(ctx, sens),
         "marginals": lambda: marginals_section(ctx, sens),
         "interaction": lambda: interaction_section(ctx, sens),

@@ -1,20 +1,58 @@
-"""Hyperparameter sensitivity: which hyperparameters matter, measured on full-budget trials only.
+"""Hyperparameter sensitivity: which hyperparameters matter, on which trials, and how sure that is.
+
+Two sets of trials, each analysed on its own and reported with its n:
+
+- **full budget**: the runs whose status is ``completed`` with a finite final objective (the
+  end-of-run evaluation ``final_<metric>`` where logged, see :func:`analysis.tidy.final_values`).
+  Under ASHA these are the survivors, selected by outcome: about one trial in 9-27.
+- **common rung**: every trial at the largest step that every used trial reached. The rung is the
+  smallest last-evaluated step of the ``completed`` and ``stopped_early`` runs (ASHA stops a trial at a
+  rung, so every stopped trial reached at least the first one); a ``diverged`` run is used with its
+  value at the rung when it got there, and counted as left out when it diverged before. This set is
+  not selected by outcome, at the price of a shorter horizon.
 
 Ray's OptunaSearch tells Optuna that an ASHA-stopped trial is COMPLETE with its one-rung score, so
-Optuna's own study mixes partial and full-budget scores. Here the study is rebuilt in memory
-from the tidy frame with only the runs whose status is ``completed`` (and a finite objective);
-stopped-early, diverged, failed and running runs are excluded and counted
-(:class:`TrialSelection`, :func:`status_table`). Each run is one trial, so replicated seeds of
-one configuration are several trials at the same point.
+both sets are rebuilt here from the tidy frame, never from Optuna's values; every run left out is
+counted with its reason (:class:`TrialSelection`, :func:`status_table`).
 
-On that study, Optuna's evaluators: fANOVA (Hutter et al. 2014; a random forest's functional
-ANOVA, seeded) and PED-ANOVA (Watanabe et al. 2023; which parameter values the top
-``target_quantile`` of trials prefer). Beside them, a rank correlation per parameter:
-Spearman's rho for numeric parameters; for categorical ones (and bools) the correlation ratio
-eta of the objective's ranks on the category, sqrt(between-category sum of squares of ranks /
-total), which has no sign and equals |rho| for two categories. The seed-noise share
-(:func:`seed_noise`) says how much of the objective's variance reseeding alone produces: an
-importance below it is indistinguishable from noise.
+**Importance** (:func:`importance`) comes from a surrogate: a random forest of the objective on
+the hyperparameters (numeric ones at their position in the search range, in log space where the
+study file says ``log``; choices by their position in the study file's list; an absent conditional
+parameter as its own value). For each of ``n_boot`` bootstrap resamples of the trials, a forest is
+fitted on the resample and scored on the trials the resample left out (about 37%): its
+**explained variance** R^2 = 1 - MSE / Var(objective), and per parameter the **permutation
+importance**: half the increase of that MSE when the parameter's values are shuffled among the
+left-out trials, over Var(objective) (half: shuffling an additive effect adds twice its variance).
+Both are fractions of the objective's variance; the estimate is the
+mean over resamples and the interval their percentile interval. Scoring on left-out trials makes a
+parameter that does not matter score about 0 (positive or negative), so "above noise" means the
+interval excludes 0; a driving parameter's importance approaches the surrogate's R^2. The
+interval is wider than a pure sampling interval (it also carries the noise of scoring ~37% of n
+trials), which errs on the side of "not shown to matter".
+
+Optuna's fANOVA (Hutter et al. 2014) and PED-ANOVA (Watanabe et al. 2023) are given beside it as
+points: they are normalized to sum to 1 over the parameters, i.e. shares of whatever the
+surrogate explains, and so are never set against seed noise.
+
+**Minimum trials.** Importance is not estimated below ``max(20, 10 * p)`` trials for p searched
+parameters (:func:`min_trials`), and the table then holds no number, only the sentence why. The
+reasons: (1) the out-of-bootstrap score needs left-out trials: with 20 trials a resample leaves
+out about 7, the fewest on which an R^2 and a shuffle still mean something; (2) a regression on p
+predictors needs about 10 observations per predictor before its fitted effects stop tracking
+noise (the events-per-variable rule of Peduzzi et al. 1996, Harrell's *Regression Modeling
+Strategies* 4.4); a forest is no less data-hungry. The known-truth tests check the consequence: at
+the minimum, one driving parameter out of four is found with an interval excluding 0 and a null
+study puts no parameter above noise. PED-ANOVA further needs 5 trials in its top quantile
+(Optuna's advice), so ``ceil(5 / target_quantile)`` trials (50 at 0.1).
+
+**Seed noise** (:func:`seed_noise`): the share of the objective's variance that reseeding one
+configuration produces, from the configurations run with several seeds. It is the part no
+hyperparameter can explain: it is set against the surrogate's R^2 (R^2 + seed share near 1: the
+surrogate explains what there is to explain), never against the normalized fANOVA/PED-ANOVA shares.
+
+**Search space.** Log scale, bounds and the order of choices come from the study file
+(:func:`analysis.load.study_space`, or the Optuna record); when neither is known the ranges are the
+observed ones on a linear scale, never a log scale guessed from the values, and the report says so.
 """
 
 from __future__ import annotations
@@ -29,16 +67,27 @@ import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
 
-from analysis.stability import CONFIG_KEYS, LEVEL, N_BOOTSTRAP, _percentile_interval
-from analysis.tidy import PARAM_PREFIX, STATUSES, final_rows, param_columns, param_name, validate_tidy
+from analysis.stability import LEVEL, _percentile_interval
+from analysis.stats import NotEstimated, variance_components
+from analysis.tidy import PARAM_PREFIX, STATUSES, final_rows, final_values, param_columns, param_name, validate_tidy
 
 EVALUATORS = ("fanova", "ped_anova")
-LOG_SPAN = 100.0  # inferred log scale when all values are positive and max/min spans >= two decades
 MODEL_PARAM = "model"  # analysed as a categorical hyperparameter when the trials span several models
+MIN_TRIALS = 20  # importance is not estimated below max(MIN_TRIALS, TRIALS_PER_PARAM * p): module docstring
+TRIALS_PER_PARAM = 10
+PED_ANOVA_MIN_TOP = 5  # trials above PED-ANOVA's target quantile, as Optuna advises
+N_BOOT_IMPORTANCE = 100  # forest refits per importance analysis (each a few tens of ms)
+N_TREES = 16  # trees per surrogate forest: the bootstrap, not the forest, carries the uncertainty
+RUNG_STATUSES = ("completed", "stopped_early", "diverged")
 
 
 class SensitivityError(ValueError):
     """Bad input to the sensitivity analysis; the message is one line naming the parameter."""
+
+
+def min_trials(n_params: int) -> int:
+    """The fewest trials an importance analysis of ``n_params`` parameters accepts (see the module docstring)."""
+    return max(MIN_TRIALS, TRIALS_PER_PARAM * n_params)
 
 
 # --- which trials ------------------------------------------------------------------------------------
@@ -48,12 +97,15 @@ class SensitivityError(ValueError):
 class TrialSelection:
     """The trials an importance analysis used, and what it left out.
 
-    used: final rows of the runs used (status ``completed``, finite objective), one per run.
-    excluded: {reason: number of runs}; a reason is a status, or ``completed, non-finite <metric>``.
+    used: one row per run used (its final row, with ``metric`` replaced by the value analysed and,
+    at a rung, ``step`` by the rung). excluded: {reason: number of runs}. basis: "full budget" or
+    "step <rung>"; step: the rung (None for full budget).
     """
 
     used: pd.DataFrame
     excluded: dict[str, int]
+    basis: str = "full budget"
+    step: int | None = None
 
     @property
     def n_used(self) -> int:
@@ -65,9 +117,10 @@ class TrialSelection:
 
 
 def select_trials(df: pd.DataFrame, metric: str = "error") -> TrialSelection:
-    """Full-budget trials for importance: completed runs with a finite final ``metric``; the rest counted."""
+    """Full-budget trials: completed runs with a finite final ``metric`` (``final_<metric>`` where logged)."""
     validate_tidy(df, [metric])
     finals = final_rows(df)
+    finals[metric] = finals["run_id"].map(final_values(df, metric)).to_numpy(dtype=float)
     finite = np.isfinite(finals[metric].to_numpy(dtype=float))
     completed = (finals["status"] == "completed").to_numpy()
     excluded = {s: int(n) for s, n in finals.loc[~completed, "status"].value_counts().items() if n}
@@ -76,19 +129,55 @@ def select_trials(df: pd.DataFrame, metric: str = "error") -> TrialSelection:
     return TrialSelection(finals[completed & finite].reset_index(drop=True), excluded)
 
 
-def status_table(df: pd.DataFrame, metric: str = "error") -> pd.DataFrame:
-    """Runs per status (every status listed, zeros included) and how many of them importance used.
+def select_at_rung(df: pd.DataFrame, metric: str = "error") -> TrialSelection:
+    """Every trial at the common rung: the largest step that every used trial reached (module docstring).
 
-    Columns: ``status``, ``n_runs``, ``n_used``.
+    The value of a run is its ``metric`` at its last evaluation at or before the rung.
+    """
+    validate_tidy(df, [metric])
+    finals = final_rows(df)
+    points = df[np.isfinite(df[metric].astype(float))]
+    last = points.groupby("run_id")["step"].max()
+    status = finals.set_index("run_id")["status"]
+    anchors = last[last.index.isin(status[status.isin(("completed", "stopped_early"))].index)]
+    if anchors.empty:
+        excluded = {s: int(n) for s, n in finals["status"].value_counts().items() if n}
+        return TrialSelection(finals.iloc[0:0].assign(**{metric: pd.Series(dtype=float)}), excluded, "no rung")
+    rung = int(anchors.min())
+    reached = last[last >= rung].index
+    candidates = status[status.isin(RUNG_STATUSES)]
+    use = [r for r in candidates.index if r in reached]
+    excluded: dict[str, int] = {}
+    for run_id, st in status.items():
+        if run_id in use:
+            continue
+        reason = st if st not in RUNG_STATUSES else (
+            f"{st} before step {rung}" if run_id in last.index else f"{st}, no finite {metric}")
+        excluded[reason] = excluded.get(reason, 0) + 1
+    at = points[points["run_id"].isin(use) & (points["step"] <= rung)].sort_values("step", kind="stable")
+    value = at.groupby("run_id")[metric].last()
+    used = finals[finals["run_id"].isin(use)].copy()
+    used[metric] = used["run_id"].map(value).to_numpy(dtype=float)
+    used["step"] = rung
+    return TrialSelection(used.reset_index(drop=True), excluded, f"step {rung}", rung)
+
+
+def status_table(df: pd.DataFrame, metric: str = "error") -> pd.DataFrame:
+    """Runs per status (every status listed, zeros included) and how many each importance analysis used.
+
+    Columns: ``status``, ``n_runs``, ``n_used`` (full budget), ``n_used_at_rung``.
     """
     selection = select_trials(df, metric)
+    rung = select_at_rung(df, metric)
     counts = final_rows(df)["status"].value_counts()
     used = selection.used["status"].value_counts()
+    used_rung = rung.used["status"].value_counts()
     return pd.DataFrame(
         {
             "status": list(STATUSES),
             "n_runs": [int(counts.get(s, 0)) for s in STATUSES],
             "n_used": [int(used.get(s, 0)) for s in STATUSES],
+            "n_used_at_rung": [int(used_rung.get(s, 0)) for s in STATUSES],
         }
     )
 
@@ -112,11 +201,11 @@ def infer_distributions(
 ) -> dict[str, BaseDistribution]:
     """The search-space distribution of each hyperparameter, keyed by dotted name (``model.memory_size``).
 
-    ``known`` (the study's search space, when the caller has it) wins. Otherwise inferred from the
-    values: an integer column -> IntDistribution, a float column -> FloatDistribution, anything
-    else (str, bool) -> CategoricalDistribution of the values seen; numeric bounds are the observed
-    min and max, and log scale when all values are positive and span >= LOG_SPAN (max/min).
-    ``model`` joins as a categorical parameter when the trials span several models.
+    ``known`` (the study file's search space, when the caller has it) wins. Otherwise the range is
+    the values seen, on a linear scale: an integer column -> IntDistribution, a float column ->
+    FloatDistribution, anything else (str, bool) -> CategoricalDistribution of the values seen.
+    A log scale is never guessed from the values (a study file says it). ``model`` joins as a
+    categorical parameter when the trials span several models.
     """
     known = {param_name(k): v for k, v in (known or {}).items()}
     out: dict[str, BaseDistribution] = {}
@@ -133,15 +222,19 @@ def infer_distributions(
             continue
         kind = values.dtype.kind if column != "model" else "O"
         if kind in "iu":
-            low, high = int(values.min()), int(values.max())
-            out[name] = IntDistribution(low, high, log=low >= 1 and high / low >= LOG_SPAN)
+            out[name] = IntDistribution(int(values.min()), int(values.max()))
         elif kind == "f":
-            low, high = float(values.min()), float(values.max())
-            out[name] = FloatDistribution(low, high, log=low > 0 and high / low >= LOG_SPAN)
+            out[name] = FloatDistribution(float(values.min()), float(values.max()))
         else:
             choices = sorted({_python(v) for v in values}, key=lambda v: (type(v).__name__, v))
             out[name] = CategoricalDistribution(choices)
     return out
+
+
+def ordinal(dist: BaseDistribution) -> bool:
+    """A list of numeric choices: ordered as the study file lists them (ranked and binned in that order)."""
+    return isinstance(dist, CategoricalDistribution) and all(
+        isinstance(c, int | float) and not isinstance(c, bool) for c in dist.choices)
 
 
 def _column(name: str) -> str:
@@ -204,7 +297,8 @@ def build_study(
 def rank_correlation(x: pd.Series, y: pd.Series, categorical: bool) -> float:
     """Spearman's rho of (x, y); for a categorical x, the correlation ratio eta of y's ranks on x.
 
-    Rows where x is absent are dropped; NaN when fewer than 3 rows or no variation.
+    Rows where x is absent are dropped; NaN when fewer than 3 rows or no variation. A list of
+    numeric choices is numeric here: pass its positions in the study file's list.
     """
     keep = x.notna().to_numpy() & y.notna().to_numpy()
     x, y = x[keep], y[keep]
@@ -223,6 +317,62 @@ def rank_correlation(x: pd.Series, y: pd.Series, categorical: bool) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def encode(used: pd.DataFrame, distributions: Mapping[str, BaseDistribution]) -> np.ndarray:
+    """The trials' hyperparameters as surrogate inputs: [n_trials, n_params], one column per distribution.
+
+    Numeric: position in the range (0..1, of the logs for a log scale); choices: index in the
+    study file's list; absent (a conditional parameter that does not apply): -1.
+    """
+    columns = []
+    for name, dist in distributions.items():
+        values = used[_column(name)]
+        present = values.notna().to_numpy()
+        col = np.full(len(used), -1.0)
+        if isinstance(dist, CategoricalDistribution):
+            index = {_python(c): i for i, c in enumerate(dist.choices)}
+            col[present] = [index.get(_python(v), -1) for v in values[present]]
+        elif present.any():
+            col[present] = _positions(values[present].to_numpy(dtype=float), dist)
+        columns.append(col)
+    return np.stack(columns, axis=1) if columns else np.zeros((len(used), 0))
+
+
+def surrogate_bootstrap(
+    x: np.ndarray, y: np.ndarray, n_boot: int = N_BOOT_IMPORTANCE, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-bootstrap explained variance and permutation importances of a random-forest surrogate.
+
+    x: [n, p] (:func:`encode`), y: [n]. Per resample b (trials drawn with replacement), a forest is
+    fitted on the resample and scored on the trials it left out: r2[b] = 1 - MSE / Var(y) and
+    imp[b, j] = (MSE with column j shuffled among the left-out trials - MSE) / (2 Var(y)), Var over all n:
+    for an additive effect of independent parameters, shuffling x_j adds twice the variance of its
+    effect f_j (y - f + f_j(x_j) - f_j(x'_j)), so imp is the fraction of Var(y) that f_j carries.
+    Returns (r2 [B], imp [B, p]); rows are NaN for a resample that left out fewer than 2 trials.
+    """
+    from sklearn.ensemble import RandomForestRegressor
+
+    n, p = x.shape
+    rng = np.random.default_rng(seed)
+    var = float(np.var(y))
+    r2, imp = np.full(n_boot, np.nan), np.full((n_boot, p), np.nan)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        held = np.setdiff1d(np.arange(n), idx)
+        if len(held) < 2 or var == 0:
+            continue
+        forest = RandomForestRegressor(n_estimators=N_TREES, min_samples_leaf=2, random_state=int(rng.integers(2**31)))
+        forest.fit(x[idx], y[idx])
+        # One predict call: the left-out trials as they are, then once per column with that column shuffled.
+        shuffled = np.repeat(x[held][None], p + 1, axis=0)  # [p + 1, h, p]
+        for j in range(p):
+            shuffled[j + 1, :, j] = rng.permutation(shuffled[j + 1, :, j])
+        pred = forest.predict(shuffled.reshape(-1, p)).reshape(p + 1, len(held))
+        mse = ((pred - y[held][None]) ** 2).mean(axis=1)  # [p + 1]
+        r2[b] = 1.0 - mse[0] / var
+        imp[b] = (mse[1:] - mse[0]) / (2.0 * var)
+    return r2, imp
+
+
 def importance_table(
     study: optuna.Study,
     used: pd.DataFrame,
@@ -232,17 +382,16 @@ def importance_table(
     seed: int = 0,
     ped_anova_quantile: float = 0.1,
 ) -> pd.DataFrame:
-    """Importance of each hyperparameter under each evaluator, beside its rank correlation.
+    """Optuna's normalized importances of each hyperparameter beside its rank correlation (points, no interval).
 
     Index: dotted parameter name. Columns: ``kind`` (float/int/categorical), ``log``, ``n`` (trials
     with the parameter), one column per evaluator (normalized to sum to 1 over the parameters it
-    rates; NaN where it cannot rate one, e.g. fANOVA and a conditional parameter), ``rank_corr`` and
-    ``abs_rank_corr``. Sorted by the first evaluator (or abs_rank_corr), descending. Evaluator
-    columns are NaN with fewer than 2 trials.
+    rates: a share of what the evaluator's model explains; NaN where it cannot rate one, e.g. fANOVA
+    and a conditional parameter, and for PED-ANOVA with fewer than ``5 / ped_anova_quantile``
+    trials), ``rank_corr`` and ``abs_rank_corr``. No minimum is applied here: :func:`importance` does.
     """
     made = {
         "fanova": lambda: FanovaImportanceEvaluator(seed=seed),
-        # Optuna advises >= 5 trials above target_quantile: ~50 trials at the default 0.1.
         "ped_anova": lambda: PedAnovaImportanceEvaluator(target_quantile=ped_anova_quantile),
     }
     unknown = [e for e in evaluators if e not in made]
@@ -252,16 +401,26 @@ def importance_table(
     table["kind"] = [_kind(d) for d in distributions.values()]
     table["log"] = [bool(getattr(d, "log", False)) for d in distributions.values()]
     table["n"] = [int(used[_column(p)].notna().sum()) for p in distributions]
-    enough = len(study.trials) >= 2 and len(distributions) > 0
+    enough = {"fanova": len(study.trials) >= 2,
+              "ped_anova": len(study.trials) >= math.ceil(PED_ANOVA_MIN_TOP / ped_anova_quantile)}
     for name in evaluators:
-        scores = get_param_importances(study, evaluator=made[name]()) if enough else {}
+        ok = enough[name] and len(distributions) > 0
+        scores = get_param_importances(study, evaluator=made[name]()) if ok else {}
         table[name] = [float(scores[p]) if p in scores else np.nan for p in distributions]
+    codes = encode(used, distributions)
     table["rank_corr"] = [
-        rank_correlation(used[_column(p)], used[metric], _kind(d) == "categorical") for p, d in distributions.items()
+        rank_correlation(_ranked(used, p, d, codes[:, i]), used[metric], _kind(d) == "categorical" and not ordinal(d))
+        for i, (p, d) in enumerate(distributions.items())
     ]
     table["abs_rank_corr"] = table["rank_corr"].abs()
-    by = evaluators[0] if evaluators else "abs_rank_corr"
-    return table.sort_values(by, ascending=False, na_position="last", kind="stable")
+    return table
+
+
+def _ranked(used: pd.DataFrame, name: str, dist: BaseDistribution, code: np.ndarray) -> pd.Series:
+    """The values rank correlation ranks: numeric choices by their position in the study file's list."""
+    if ordinal(dist):
+        return pd.Series(np.where(code >= 0, code, np.nan), index=used.index)
+    return used[_column(name)]
 
 
 def _kind(dist: BaseDistribution) -> str:
@@ -270,55 +429,123 @@ def _kind(dist: BaseDistribution) -> str:
     return "int" if isinstance(dist, IntDistribution) else "float"
 
 
+@dataclass(frozen=True)
+class Importance:
+    """One importance analysis (full budget, or every trial at the common rung); see :func:`importance`.
+
+    table: index = dotted parameter; ``kind``, ``log``, ``n``, ``importance`` (permutation importance,
+    a fraction of the objective's variance), ``importance_lo``/``importance_hi`` (its interval),
+    ``above_noise`` (the interval excludes 0), then the Optuna evaluators' shares, ``rank_corr`` and
+    ``abs_rank_corr``; sorted by ``importance``. Every number is NaN when ``why`` says it was not estimated.
+    explained / explained_ci: the surrogate's out-of-bootstrap R^2 and its interval.
+    """
+
+    selection: TrialSelection
+    min_trials: int
+    table: pd.DataFrame
+    explained: float = math.nan
+    explained_ci: tuple[float, float] = (math.nan, math.nan)
+    n_boot: int = 0
+    why: str | None = None
+
+    @property
+    def estimated(self) -> bool:
+        return self.why is None
+
+    @property
+    def basis(self) -> str:
+        return self.selection.basis
+
+
+IMPORTANCE_COLUMNS = ("importance", "importance_lo", "importance_hi", "above_noise")
+
+
+def importance(
+    selection: TrialSelection,
+    distributions: Mapping[str, BaseDistribution],
+    metric: str = "error",
+    direction: str = "minimize",
+    evaluators: Sequence[str] = EVALUATORS,
+    n_boot: int = N_BOOT_IMPORTANCE,
+    seed: int = 0,
+    level: float = LEVEL,
+    ped_anova_quantile: float = 0.1,
+) -> Importance:
+    """Importance of each hyperparameter on the trials of ``selection`` (see the module docstring).
+
+    Below :func:`min_trials` (or with an objective that does not vary) nothing is estimated:
+    ``why`` says "not estimated: <n> trials, needs at least <M> ..." and the table holds no number.
+    """
+    used = selection.used
+    dists = {k: d for k, d in distributions.items() if _column(k) in used and used[_column(k)].notna().any()}
+    need = min_trials(len(dists))
+    blank = pd.DataFrame(index=pd.Index(list(dists), name="param"))
+    blank["kind"] = [_kind(d) for d in dists.values()]
+    blank["log"] = [bool(getattr(d, "log", False)) for d in dists.values()]
+    blank["n"] = [int(used[_column(p)].notna().sum()) for p in dists]
+    for column in (*IMPORTANCE_COLUMNS, *evaluators, "rank_corr", "abs_rank_corr"):
+        blank[column] = np.nan
+    n = selection.n_used
+    y = used[metric].to_numpy(dtype=float) if n else np.zeros(0)
+    why = None
+    if not dists:
+        why = "not estimated: no searched hyperparameter varies among the trials"
+    elif n < need:
+        why = (f"not estimated: {n} trials, needs at least {need} ({TRIALS_PER_PARAM} per searched parameter, "
+               f"{len(dists)} searched, and never fewer than {MIN_TRIALS})")
+    elif np.unique(y).size < 2:
+        why = f"not estimated: all {n} trials have the same {metric}, there is no variation to attribute"
+    if why is not None:
+        return Importance(selection, need, blank, why=why)
+    study = build_study(used, dists, metric, direction)
+    table = importance_table(study, used, dists, metric, evaluators, seed, ped_anova_quantile)
+    r2, imp = surrogate_bootstrap(encode(used, dists), y, n_boot, seed)
+    ok = np.isfinite(r2)
+    lo, hi = np.quantile(imp[ok], [(1 - level) / 2, (1 + level) / 2], axis=0)
+    table.insert(3, "importance", imp[ok].mean(axis=0))
+    table.insert(4, "importance_lo", lo)
+    table.insert(5, "importance_hi", hi)
+    table.insert(6, "above_noise", lo > 0)
+    table = table.sort_values("importance", ascending=False, kind="stable")
+    return Importance(selection, need, table, float(r2[ok].mean()), _percentile_interval(r2[ok], level), int(ok.sum()))
+
+
 # --- seed noise ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SeedNoise:
-    """How much of the objective's variance the seeds alone explain.
+    """How much of the objective's variance reseeding one configuration produces.
 
-    share = within-config variance / total variance: the pooled variance over seeds of the
-    configurations replicated over >= 2 seeds (sum_i SS_i / sum_i (n_i - 1)), over the variance
-    of the objective across all used trials. It can exceed 1 when the replicated configs are
-    noisier than the study as a whole. ``ci``: percentile bootstrap, resampling replicated configs
-    (whole, with their seeds) and, independently, the trials of the total.
-    NaN when no configuration was replicated.
+    A one-way random-effects model, configuration random and seeds within it
+    (:func:`analysis.stats.variance_components`), on the configurations run with at least two seeds:
+    share = within / (between + within) = 1 - ICC, with the exact F-based interval ``ci``.
+    ``why`` says why it was not estimated (share and ci NaN): fewer than 3 such configurations, or
+    no variation between seeds.
     """
 
     share: float
     ci: tuple[float, float]
     within_var: float
-    total_var: float
-    n_configs: int  # replicated configurations
+    between_var: float
+    n_configs: int  # configurations with >= 2 seeds
     n_runs: int  # runs of those configurations
+    why: str | None = None
 
 
-def seed_noise(
-    used: pd.DataFrame,
-    metric: str = "error",
-    n_boot: int = N_BOOTSTRAP,
-    level: float = LEVEL,
-    seed: int = 0,
-) -> SeedNoise:
+def seed_noise(used: pd.DataFrame, metric: str = "error", level: float = LEVEL) -> SeedNoise:
     """Seed-noise share of the objective's variance, from configurations replicated over seeds (see SeedNoise)."""
-    y = used[metric].to_numpy(dtype=float)
-    groups = used.groupby(list(CONFIG_KEYS))[metric]
-    n_i = groups.count().to_numpy(dtype=float)
-    ss_i = groups.agg(lambda s: float(((s - s.mean()) ** 2).sum())).to_numpy(dtype=float)
-    n_i, ss_i = n_i[n_i >= 2], ss_i[n_i >= 2]
-    if len(n_i) == 0 or len(y) < 3:
-        return SeedNoise(np.nan, (np.nan, np.nan), np.nan, np.nan, 0, 0)
-    within = ss_i.sum() / (n_i - 1).sum()
-    total = float(np.var(y, ddof=1))
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(n_i), np.full(len(n_i), 1.0 / len(n_i)), size=n_boot)  # [B, configs]
-    boot_within = (counts @ ss_i) / (counts @ (n_i - 1))
-    boot_total = np.var(y[rng.integers(0, len(y), size=(n_boot, len(y)))], axis=1, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boot = boot_within / boot_total
-    ci = _percentile_interval(boot[np.isfinite(boot)], level)
-    share = within / total if total > 0 else np.nan
-    return SeedNoise(float(share), ci, float(within), total, int(len(n_i)), int(n_i.sum()))
+    groups = pd.Series([f"{m}/{c}" for m, c in zip(used["model"], used["config_id"], strict=True)],
+                       index=used.index, dtype=object)
+    sizes = groups.map(groups.value_counts())
+    keep = (sizes >= 2).to_numpy() & np.isfinite(used[metric].to_numpy(dtype=float))
+    n_configs, n_runs = int(groups[keep].nunique()), int(keep.sum())
+    try:
+        vc = variance_components(used.loc[keep, metric].to_numpy(dtype=float), groups[keep].to_numpy(), level)
+    except NotEstimated as err:
+        reason = err.reason + (" (configurations with two or more seeds)" if "configurations" in err.reason else "")
+        return SeedNoise(np.nan, (np.nan, np.nan), np.nan, np.nan, n_configs, n_runs, reason)
+    return SeedNoise(vc.seed_share, (vc.seed_share_lo, vc.seed_share_hi), vc.within, vc.between, n_configs, n_runs)
 
 
 # --- marginals, interaction, boundary ------------------------------------------------------------
@@ -336,8 +563,13 @@ def _bins(values: pd.Series, dist: BaseDistribution, n_bins: int) -> tuple[pd.Se
     """Bin a parameter's values: per value for categorical or few distinct values, else n_bins equal
     bins of the (log) range. Returns (bin index per value, labels, numeric centre per bin or NaN)."""
     present = values.dropna()
+    if isinstance(dist, CategoricalDistribution):  # every choice, in the study file's order
+        order = {_python(c): i for i, c in enumerate(dist.choices)}
+        index = values.map(lambda v: order.get(_python(v), np.nan))
+        centres = [float(c) if ordinal(dist) else np.nan for c in dist.choices]
+        return index, [_label(c) for c in dist.choices], centres
     distinct = sorted(present.unique(), key=lambda v: (type(v).__name__, v))
-    if isinstance(dist, CategoricalDistribution) or len(distinct) <= n_bins:
+    if len(distinct) <= n_bins:
         order = {v: i for i, v in enumerate(distinct)}
         index = values.map(lambda v: order.get(v, np.nan))
         centres = [float(v) if isinstance(v, int | float | np.number) and not isinstance(v, bool) else np.nan
@@ -487,19 +719,30 @@ def boundary_check(
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """The sensitivity analysis of one study (see :func:`hyperparameter_sensitivity`)."""
+    """The sensitivity analysis of one study (see :func:`hyperparameter_sensitivity`).
+
+    ``full`` and ``rung``: the importance analyses on full-budget trials and on every trial at the
+    common rung; ``importances`` is ``full.table``. Marginals, interaction and boundary describe the
+    full-budget trials.
+    """
 
     metric: str
     direction: str
     selection: TrialSelection
     status: pd.DataFrame
     distributions: dict[str, BaseDistribution]
-    importances: pd.DataFrame
+    full: Importance
+    rung: Importance
     seed_noise: SeedNoise
     marginals: list[Marginal]
     interaction: Interaction | None
     boundary: pd.DataFrame
+    space_known: bool = False
     study: optuna.Study | None = field(default=None, repr=False)
+
+    @property
+    def importances(self) -> pd.DataFrame:
+        return self.full.table
 
 
 def hyperparameter_sensitivity(
@@ -509,34 +752,40 @@ def hyperparameter_sensitivity(
     distributions: Mapping[str, BaseDistribution] | None = None,
     evaluators: Sequence[str] = EVALUATORS,
     seed: int = 0,
-    n_boot: int = N_BOOTSTRAP,
+    n_boot: int = N_BOOT_IMPORTANCE,
     ped_anova_quantile: float = 0.1,
 ) -> Sensitivity:
-    """Sensitivity of the final ``metric`` to each hyperparameter, from the completed trials of ``df``.
+    """Sensitivity of ``metric`` to each hyperparameter, on full-budget trials and at the common rung.
 
-    ``distributions``: the search space as Optuna distributions keyed by dotted name, when known
-    (the rest is inferred, see :func:`infer_distributions`). ``seed`` seeds fANOVA's forest and the
-    bootstrap. The interaction table is for the top pair under the first evaluator.
+    ``distributions``: the search space as Optuna distributions keyed by dotted name, from the study
+    file (the rest is inferred, see :func:`infer_distributions`). ``seed`` seeds the forests and the
+    bootstraps. The interaction table is for the top pair by full-budget importance, when estimated.
     """
     if direction not in ("minimize", "maximize"):
         raise SensitivityError(f"direction: expected 'minimize' or 'maximize', got {direction!r}")
     selection = select_trials(df, metric)
+    at_rung = select_at_rung(df, metric)
     used = selection.used
-    dists = infer_distributions(used, distributions)
+    dists = infer_distributions(pd.concat([used, at_rung.used], ignore_index=True), distributions)
     study = build_study(used, dists, metric, direction)
-    table = importance_table(study, used, dists, metric, evaluators, seed, ped_anova_quantile)
-    ranking = table[evaluators[0] if evaluators else "abs_rank_corr"].dropna().index  # already sorted
-    top_pair = (ranking[0], ranking[1]) if len(ranking) >= 2 and len(used) >= 2 else None
+    kwargs = dict(metric=metric, direction=direction, evaluators=evaluators, n_boot=n_boot, seed=seed,
+                  ped_anova_quantile=ped_anova_quantile)
+    full = importance(selection, dists, **kwargs)
+    rung = importance(at_rung, dists, **kwargs)
+    order = list(full.table.index) if full.estimated else [k for k in dists if k in full.table.index]
+    top = [p for p in order if full.estimated and full.table.loc[p, "importance"] > 0][:2]
     return Sensitivity(
         metric=metric,
         direction=direction,
         selection=selection,
         status=status_table(df, metric),
         distributions=dists,
-        importances=table,
-        seed_noise=seed_noise(used, metric, n_boot, seed=seed),
-        marginals=marginals(used, dists, metric, params=list(table.index)),
-        interaction=interaction(used, dists, top_pair, metric) if top_pair else None,
+        full=full,
+        rung=rung,
+        seed_noise=seed_noise(used, metric),
+        marginals=marginals(used, dists, metric, params=order),
+        interaction=interaction(used, dists, (top[0], top[1]), metric) if len(top) == 2 else None,
         boundary=boundary_check(used, dists, metric, direction, known=[param_name(k) for k in distributions or {}]),
+        space_known=bool(distributions),
         study=study,
     )

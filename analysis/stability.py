@@ -1,71 +1,86 @@
-"""Seed stability: how reliably one configuration learns across training seeds.
+"""Seed stability: how reliably one configuration, or one arm (a model, a variant, a grid point), learns.
 
-Unit of analysis: a run (one configuration, one seed). Per configuration, the statistics use the
-runs that had their full budget (:data:`analysis.tidy.FULL_BUDGET`: ``completed`` and ``diverged``);
-stopped-early, failed and running runs are left out and counted in their own columns, since
-their final error says nothing about what the configuration reaches.
+Unit of analysis: a run (one configuration, one seed). Every run that ended counts:
 
-Every statistic comes with a percentile-bootstrap 95% interval over seeds: the runs of a
-configuration are resampled with replacement B = 2000 times (:data:`N_BOOTSTRAP`), every
-statistic is computed on the same resamples, and the interval is the 2.5% and 97.5% order
-statistics of the B values. B = 2000 keeps the Monte Carlo wobble of the endpoints well below
-the sampling error at the seed counts studies use (Efron & Tibshirani ask for >= 1000 for
-percentile intervals). Known limits, measured on synthetic normal noise: the interval of a
-median covers at about the nominal rate from ~16 seeds; the interval of a mean undercovers at
-small n (~0.90 at 10 seeds); a rate of 0 or 1 gives a zero-width interval: read it with n_seeds.
+- ``n_runs``, the denominator of every rate, is the runs that ``completed``, ``diverged`` or were
+  ``stopped_early`` by ASHA. A stopped seed is censored, never dropped: it counts as not (yet)
+  successful in the success rate and as censored at its last step in the time to target.
+  ``failed`` runs (an exception, no outcome of the model) and ``running`` ones are counted in their
+  own columns and left out of the denominator.
+- ``success_rate`` = completed runs whose final error (``final_error`` where logged, else the
+  last evaluation's, see :func:`analysis.tidy.final_values`) is at most the target, over ``n_runs``,
+  with the Wilson interval (:func:`analysis.stats.proportion_ci`): valid from one run on, never of
+  zero width. ``divergence_rate`` likewise.
+- ``median_error``: the median final error of the completed runs with the exact distribution-free
+  interval of a median (:func:`median_ci`): the order statistics x_(j), x_(n-j+1) with the largest j
+  whose binomial coverage 1 - 2 P(Bin(n, 1/2) <= j - 1) is at least the level. With fewer than 6
+  runs no pair of order statistics reaches 95% (5 runs: 0.9375), so the median is given without
+  an interval and ``median_error_why`` says "not estimated: 5 runs, needs at least 6".
+- ``median_steps_to_target``: the Kaplan-Meier median of the first step at which the error
+  (measured at the task's full training difficulty) is at most the target, runs that never got
+  there censored at their last step (budget, ASHA stop or divergence), with the Brookmeyer-Crowley
+  interval (:func:`analysis.stats.median_time`); +inf when fewer than half are known to reach it.
+
+Arms are compared pairwise (:func:`compare_arms`): success rates (Newcombe interval, Boschloo's
+test), final errors (Mann-Whitney, Cliff's delta with its interval; a diverged run ranks worst, a
+stopped one has no final error and is left out of this test only) and time to target (log-rank);
+all p-values of one comparison table are one family, Holm-adjusted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import itertools
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
-from analysis.tidy import FULL_BUDGET, final_rows, param_columns, validate_tidy
+from analysis import stats
+from analysis.tidy import final_rows, final_values, param_columns, validate_tidy
 
-N_BOOTSTRAP = 2000  # resamples per interval; see the module docstring
 LEVEL = 0.95
 CONFIG_KEYS = ("model", "config_id")  # one configuration: the same model and hyperparameters, any seed
-STABILITY_STATISTICS = (
-    "success_rate", "median_error", "iqr_error", "divergence_rate", "reached_rate", "median_steps_to_target",
-)
+ENDED = ("completed", "diverged", "stopped_early")  # the runs every rate counts
+STABILITY_STATISTICS = ("success_rate", "divergence_rate", "median_error", "median_steps_to_target")
 
 
-def bootstrap_ci(
-    values: np.ndarray,
-    statistic: Callable[..., np.ndarray],
-    n_boot: int = N_BOOTSTRAP,
-    level: float = LEVEL,
-    rng: np.random.Generator | int = 0,
-) -> tuple[float, float]:
-    """Percentile-bootstrap interval of ``statistic`` over the first axis of ``values``.
-
-    values: [n] or [n, k]; statistic(samples, axis=1) maps [B, n, ...] -> [B, ...] (np.median, np.mean).
-    Returns (nan, nan) for no values. Infinite values are allowed (the order statistics handle them).
-    """
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(rng)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)), dtype=np.int32)
-    return _percentile_interval(statistic(values[idx], axis=1), level)
-
-
-def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
-    # "inverted_cdf" picks order statistics (no interpolation), so +inf (a censored median) stays +inf.
+def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The (1 - level) / 2 and (1 + level) / 2 order statistics of ``values`` (no interpolation: inf stays inf)."""
     alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha], method="inverted_cdf", axis=0)
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha], method="inverted_cdf", axis=0)
     return float(lo), float(hi)
 
 
-def steps_to_target(df: pd.DataFrame, target: float, metric: str = "error") -> pd.DataFrame:
-    """Per run: the first evaluation step with ``metric <= target``.
+def median_ci(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float, str | None]:
+    """Median of ``values`` [n] with its exact distribution-free interval: (median, lo, hi, why).
 
-    Returns one row per run_id with ``reached`` (bool), ``steps_to_target`` (NaN when not reached:
-    the run is censored at its last step, ``last_step``, and is reported as not reached, never as
-    its last step) and ``status``.
+    Interval: (x_(j), x_(n-j+1)) of the sorted values, j the largest with coverage
+    1 - 2 P(Bin(n, 1/2) <= j - 1) >= level (any continuous distribution; with ties it covers at least
+    as often). ``why`` is None, or "not estimated: <n> runs, needs at least <m>" when no j reaches the
+    level (lo and hi then NaN); (NaN, NaN, NaN, why) for no values.
+    """
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    need = next(m for m in range(1, 200) if 1.0 - 2.0 * sps.binom.cdf(0, m, 0.5) >= level)
+    if n == 0:
+        return math.nan, math.nan, math.nan, f"not estimated: 0 runs, needs at least {need}"
+    median = float(np.median(x))
+    if n < need:
+        return median, math.nan, math.nan, f"not estimated: {n} runs, needs at least {need}"
+    j = np.arange(1, n // 2 + 1)
+    coverage = 1.0 - 2.0 * sps.binom.cdf(j - 1, n, 0.5)
+    best = int(j[coverage >= level].max())
+    return median, float(x[best - 1]), float(x[n - best]), None
+
+
+def steps_to_target(df: pd.DataFrame, target: float, metric: str = "error") -> pd.DataFrame:
+    """Per run: the first evaluation step with ``metric <= target``, or the run censored at its last step.
+
+    Returns one row per run_id: ``status``, ``reached`` (bool), ``steps_to_target`` (NaN when not
+    reached), ``last_step`` and ``time`` (the step it reached the target, else its last step: the
+    time a Kaplan-Meier estimate reads, with ``reached`` as the event indicator).
     """
     validate_tidy(df, [metric])
     hit = df[df[metric] <= target]
@@ -76,11 +91,23 @@ def steps_to_target(df: pd.DataFrame, target: float, metric: str = "error") -> p
     )
     out["steps_to_target"] = out["run_id"].map(first).astype(float)
     out["reached"] = out["steps_to_target"].notna()
-    return out[["run_id", "status", "reached", "steps_to_target", "last_step"]]
+    out["time"] = out["steps_to_target"].fillna(out["last_step"].astype(float))
+    return out[["run_id", "status", "reached", "steps_to_target", "last_step", "time"]]
 
 
 def _config_label(model: str, cid: str) -> str:
     return f"{model}:{cid[:6]}"
+
+
+def run_outcomes(df: pd.DataFrame, target: float, metric: str = "error") -> pd.DataFrame:
+    """One row per run: its final row plus ``final`` (final ``metric``), ``success``, ``reached``, ``time``."""
+    finals = final_rows(df)
+    finals["final"] = finals["run_id"].map(final_values(df, metric)).to_numpy(dtype=float)
+    finals["success"] = (finals["status"] == "completed") & (finals["final"] <= target)
+    stt = steps_to_target(df, target, metric).set_index("run_id")
+    finals["reached"] = finals["run_id"].map(stt["reached"]).astype(bool).to_numpy()
+    finals["time"] = finals["run_id"].map(stt["time"]).to_numpy(dtype=float)
+    return finals
 
 
 def seed_stability(
@@ -88,106 +115,196 @@ def seed_stability(
     target: float,
     metric: str = "error",
     by: Sequence[str] = CONFIG_KEYS,
-    n_boot: int = N_BOOTSTRAP,
     level: float = LEVEL,
-    seed: int = 0,
 ) -> pd.DataFrame:
-    """Per configuration over seeds: success, final error, divergence, steps to target, with intervals.
+    """Per configuration (or per ``by`` group, e.g. ``("model",)`` for arms): rates, final error, time to target.
 
-    Columns (one row per ``by`` group, sorted by it; ``*_lo``/``*_hi`` are the bootstrap interval):
-    ``n_seeds`` (full-budget runs), ``n_stopped_early``, ``n_failed``, ``n_running`` (left out);
-    ``success_rate`` (completed with final ``metric <= target``); ``median_error`` and ``iqr_error``
-    of the final metric of the completed runs (a diverged run has no final model: it counts in the
-    rates, not here); ``divergence_rate``; ``reached_rate`` and ``median_steps_to_target`` (first
-    step with ``metric <= target``; a run that never got there counts as +inf, so the median is
-    +inf when fewer than half reached it); ``label`` (model:short config id) and the param columns.
-    ``seed`` seeds the bootstrap: the same frame and seed give the same intervals.
+    Columns (one row per group, sorted by it): the ``by`` keys; ``n_runs`` (completed + diverged +
+    stopped early: the denominator), ``n_completed``, ``n_diverged``, ``n_stopped_early`` (censored),
+    ``n_failed``, ``n_running`` (left out); ``n_success``, ``success_rate`` with ``_lo``/``_hi``;
+    ``divergence_rate`` with its interval; ``n_final`` (completed runs with a finite final error),
+    ``median_error`` with its interval and ``median_error_why``, ``iqr_error``; ``n_reached``,
+    ``median_steps_to_target`` with its interval; ``label`` (model:short config id, for configurations)
+    and the param columns. An interval that the run count cannot support is NaN and its ``*_why``
+    says why (see the module docstring).
     """
     validate_tidy(df, [metric])
-    finals = final_rows(df)
-    stt = steps_to_target(df, target, metric).set_index("run_id")
-    finals["steps_to_target"] = finals["run_id"].map(stt["steps_to_target"]).fillna(np.inf).to_numpy()
+    runs_all = run_outcomes(df, target, metric)
     params = param_columns(df)
-    rng = np.random.default_rng(seed)
     rows = []
-    for key, runs in finals.groupby(list(by), sort=True, dropna=False):
+    for key, runs in runs_all.groupby(list(by), sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key, strict=True))
         counts = runs["status"].value_counts()
-        full = runs[runs["status"].isin(FULL_BUDGET)]
-        row.update(
-            n_seeds=len(full),
-            n_stopped_early=int(counts.get("stopped_early", 0)),
-            n_failed=int(counts.get("failed", 0)),
-            n_running=int(counts.get("running", 0)),
-        )
-        row.update(_stability_statistics(full, metric, target, n_boot, level, rng))
+        ended = runs[runs["status"].isin(ENDED)]
+        row.update(n_runs=len(ended), **{f"n_{s}": int(counts.get(s, 0)) for s in (*ENDED, "failed", "running")})
+        row.update(_statistics(ended, level))
         first = runs.iloc[0]
         if "model" in row and "config_id" in row:
             row["label"] = _config_label(str(row["model"]), str(row["config_id"]))
-        row.update({p: first[p] for p in params})
+        if "config_id" in by:
+            row.update({p: first[p] for p in params})
         rows.append(row)
-    columns = [*by, "n_seeds", "n_stopped_early", "n_failed", "n_running",
-               *(k for name in STABILITY_STATISTICS for k in (name, name + "_lo", name + "_hi"))]
+    columns = [*by, "n_runs", *(f"n_{s}" for s in (*ENDED, "failed", "running")), "n_success",
+               "success_rate", "success_rate_lo", "success_rate_hi",
+               "divergence_rate", "divergence_rate_lo", "divergence_rate_hi",
+               "n_final", "median_error", "median_error_lo", "median_error_hi", "median_error_why", "iqr_error",
+               "n_reached", "median_steps_to_target", "median_steps_to_target_lo", "median_steps_to_target_hi"]
     if "model" in by and "config_id" in by:
         columns.append("label")
-    return pd.DataFrame(rows, columns=[*columns, *params])
+    if "config_id" in by:
+        columns += params
+    return pd.DataFrame(rows, columns=columns)
 
 
-def _stability_statistics(
-    full: pd.DataFrame, metric: str, target: float, n_boot: int, level: float, rng: np.random.Generator
-) -> dict[str, float]:
-    """Point values and joint-bootstrap intervals for the full-budget runs of one configuration."""
-    completed = (full["status"] == "completed").to_numpy()
-    final = full[metric].to_numpy(dtype=float)
-    # Per run, as arrays over the n runs; NaN marks "no final error" (diverged, or never measured).
-    error = np.where(completed & np.isfinite(final), final, np.nan)
-    success = (completed & (final <= target)).astype(float)
-    diverged = (full["status"] == "diverged").to_numpy(dtype=float)
-    steps = full["steps_to_target"].to_numpy(dtype=float)
-
-    def stats(err, suc, div, stp):
-        """Each statistic over the runs (axis 1) of each row of [R, n] arrays -> [R]."""
-        q25, q50, q75 = _nanquantile_rows(err, (0.25, 0.5, 0.75))
-        return {
-            "success_rate": suc.mean(axis=1),
-            "median_error": q50,
-            "iqr_error": q75 - q25,
-            "divergence_rate": div.mean(axis=1),
-            "reached_rate": np.isfinite(stp).mean(axis=1),
-            "median_steps_to_target": np.median(stp, axis=1),
-        }
-
-    n = len(full)
-    if n == 0:
-        return {k: np.nan for name in STABILITY_STATISTICS for k in (name, name + "_lo", name + "_hi")}
-    point = stats(error[None], success[None], diverged[None], steps[None])
-    idx = rng.integers(0, n, size=(n_boot, n), dtype=np.int32)
-    boot = stats(error[idx], success[idx], diverged[idx], steps[idx])
-    out: dict[str, float] = {}
-    for name, value in point.items():
-        # A resample with no completed run has no median error: the interval is taken over the others.
-        b = boot[name][~np.isnan(boot[name])]
-        lo, hi = _percentile_interval(b, level) if len(b) else (np.nan, np.nan)
-        out.update({name: float(value[0]), name + "_lo": lo, name + "_hi": hi})
+def _statistics(ended: pd.DataFrame, level: float) -> dict[str, object]:
+    """The statistics of one group's ended runs (see :func:`seed_stability`)."""
+    n = len(ended)
+    completed = ended[ended["status"] == "completed"]
+    final = completed["final"].to_numpy(dtype=float)
+    final = final[np.isfinite(final)]
+    k = int(ended["success"].sum())
+    d = int((ended["status"] == "diverged").sum())
+    out: dict[str, object] = {"n_success": k, "n_final": len(final), "n_reached": int(ended["reached"].sum())}
+    if n:
+        lo, hi = stats.proportion_ci(k, n, level)
+        out.update(success_rate=k / n, success_rate_lo=lo, success_rate_hi=hi)
+        lo, hi = stats.proportion_ci(d, n, level)
+        out.update(divergence_rate=d / n, divergence_rate_lo=lo, divergence_rate_hi=hi)
+        med, lo, hi = stats.median_time(ended["time"].to_numpy(dtype=float), ended["reached"].to_numpy(), level)
+        out.update(median_steps_to_target=med, median_steps_to_target_lo=lo, median_steps_to_target_hi=hi)
+    med, lo, hi, why = median_ci(final, level)
+    out.update(median_error=med, median_error_lo=lo, median_error_hi=hi, median_error_why=why)
+    out["iqr_error"] = float(np.subtract(*np.quantile(final, [0.75, 0.25]))) if len(final) else math.nan
     return out
 
 
-def _nanquantile_rows(x: np.ndarray, qs: Sequence[float]) -> np.ndarray:
-    """Linear-interpolation quantiles of each row of x [R, n], ignoring NaN -> [len(qs), R]; NaN for an all-NaN row.
+# --- which configuration is best ------------------------------------------------------------------------
 
-    np.nanquantile does the same through a Python loop over rows (apply_along_axis): ~100x slower here.
+
+def rank_configurations(df: pd.DataFrame, target: float, metric: str = "error",
+                        direction: str = "minimize") -> pd.DataFrame:
+    """Configurations ranked per model, each judged on its replications where it has any.
+
+    A search picks its best configuration by the very runs that make it look best (winner's curse),
+    so the search run that selected a configuration never enters its replication statistics: a
+    configuration with replication runs is judged on those alone (``source`` "replications"), and
+    where a model has any replicated configuration only those compete for "best" (the others were
+    not chosen for replication). Otherwise the completed search runs judge it (``source`` "search").
+    Order within a model: median final ``metric`` (better first), then the success rate (higher),
+    then the mean final ``metric``, then more runs: ties go to the better configuration, and only a
+    full tie falls back to the config id (for a stable order).
+
+    Columns: ``model``, ``config_id``, ``label``, ``source``, ``runs`` (completed runs judged),
+    ``median``, ``mean``, ``success_rate``, ``rank`` (0 = best of its model), ``run_ids``.
     """
-    s = np.sort(x, axis=1)  # NaN sorts last
-    k = (~np.isnan(x)).sum(axis=1)  # [R] values per row
-    pos = np.asarray(qs, dtype=float)[:, None] * np.maximum(k - 1, 0)  # [Q, R] fractional index
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
-    v_lo = np.take_along_axis(s, lo.T, axis=1).T
-    v_hi = np.take_along_axis(s, hi.T, axis=1).T
-    out = v_lo + (v_hi - v_lo) * (pos - lo)
-    out[:, k == 0] = np.nan
+    runs = run_outcomes(df, target, metric)
+    done = runs[(runs["status"] == "completed") & np.isfinite(runs["final"])]
+    replicated = done[done["replication"].notna()]
+    rows = []
+    for model, group in done.groupby("model", sort=True):
+        rep = replicated[replicated["model"] == model]
+        source, pool = ("replications", rep) if len(rep) else ("search", group)
+        for cid, g in pool.groupby("config_id", sort=True):
+            rows.append({"model": model, "config_id": cid, "label": _config_label(str(model), str(cid)),
+                         "source": source, "runs": len(g), "median": float(g["final"].median()),
+                         "mean": float(g["final"].mean()), "success_rate": float(g["success"].mean()),
+                         "run_ids": list(g["run_id"])})
+    out = pd.DataFrame(rows, columns=["model", "config_id", "label", "source", "runs", "median", "mean",
+                                      "success_rate", "run_ids"])
+    if out.empty:
+        return out.assign(rank=pd.Series(dtype=int))
+    sign = 1.0 if direction == "minimize" else -1.0
+    out = out.assign(_m=sign * out["median"], _s=-out["success_rate"], _a=sign * out["mean"], _n=-out["runs"])
+    out = out.sort_values(["model", "_m", "_s", "_a", "_n", "config_id"], kind="stable")
+    out["rank"] = out.groupby("model").cumcount()
+    return out.drop(columns=["_m", "_s", "_a", "_n"]).reset_index(drop=True)
+
+
+# --- arms ------------------------------------------------------------------------------------------------
+
+
+def compare_arms(
+    df: pd.DataFrame, target: float, arm: str = "model", metric: str = "error", level: float = LEVEL
+) -> pd.DataFrame:
+    """Every pair of arms (values of column ``arm``) compared on three outcomes; one Holm family.
+
+    One row per pair and ``outcome``:
+
+    - ``success rate``: ``estimate`` = rate_a - rate_b, Newcombe interval, Boschloo's exact p;
+      over every ended run (stopped ones count as not successful).
+    - ``final error``: ``estimate`` = Cliff's delta P(a > b) - P(a < b) of the final errors (negative:
+      arm a has lower errors), with its interval, Mann-Whitney p; completed runs, diverged ones
+      as +inf (the worst outcome), stopped ones left out (no final error at a full budget).
+    - ``steps to target``: ``estimate`` = median_a / median_b of the Kaplan-Meier medians (NaN when
+      either is not reached), log-rank p; every ended run, censored where it did not reach the target.
+
+    Columns: ``arm_a``, ``arm_b``, ``outcome``, ``n_a``, ``n_b``, ``estimate``, ``lo``, ``hi``, ``p``,
+    ``p_holm`` (Holm over every row of the table), ``why`` (a comparison that could not be made).
+    """
+    validate_tidy(df, [metric])
+    runs = run_outcomes(df, target, metric)
+    runs = runs[runs["status"].isin(ENDED)]
+    arms = sorted(runs[arm].dropna().unique(), key=str)
+    rows = []
+    for a, b in itertools.combinations(arms, 2):
+        ra, rb = runs[runs[arm] == a], runs[runs[arm] == b]
+        for outcome, make in (("success rate", _rates), ("final error", _values), ("steps to target", _times)):
+            row = {"arm_a": a, "arm_b": b, "outcome": outcome, "why": None}
+            try:
+                row.update(make(ra, rb, level))
+            except stats.NotEstimated as err:
+                row.update(n_a=len(ra), n_b=len(rb), why=err.reason)
+            rows.append(row)
+    out = pd.DataFrame(rows, columns=["arm_a", "arm_b", "outcome", "n_a", "n_b", "estimate", "lo", "hi", "p",
+                                      "p_holm", "why"])
+    if len(out):
+        out["p_holm"] = stats.holm(out["p"].to_numpy(dtype=float))
     return out
+
+
+def _rates(ra: pd.DataFrame, rb: pd.DataFrame, level: float) -> dict[str, float]:
+    r = stats.compare_rates(int(ra["success"].sum()), len(ra), int(rb["success"].sum()), len(rb), level)
+    return {"n_a": len(ra), "n_b": len(rb), "estimate": r["diff"], "lo": r["lo"], "hi": r["hi"], "p": r["p"]}
+
+
+def _final_errors(runs: pd.DataFrame) -> np.ndarray:
+    done = runs[runs["status"].isin(("completed", "diverged"))]
+    value = np.where(done["status"] == "diverged", np.inf, done["final"].to_numpy(dtype=float))
+    return value[~np.isnan(value)]
+
+
+def _values(ra: pd.DataFrame, rb: pd.DataFrame, level: float) -> dict[str, float]:
+    xa, xb = _final_errors(ra), _final_errors(rb)
+    if len(xa) == 0 or len(xb) == 0:
+        raise stats.NotEstimated(f"not estimated: {len(xa)} and {len(xb)} runs with a final error, "
+                                 "needs at least 1 each")
+    r = stats.compare_values(xa, xb, level)
+    return {"n_a": len(xa), "n_b": len(xb), "estimate": r["effect"], "lo": r["lo"], "hi": r["hi"], "p": r["p"]}
+
+
+def _times(ra: pd.DataFrame, rb: pd.DataFrame, level: float) -> dict[str, float]:
+    ta, ea = ra["time"].to_numpy(dtype=float), ra["reached"].to_numpy(dtype=bool)
+    tb, eb = rb["time"].to_numpy(dtype=float), rb["reached"].to_numpy(dtype=bool)
+    p = stats.logrank(ta, ea, tb, eb)
+    ma, mb = stats.median_time(ta, ea, level)[0], stats.median_time(tb, eb, level)[0]
+    ratio = ma / mb if math.isfinite(ma) and math.isfinite(mb) and mb > 0 else math.nan
+    why = None if math.isfinite(ratio) else "ratio not estimated: a median time is not reached (log-rank p still valid)"
+    return {"n_a": len(ra), "n_b": len(rb), "estimate": ratio, "lo": math.nan, "hi": math.nan, "p": p, "why": why}
+
+
+def survival_curves(df: pd.DataFrame, target: float, arm: str = "model", metric: str = "error",
+                    level: float = LEVEL) -> dict[str, stats.Survival]:
+    """Kaplan-Meier curve (fraction of runs not yet at the target) with its band, per arm, over ended runs."""
+    runs = run_outcomes(df, target, metric)
+    runs = runs[runs["status"].isin(ENDED)]
+    return {
+        str(a): stats.kaplan_meier(g["time"].to_numpy(dtype=float), g["reached"].to_numpy(dtype=bool), level)
+        for a, g in runs.groupby(arm, sort=True)
+    }
+
+
+# --- learning curves ------------------------------------------------------------------------------------
 
 
 def learning_curves(
@@ -195,7 +312,7 @@ def learning_curves(
     metric: str = "error",
     by: Sequence[str] = CONFIG_KEYS,
     band: tuple[float, float] = (0.25, 0.75),
-    statuses: Sequence[str] = FULL_BUDGET,
+    statuses: Sequence[str] = ("completed", "diverged"),
 ) -> pd.DataFrame:
     """Learning curves with seed bands: per configuration and step, the median and a quantile band over seeds.
 
@@ -214,74 +331,3 @@ def learning_curves(
         labels = [_config_label(str(m), str(c)) for m, c in zip(out["model"], out["config_id"], strict=True)]
         out.insert(len(by), "label", labels)
     return out
-
-
-@dataclass(frozen=True)
-class SearchVariance:
-    """Spread of the best-found error across repeated studies beside the seed spread within a config.
-
-    ``best_per_study``: one row per study (``study``, ``best``, ``run_id``, ``config_id``, ``n_trials``).
-    ``between_study_sd``: sd of ``best`` across studies; ``within_config_sd``: pooled sd over seeds
-    within configurations replicated over seeds (>= 2 completed runs); ``ratio`` = between / within.
-    ``*_ci``: percentile-bootstrap intervals (studies resampled for the first, configurations for
-    the second). A ratio near 1 or below says the studies disagree no more than reseeding one
-    configuration does: the search's choice among its best configs is within seed noise.
-    """
-
-    best_per_study: pd.DataFrame
-    n_studies: int
-    between_study_sd: float
-    between_study_sd_ci: tuple[float, float]
-    n_configs_replicated: int
-    within_config_sd: float
-    within_config_sd_ci: tuple[float, float]
-    ratio: float
-
-
-def search_vs_seed_variance(
-    df: pd.DataFrame,
-    metric: str = "error",
-    n_boot: int = N_BOOTSTRAP,
-    level: float = LEVEL,
-    seed: int = 0,
-) -> SearchVariance:
-    """Trial-to-trial (seed) variance vs study-to-study variance of the same study under several search seeds.
-
-    Uses completed runs only (the best-found value of a study is a full-budget one). The studies are
-    the distinct ``study`` values of the search runs (``replication`` None); the seed spread comes
-    from every configuration in ``df`` with at least two completed runs (replications from
-    ``mannstudy replicate``, or repeats inside the searches).
-    """
-    validate_tidy(df, [metric])
-    finals = final_rows(df)
-    done = finals[(finals["status"] == "completed") & np.isfinite(finals[metric].astype(float))]
-    rng = np.random.default_rng(seed)
-
-    search = done[done["replication"].isna()]
-    best_rows = search.loc[search.groupby("study", sort=True)[metric].idxmin()]
-    best = best_rows[["study", metric, "run_id", "config_id"]].rename(columns={metric: "best"}).reset_index(drop=True)
-    best["n_trials"] = best["study"].map(search.groupby("study").size()).to_numpy()
-    b = best["best"].to_numpy(dtype=float)
-    between = float(np.std(b, ddof=1)) if len(b) >= 2 else np.nan
-    between_ci = bootstrap_ci(b, _sd, n_boot, level, rng) if len(b) >= 2 else (np.nan, np.nan)
-
-    # Pooled within-config variance: sum_i SS_i / sum_i (n_i - 1) over replicated configs i.
-    groups = done.groupby(list(CONFIG_KEYS))[metric]
-    n_i = groups.count().to_numpy(dtype=float)
-    ss_i = groups.agg(lambda s: float(((s - s.mean()) ** 2).sum())).to_numpy(dtype=float)
-    keep = n_i >= 2
-    n_i, ss_i = n_i[keep], ss_i[keep]
-    if len(n_i):
-        within = float(np.sqrt(ss_i.sum() / (n_i - 1).sum()))
-        # Cluster bootstrap over configurations: counts[b, i] = how often config i is drawn in resample b.
-        counts = rng.multinomial(len(n_i), np.full(len(n_i), 1.0 / len(n_i)), size=n_boot)
-        boot = np.sqrt((counts @ ss_i) / (counts @ (n_i - 1)))
-        within_ci = _percentile_interval(boot, level)
-    else:
-        within, within_ci = np.nan, (np.nan, np.nan)
-    ratio = between / within if within and np.isfinite(within) and within > 0 else np.nan
-    return SearchVariance(best, len(b), between, between_ci, int(len(n_i)), within, within_ci, float(ratio))
-
-
-def _sd(x: np.ndarray, axis: int) -> np.ndarray:
-    return np.std(x, axis=axis, ddof=1)

@@ -25,10 +25,12 @@ column             meaning
                    the last rung of a stopped trial); NaN for completed runs
 ``step``           int: the training step of this evaluation
 metrics            float columns named as ``mann.train`` reports them (see :data:`METRIC_COLUMNS`):
-                   ``error``, ``cost_bits``, ``accuracy``, ``curriculum_error``, ``train_loss``,
-                   ``level``, ``wall_time``, ``sequences``, ``gen2x_error``, ``gen4x_error``, ...
-                   (the final evaluation's ``final_*`` only at a run's last step; units: docs/metrics.md)
-                   NaN where not measured
+                   ``error`` (at the task's full training difficulty, held-out sequences),
+                   ``cost_bits``, ``accuracy``, ``curriculum_error``, ``level``, ``train_loss``,
+                   ``wall_time``, ``sequences``, ``gen2x_error``, ..., the end-of-run
+                   ``final_error``, ``final_cost_bits``, ``final_accuracy``, ``final_gen2x_error``,
+                   ... (logged once, at the run's last step) and ``converged_step``;
+                   units: docs/metrics.md. NaN where not measured
 ``param.<key>``    one column per hyperparameter, named by its dotted key (``param.lr``,
                    ``param.model.memory_size``, ``param.task.max_length``), holding the typed
                    value: int columns for integer parameters (pandas ``Int64`` where some runs lack
@@ -62,8 +64,9 @@ ID_COLUMNS = (
 )
 REQUIRED_COLUMNS = ID_COLUMNS
 METRIC_COLUMNS = (
-    "error", "cost_bits", "accuracy", "curriculum_error", "train_loss", "level", "wall_time", "sequences",
+    "error", "cost_bits", "accuracy", "curriculum_error", "level", "train_loss", "wall_time", "sequences",
     "gen2x_error", "gen2x_cost_bits", "gen2x_accuracy", "gen4x_error", "gen4x_cost_bits", "gen4x_accuracy",
+    "final_error", "final_cost_bits", "final_accuracy", "converged_step",
 )
 PARAM_PREFIX = "param."
 _SEED_KEYS = ("seed", PARAM_PREFIX + "seed")
@@ -109,6 +112,22 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     order = pd.Index(df["run_id"]).unique()
     last = df.sort_values("step", kind="stable").groupby("run_id", sort=False).tail(1)
     return last.set_index("run_id", drop=False).loc[order].reset_index(drop=True)
+
+
+def final_values(df: pd.DataFrame, metric: str) -> pd.Series:
+    """Per run (index ``run_id``): the run's final ``metric``.
+
+    The end-of-run evaluation ``final_<metric>`` (a larger held-out set, logged once when a run ends)
+    where the run has a finite one, else ``metric`` at the run's last evaluation. NaN when neither.
+    """
+    validate_tidy(df, [metric])
+    last = final_rows(df).set_index("run_id")[metric].astype(float)
+    column = "final_" + metric
+    if column in df.columns:
+        logged = df[np.isfinite(df[column].astype(float))].sort_values("step", kind="stable")
+        ended = logged.groupby("run_id", sort=False)[column].last().astype(float)
+        last = ended.reindex(last.index).fillna(last)
+    return last
 
 
 def _canonical(value: Any) -> Any:

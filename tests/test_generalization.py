@@ -81,12 +81,18 @@ def test_noise_zero_is_the_plain_evaluation(models):
 
 
 def test_input_noise_reaches_the_model_and_costs_what_it_should(learned_lstm):
-    errors = [evaluate(learned_lstm, noise=p)["error"] for p in (0.0, 0.1, 0.3, 1.0)]
+    got = [evaluate(learned_lstm, noise=p) for p in (0.0, 0.1, 0.3, 1.0)]
+    errors = [g["error"] for g in got]
     assert errors == sorted(errors) and errors[0] < 0.5
     # every data bit inverted: a model that copies gets (nearly) every scored bit wrong
     data = torch.Generator().manual_seed(learned_lstm.cfg.eval_seed)
-    scored_bits = np.mean([learned_lstm.task.sample(16, data).mask.sum(dim=1).mean().item() * 3 for _ in range(2)])
+    scored_bits = np.mean([learned_lstm.task.sample(16, data, full=True).mask.sum(dim=1).mean().item() * 3
+                           for _ in range(2)])
     assert errors[-1] > 0.8 * scored_bits
+    # the floor: what copying the noise costs, p x scored bits per sequence, beside the model's error
+    for p, g in zip((0.0, 0.1, 0.3, 1.0), got, strict=True):
+        assert g["noise_floor"] == pytest.approx(p * scored_bits)
+    assert errors[1] >= 0.5 * got[1]["noise_floor"]  # a copier cannot beat the noise by much
     assert evaluate(learned_lstm, noise=1.0)["accuracy"] == 0.0
 
 
@@ -210,3 +216,30 @@ def test_evaluate_study_reads_checkpoints_and_says_which_are_missing(trained_run
     assert set(result.missing) == {"run-n3", "run-l1"}
     assert "not of this run" in result.missing["run-n3"] and "no checkpoint.pt" in result.missing["run-l1"]
     assert len(result.table) == 4 and set(result.table["config_id"]) == {df.loc[0, "config_id"]}
+
+
+def _runs(rows, target=0.1):
+    """A tidy frame from (run, lr, seed, replication or None, final error): one completed evaluation each."""
+    return pd.DataFrame([
+        dict(study="s", replication=rep, run_id=run, trial_id=run, config_id=config_id({"model": "ntm", "lr": lr}),
+             seed=seed, model="ntm", status="completed", status_step=np.nan, step=4, error=error, target_error=target,
+             **{"param.lr": lr})
+        for run, lr, seed, rep, error in rows
+    ])
+
+
+def test_best_is_decided_on_replications_without_the_search_run_that_chose_it():
+    """The search was lucky with lr 0.01 (0.05); its replications say 0.8, 0.9. lr 0.02 replicates at 0.3, 0.4."""
+    df = _runs([("s1", 0.01, 0, None, 0.05), ("s2", 0.02, 0, None, 0.5),
+                ("r1", 0.01, 1, "rep", 0.8), ("r2", 0.01, 2, "rep", 0.9),
+                ("r3", 0.02, 1, "rep", 0.3), ("r4", 0.02, 2, "rep", 0.4)])
+    best = best_runs(df)
+    assert sorted(best["run_id"]) == ["r3", "r4"]  # the search runs s1, s2 are not among the judged runs
+    assert set(best_runs(df[df["replication"].isna()])["run_id"]) == {"s1"}  # no replications: the search decides
+
+
+def test_ties_go_to_the_better_configuration():
+    """Both have median 0.3; lr 0.02 succeeds once (0.05 <= 0.1) and wins the tie."""
+    df = _runs([("a1", 0.01, 0, None, 0.2), ("a2", 0.01, 1, None, 0.3), ("a3", 0.01, 2, None, 0.4),
+                ("b1", 0.02, 0, None, 0.05), ("b2", 0.02, 1, None, 0.3), ("b3", 0.02, 2, None, 0.5)])
+    assert set(best_runs(df)["run_id"]) == {"b1", "b2", "b3"}

@@ -263,3 +263,25 @@ def test_a_tracking_server_gives_the_same_frame_through_its_bulk_endpoint(study,
         assert ui == sorted(load._interval_bulk(client, store, ids, "error"))
         per_run = load.metric_histories(server.url, ids, ["error"], "per_run")
         assert len(per_run) == len(ui)
+
+
+def test_the_search_space_comes_from_the_study_file_as_the_sweep_records_it(study, tmp_path):
+    """spec.json on the study run, written as study.sweep writes it: log scale, bounds, and choices in the file's
+    order; a study run recorded without a search space gives None."""
+    from study.sweep import _spec_dict
+
+    spec = load_spec(study["study_file"])
+    uri = resolve_tracking_uri(None, tmp_path)
+    exp = prepare_experiment(uri, "spaced")
+    start_study_run(uri, exp, "spaced", _spec_dict(spec), study["study_file"])
+    space = load.study_space(load.find_study_runs(uri, "spaced"))
+    assert space == {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+        "model.controller_size": optuna.distributions.CategoricalDistribution([8, 16]),
+    }
+    assert load.study_space(load.find_study_runs(study["uri"], NAME)) is None
+    reversed_choices = load.space_from_search({"k": {"choices": [64, 16, 32]}, "n": {"low": 1, "high": 4}})
+    assert reversed_choices["k"].choices == (64, 16, 32)
+    assert reversed_choices["n"] == optuna.distributions.IntDistribution(1, 4)
+    with pytest.raises(LoadError, match=r"spec search\.x: expected numeric low and high"):
+        load.space_from_search({"x": {"low": "a", "high": 2}})

@@ -147,7 +147,7 @@ def record_study(folder: Path, runs: list[dict], template: Path, finish: bool = 
         params = config_to_flat_dict(make_train_config(run["model"], "copy", overrides))
         with TrialTracker(uri, exp, parent, f"t{i}", params=params, flush_every=100) as tracker:
             for step, error in zip((10, 20, 30), run["errors"], strict=False):
-                tracker.log_metrics({"error": error, "cost_bits": error, "accuracy": float(error < 0.1),
+                tracker.log_metrics({"error": error, "cost_bits": 2 * error, "accuracy": float(error < 0.1),
                                      "train_loss": error / 5, "gen2x_error": 2 * error}, step)
             if run["status"] != "running":
                 tracker.set_status(run["status"], step=10 * len(run["errors"]))
@@ -189,11 +189,20 @@ def test_report_has_every_section_real_figures_and_its_data(recorded, report):
     page = check_report(report)
     words = page.words
     assert "still running" not in words
-    # importance says which trials it used: the 18 completed runs (one stopped early, one diverged left out)
-    assert "Computed on 18 completed search runs" in words and "diverged 1" in words and "stopped_early 1" in words
+    # importance says which trials it used and refuses below its minimum: 18 full-budget runs (one stopped early,
+    # one diverged left out) for 2 parameters (lr, model); at the common rung (step 10) all 20 runs count
+    assert ("Full budget. On 18 full-budget trials (completed, final error); excluded: diverged 1, stopped_early 1: "
+            "not estimated: 18 trials, needs at least 20") in words
+    assert "Common rung. On every trial at step 10, the largest step all of them reached (20 trials" in words
+    assert "the surrogate explains" in words
+    # every metric label carries its unit; the stability table says n and the denominator counts the stopped run
+    assert "median final error (wrong bits per sequence) [95% CI]" in words and "ended runs (n)" in words
+    assert "not estimated: 2 runs, needs at least 6" in words  # two seeds per configuration: no median interval
+    # arms: ntm vs lstm on the search runs, one Holm family, Kaplan-Meier figure
+    assert "Arms compared pairwise on the search runs (20 runs)" in words and "p_holm" in words
     # the figures of the sections that have data
     names = {p.stem for p in report["figures"].glob("*.png")}
-    assert {"status", "success_rate", "learning_curves", "importance", "marginals", "interaction"} <= names
+    assert {"status", "success_rate", "learning_curves", "importance", "marginals", "time_to_target"} <= names
     # no results folder known: generalization says why instead of drawing
     assert "Not evaluated: the results folder" in words and "generalization" not in names
     assert "No replication of this study yet" in words
@@ -205,7 +214,7 @@ def test_report_has_every_section_real_figures_and_its_data(recorded, report):
 def test_best_configurations_rank_by_median_over_seeds(report):
     markdown = report["markdown"].read_text()
     best = markdown.split("## Best configurations")[1].split("## ")[0]
-    assert "Best per model: ntm:" in best and "lstm:" in best
+    assert "ntm: ntm:" in best and "lstm: lstm:" in best and "over 2 search runs" in best
     rows = [line for line in best.splitlines() if line.startswith("| ntm:")]
     assert "lr=0.01" in rows[0]  # the lr the synthetic errors favour
 

@@ -7,13 +7,15 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from analysis.plots import PlotError, learning_curves_figure, success_rate_figure
+from analysis import stats
+from analysis.plots import PlotError, learning_curves_figure, success_rate_figure, survival_figure
 from analysis.stability import (
-    bootstrap_ci,
+    compare_arms,
     learning_curves,
-    search_vs_seed_variance,
+    median_ci,
     seed_stability,
     steps_to_target,
+    survival_curves,
 )
 from analysis.tidy import TidyError, config_id, final_rows, param_columns, params_of, validate_tidy
 
@@ -107,41 +109,54 @@ def test_steps_to_target_reports_censored_runs_as_not_reached(hand_made):
     assert stt.loc["a4", "steps_to_target"] == 200  # reached before it diverged
     for run in ("a3", "a5", "b1", "b3"):
         assert not stt.loc[run, "reached"] and math.isnan(stt.loc[run, "steps_to_target"])
-    assert stt.loc["a3", "last_step"] == 300
+    assert stt.loc["a3", "last_step"] == 300 and stt.loc["a3", "time"] == 300  # censored at its last step
+    assert stt.loc["a5", "time"] == 100  # stopped by ASHA at 100: censored there
 
 
-def test_seed_stability_equals_hand_computed_values(hand_made):
-    st = seed_stability(hand_made, TARGET, n_boot=500).set_index("config_id")
+def test_seed_stability_counts_every_ended_seed(hand_made):
+    st = seed_stability(hand_made, TARGET).set_index("config_id")
     a, b = st.loc[config_id(A)], st.loc[config_id(B)]
-    # Full-budget runs of A: a1..a3 completed, a4 diverged; a5 (stopped) and a6 (failed) counted apart.
-    assert (a["n_seeds"], a["n_stopped_early"], a["n_failed"], a["n_running"]) == (4, 1, 1, 0)
-    assert a["success_rate"] == pytest.approx(2 / 4)
-    assert a["divergence_rate"] == pytest.approx(1 / 4)
+    # A: a1..a3 completed, a4 diverged, a5 stopped early (censored, in the denominator); a6 failed (apart).
+    assert (a["n_runs"], a["n_completed"], a["n_diverged"], a["n_stopped_early"], a["n_failed"]) == (5, 3, 1, 1, 1)
+    assert a["n_success"] == 2 and a["success_rate"] == pytest.approx(2 / 5)
+    assert (a["success_rate_lo"], a["success_rate_hi"]) == pytest.approx(stats.proportion_ci(2, 5))
+    assert a["divergence_rate"] == pytest.approx(1 / 5)
     assert a["median_error"] == pytest.approx(0.09)  # finals of completed runs: 0.05, 0.09, 0.2
+    assert math.isnan(a["median_error_lo"]) and a["median_error_why"] == "not estimated: 3 runs, needs at least 6"
     assert a["iqr_error"] == pytest.approx(0.145 - 0.07)  # linear quantiles of those three
-    assert a["reached_rate"] == pytest.approx(3 / 4)
-    assert a["median_steps_to_target"] == pytest.approx(250.0)  # 200, 200, 300, inf
-    assert (b["n_seeds"], b["success_rate"], b["divergence_rate"]) == (3, 0.0, 0.0)
+    assert a["n_reached"] == 3  # a1, a2 and a4 (before it diverged)
+    # Kaplan-Meier over 200 (a2, a4), 300 (a1), 300 censored (a3), 100 censored (a5): S = 1, 0.5 at 200
+    assert a["median_steps_to_target"] == 200.0
+    assert (b["n_runs"], b["success_rate"], b["divergence_rate"]) == (3, 0.0, 0.0)
+    assert 0.0 == b["success_rate_lo"] < b["success_rate_hi"] < 0.6  # 0/3: an interval, never zero width
     assert b["median_error"] == pytest.approx(0.3)
-    assert b["median_steps_to_target"] == math.inf and b["reached_rate"] == 0.0
+    assert b["median_steps_to_target"] == math.inf and b["n_reached"] == 0
     assert a["label"] == "ntm:" + config_id(A)[:6] and a["param.lr"] == 1e-3
-    for row in (a, b):
-        for name in ("success_rate", "median_error", "divergence_rate", "reached_rate"):
-            assert row[name + "_lo"] <= row[name] <= row[name + "_hi"], name
-    assert 0.0 <= a["success_rate_lo"] < 0.5 < a["success_rate_hi"] <= 1.0
 
 
-def test_seed_stability_is_seeded(hand_made):
-    first = seed_stability(hand_made, TARGET, n_boot=300, seed=3)
-    pd.testing.assert_frame_equal(first, seed_stability(hand_made, TARGET, n_boot=300, seed=3))
-    assert not first.equals(seed_stability(hand_made, TARGET, n_boot=300, seed=4))
+def test_final_error_prefers_the_end_of_run_evaluation(hand_made):
+    df = hand_made.assign(final_error=np.where(hand_made["run_id"].eq("b1") & hand_made["step"].eq(200), 0.01, np.nan))
+    b = seed_stability(df, TARGET).set_index("config_id").loc[config_id(B)]
+    assert b["n_success"] == 1 and b["median_error"] == pytest.approx(0.2)  # 0.01, 0.2, 0.3
 
 
-def test_configuration_without_full_budget_runs_has_nan_statistics():
-    df = frame(run_rows("x", [0.5], status="stopped_early"), run_rows("y", [0.4], params=B))
-    st = seed_stability(df, TARGET, n_boot=100).set_index("config_id").loc[config_id(A)]
-    assert st["n_seeds"] == 0 and st["n_stopped_early"] == 1
-    assert math.isnan(st["success_rate"]) and math.isnan(st["median_error_lo"])
+def test_asha_stopped_seeds_stay_in_the_denominator_as_censored():
+    """Ten seeds of one configuration: four succeed, six are stopped by ASHA before the target."""
+    runs = [run_rows(f"ok{s}", [0.5, 0.05], seed=s) for s in range(4)]
+    runs += [run_rows(f"st{s}", [0.5], seed=10 + s, status="stopped_early", status_step=100) for s in range(6)]
+    st = seed_stability(frame(*runs), TARGET).iloc[0]
+    assert (st["n_runs"], st["n_stopped_early"], st["n_success"]) == (10, 6, 4)
+    assert st["success_rate"] == pytest.approx(0.4)
+    # 4 of 10 reached the target (at 200); the 6 stopped at 100 are censored before: KM survival after 200
+    # is 0 (every run still at risk reached it), so the median is 200.
+    assert st["n_reached"] == 4 and st["median_steps_to_target"] == 200.0
+
+
+def test_a_configuration_without_ended_runs_has_no_rates():
+    df = frame(run_rows("x", [0.5], status="running"), run_rows("y", [0.4], params=B))
+    st = seed_stability(df, TARGET).set_index("config_id").loc[config_id(A)]
+    assert st["n_runs"] == 0 and st["n_running"] == 1
+    assert math.isnan(st["success_rate"]) and math.isnan(st["median_error"])
 
 
 def test_learning_curves_median_and_band_per_step(hand_made):
@@ -159,82 +174,65 @@ def test_learning_curves_median_and_band_per_step(hand_made):
 # --- synthetic truth ---------------------------------------------------------------------------------------
 
 
-def test_bootstrap_intervals_of_the_median_cover_the_truth_at_the_nominal_rate():
-    """200 configurations x 20 seeds, final error = mu_c + N(0, 0.05^2): the 95% interval of the
-    median final error should cover mu_c for about 95% of configurations."""
-    rng = np.random.default_rng(1)
-    n_configs, n_seeds = 200, 20
-    mu = rng.uniform(0.1, 0.5, n_configs)
-    error = mu[:, None] + 0.05 * rng.standard_normal((n_configs, n_seeds))
-    df = pd.DataFrame(
-        {
-            "study": "s", "replication": None,
-            "run_id": [f"r{c}-{s}" for c in range(n_configs) for s in range(n_seeds)],
-            "trial_id": np.arange(n_configs * n_seeds),
-            "config_id": np.repeat([f"c{c:03d}" for c in range(n_configs)], n_seeds),
-            "seed": np.tile(np.arange(n_seeds), n_configs), "model": "ntm", "status": "completed",
-            "status_step": math.nan, "step": 1000, "error": error.ravel(), "param.mu": np.repeat(mu, n_seeds),
-        }
-    )
-    st = seed_stability(df, target=0.3, n_boot=1000, seed=0).set_index("config_id")
-    truth = pd.Series(mu, index=[f"c{c:03d}" for c in range(n_configs)])
-    covered = (st["median_error_lo"] <= truth) & (truth <= st["median_error_hi"])
-    assert 0.90 <= covered.mean() <= 0.98, covered.mean()
-    # The success rate's truth is P(N(mu, 0.05^2) <= 0.3); its intervals should cover it too.
-    from statistics import NormalDist
-
-    p = pd.Series([NormalDist(m, 0.05).cdf(0.3) for m in mu], index=truth.index)
-    # Away from 0 and 1: there a rate's percentile interval collapses to a point (documented).
-    inside = (p > 0.2) & (p < 0.8)
-    covered_rate = (st["success_rate_lo"] <= p) & (p <= st["success_rate_hi"])
-    assert inside.sum() >= 30 and covered_rate[inside].mean() >= 0.85, covered_rate[inside].mean()
+def test_median_ci_is_exact_and_refuses_below_six_runs():
+    assert median_ci([0.3, 0.1, 0.2])[3] == "not estimated: 3 runs, needs at least 6"
+    med, lo, hi, why = median_ci(np.arange(6.0))
+    assert why is None and (lo, hi) == (0.0, 5.0) and med == 2.5  # 1 - 2/64 = 0.969 >= 0.95
+    med, lo, hi, _ = median_ci(np.arange(20.0))
+    assert (lo, hi) == (5.0, 14.0)  # j = 6: 1 - 2 P(Bin(20, 1/2) <= 5) = 0.959; j = 7 gives 0.885
+    # coverage at 6, 10 and 20 runs over 4000 simulated studies of a skewed distribution: at least nominal
+    rng = np.random.default_rng(0)
+    for n in (6, 10, 20):
+        j = int(median_ci(np.arange(float(n)))[1])  # the interval is (x_(j+1), x_(n-j)), 0-based j
+        x = np.sort(rng.exponential(1.0, (4000, n)), axis=1)
+        truth = math.log(2.0)
+        covered = (x[:, j] <= truth) & (truth <= x[:, n - 1 - j])
+        assert 0.95 <= covered.mean() <= 0.99, (n, covered.mean())
 
 
-def test_bootstrap_ci_of_a_mean_is_seeded_and_brackets_it():
-    x = np.random.default_rng(0).normal(1.0, 1.0, 50)
-    lo, hi = bootstrap_ci(x, np.mean, rng=0)
-    assert (lo, hi) == bootstrap_ci(x, np.mean, rng=0)
-    assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 / math.sqrt(50), rel=0.25)
-    assert all(math.isnan(v) for v in bootstrap_ci(np.array([]), np.mean))
-
-
-def test_search_vs_seed_variance_matches_hand_computed_spreads():
-    studies = {"s0": [0.30, 0.20], "s1": [0.25, 0.40], "s2": [0.10, 0.50]}  # best: 0.20, 0.25, 0.10
+def arm_study(rng, rates, n, final_of=None):
+    """A study whose arms (models) succeed with the given rates: success reaches the target at step 200."""
     runs = []
-    for name, errors in studies.items():
-        for i, e in enumerate(errors):
-            runs.append(run_rows(f"{name}-{i}", [e], params={"lr": 0.1 * (i + 1), "k": name}, study=name))
-    # Replications (`mannstudy replicate`): a config over 3 seeds and another over 2, plus a stopped
-    # run that must not count; they give the seed spread and are no search of their own.
-    for s, e in enumerate([0.2, 0.3, 0.4]):
-        runs.append(run_rows(f"rep-a{s}", [e], params=A, seed=s, study="s0", replication="r1"))
-    for s, e in enumerate([0.1, 0.2]):
-        runs.append(run_rows(f"rep-b{s}", [e], params=B, seed=s, study="s0", replication="r1"))
-    runs.append(run_rows("rep-x", [0.0], params=B, seed=9, study="s1", replication="r1", status="stopped_early"))
-    runs.append(run_rows("s2-x", [0.01], params=B, seed=9, study="s2", status="diverged"))
-    result = search_vs_seed_variance(frame(*runs))
-    best = result.best_per_study.set_index("study")["best"]
-    assert best.to_dict() == {"s0": 0.20, "s1": 0.25, "s2": 0.10}
-    assert result.n_studies == 3
-    assert result.between_study_sd == pytest.approx(np.std([0.20, 0.25, 0.10], ddof=1))
-    pooled = math.sqrt((0.02 + 0.005) / (2 + 1))  # SS of A: 0.02 (2 df); of B: 0.005 (1 df)
-    assert result.n_configs_replicated == 2 and result.within_config_sd == pytest.approx(pooled)
-    assert result.ratio == pytest.approx(result.between_study_sd / pooled)
-    assert result.within_config_sd_ci[0] <= pooled <= result.within_config_sd_ci[1]
+    for model, p in rates.items():
+        for s in range(n):
+            ok = rng.random() < p
+            errors = [0.5, 0.05] if ok else [0.5, 0.4 + 0.2 * rng.random()]
+            runs.append(run_rows(f"{model}{s}", errors, seed=s, model=model, params={"lr": 1e-3}))
+    return frame(*runs)
 
 
-def test_search_variance_reflects_a_noisy_search():
-    """Studies whose best-found error varies as much as seeds do give a ratio near 1 or below; a study
-    set with wildly different outcomes gives a ratio well above 1."""
+def test_a_much_better_arm_is_detected_after_holm():
+    """20 seeds each: ntm succeeds at 0.9, lstm at 0.1. Every outcome favours ntm, Holm-adjusted p < 0.05."""
+    df = arm_study(np.random.default_rng(1), {"ntm": 0.9, "lstm": 0.1}, 20)
+    table = compare_arms(df, TARGET).set_index("outcome")
+    assert list(table["arm_a"]) == ["lstm"] * 3  # pairs in sorted order: lstm vs ntm
+    rate = table.loc["success rate"]
+    assert rate["estimate"] < -0.5 and rate["hi"] < 0 and rate["p_holm"] < 0.05
+    value = table.loc["final error"]
+    assert value["estimate"] > 0.5 and value["lo"] > 0 and value["p_holm"] < 0.05  # lstm's errors are higher
+    assert table.loc["steps to target", "p_holm"] < 0.05
+    assert (table["p_holm"] >= table["p"]).all() and table["n_a"].tolist() == [20, 20, 20]
+
+
+def test_equal_arms_are_rarely_declared_different():
+    """30 simulated studies of three equal arms (10 seeds, rate 0.5): the Holm family (9 tests) rejects
+    anything in about 5% of them (1.5 expected; 4 or more has probability 0.06 under a 5% rate)."""
     rng = np.random.default_rng(2)
-    runs = [run_rows(f"rep{s}", [0.2 + 0.05 * rng.standard_normal()], params=A, seed=s, replication="r")
-            for s in range(12)]
-    calm = [run_rows(f"c{k}", [0.2 + 0.05 * rng.standard_normal()], params={"k": k}, study=f"calm{k}")
-            for k in range(10)]
-    wild = [run_rows(f"w{k}", [0.2 + 0.5 * k], params={"k": k}, study=f"wild{k}") for k in range(10)]
-    calm_ratio = search_vs_seed_variance(frame(*runs, *calm)).ratio
-    wild_ratio = search_vs_seed_variance(frame(*runs, *wild)).ratio
-    assert calm_ratio < 1.6 and wild_ratio > 10
+    rejected = 0
+    for _ in range(30):
+        table = compare_arms(arm_study(rng, {"ntm": 0.5, "dnc": 0.5, "lstm": 0.5}, 10), TARGET)
+        rejected += bool((table["p_holm"] < 0.05).any())
+    assert rejected <= 3, rejected
+
+
+def test_survival_curves_per_arm(hand_made):
+    curves = survival_curves(hand_made.assign(model=np.where(hand_made["run_id"].str.startswith("a"), "ntm", "dnc")),
+                             TARGET)
+    assert set(curves) == {"ntm", "dnc"}
+    ntm = curves["ntm"]
+    assert list(ntm.t) == [100.0, 200.0, 300.0] and ntm.survival[1] == pytest.approx(0.5)
+    assert (ntm.lo <= ntm.survival).all() and (ntm.survival <= ntm.hi).all()
+    assert (curves["dnc"].survival == 1.0).all()
 
 
 # --- plots -----------------------------------------------------------------------------------------------
@@ -255,15 +253,18 @@ def test_stability_plots_draw_something(hand_made, tmp_path):
     assert len(fig.axes[0].lines) >= 2 and fig.axes[0].collections  # medians and bands
     fig.savefig(tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
-    fig = success_rate_figure(seed_stability(hand_made, TARGET, n_boot=200))
+    fig = success_rate_figure(seed_stability(hand_made, TARGET))
     assert _drawn(fig) and len(fig.axes[0].patches) == 2
+    fig = survival_figure(survival_curves(hand_made, TARGET), "study s")
+    assert _drawn(fig) and fig.axes[0].lines and fig.axes[0].collections  # curve and band
 
 
 def test_stability_plots_say_no_data_and_refuse_wrong_input(hand_made):
     empty = learning_curves(hand_made.iloc[0:0])
     fig = learning_curves_figure(empty)
     assert _drawn(fig) and "no data" in fig.axes[0].texts[0].get_text()
-    st = seed_stability(frame(run_rows("x", [0.5], status="stopped_early")), TARGET, n_boot=50)
+    st = seed_stability(frame(run_rows("x", [0.5], status="running")), TARGET)
     assert "no data" in success_rate_figure(st).axes[0].texts[0].get_text()
+    assert "no data" in survival_figure({}, "s").axes[0].texts[0].get_text()
     with pytest.raises(PlotError, match="missing columns"):
         learning_curves_figure(hand_made)
