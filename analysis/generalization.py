@@ -4,9 +4,9 @@ A trained model is a trial's last checkpoint (``mann.train``'s ``checkpoint.pt``
 folder, found by the trial id). Three axes, each one :class:`pandas.DataFrame` row per model and
 condition, so NTM, DNC and LSTM sit side by side:
 
-``length``  ``task.sample(scale=s)`` for s in ``scales`` (1x to 4x). Scale 1 is the run's own
-            training difficulty (its curriculum level in the checkpoint) and scores exactly what
-            ``fit`` reported as ``error`` (same sequences: ``eval_seed``, ``eval_batches`` of
+``length``  ``task.sample(scale=s)`` for s in ``scales`` (1x to 4x). Scale 1 is the run's full
+            training difficulty (``full=True``: the curriculum level ignored) and scores exactly
+            what ``fit`` reported as ``error`` (same sequences: ``eval_seed``, ``eval_batches`` of
             ``batch_size``). Scale s > 1 draws every size from beyond the training range
             (:mod:`mann.tasks`). Memory grows with the length as in ``fit``'s own
             generalization metrics when the run has ``gen_scale_memory`` (``ceil(s * N)`` slots),
@@ -42,7 +42,7 @@ import torch
 
 from analysis.tidy import final_rows, validate_tidy
 from mann.registry import build_model
-from mann.tasks import Batch, Task, build_task
+from mann.tasks import Batch, Score, Task, build_task
 from mann.train import CHECKPOINT_NAME, TrainConfig, config_from_flat_dict, load_checkpoint, resolve_device
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
@@ -51,7 +51,7 @@ DEFAULT_MEMORY_FACTORS = (1.0, 2.0, 4.0)
 AXES = ("length", "noise", "memory")
 COLUMNS = (
     "label", "run_id", "model", "seed", "config_id", "axis", "scale", "noise", "noise_kind", "memory_size",
-    "memory_factor", "level", "error", "bit_error", "accuracy", "target_error", "sequences",
+    "memory_factor", "level", "error", "cost_bits", "accuracy", "target_error", "sequences",
 )
 
 
@@ -166,7 +166,7 @@ def corrupt(batch: Batch, task: Task, noise: float, generator: torch.Generator) 
 def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_size: int | None = None,
              eval_seed: int | None = None, batches: int | None = None, batch_size: int | None = None
              ) -> dict[str, float]:
-    """Mean ``error``, ``bit_error``, ``accuracy`` over ``batches`` x ``batch_size`` sequences (defaults: the run's).
+    """``error``, ``cost_bits``, ``accuracy`` over ``batches`` x ``batch_size`` sequences (defaults: the run's).
 
     The same procedure as ``fit``'s evaluation: the global RNG forked and seeded with ``eval_seed``
     (a model may draw a random initial memory), task data from a generator seeded with
@@ -179,20 +179,19 @@ def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_si
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     devices = [device] if device.type == "cuda" else []
-    totals: dict[str, float] = {}
+    total = Score()
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(eval_seed)
         data = torch.Generator().manual_seed(eval_seed)
         noise_gen = torch.Generator().manual_seed(eval_seed + 1)
         for _ in range(batches):
-            batch = corrupt(task.sample(batch_size, data, scale=scale), task, noise, noise_gen)
+            batch = corrupt(task.sample(batch_size, data, scale=scale, full=True), task, noise, noise_gen)
             inputs = batch.inputs.to(device=device, dtype=dtype)
             targets = batch.targets.to(device=device, dtype=dtype if batch.targets.is_floating_point() else None)
             moved = Batch(inputs, targets, batch.mask.to(device=device, dtype=dtype))
             logits = model(inputs, memory_size=memory_size)
-            for name, value in task.metrics(logits, moved).items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-    out = {name: totals[name] / batches for name in ("error", "bit_error", "accuracy")}
+            total = total.plus(task.score(logits, moved))
+    out = total.metrics()
     out["sequences"] = float(batches * batch_size)
     return out
 

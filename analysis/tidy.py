@@ -25,8 +25,9 @@ column             meaning
                    the last rung of a stopped trial); NaN for completed runs
 ``step``           int: the training step of this evaluation
 metrics            float columns named as ``mann.train`` reports them (see :data:`METRIC_COLUMNS`):
-                   ``error``, ``bit_error``, ``accuracy``, ``train_loss``, ``level``,
-                   ``wall_time``, ``sequences``, ``gen2x_error``, ``gen4x_error``, ...
+                   ``error``, ``cost_bits``, ``accuracy``, ``curriculum_error``, ``train_loss``,
+                   ``level``, ``wall_time``, ``sequences``, ``gen2x_error``, ``gen4x_error``, ...
+                   (the final evaluation's ``final_*`` only at a run's last step; units: docs/metrics.md)
                    NaN where not measured
 ``param.<key>``    one column per hyperparameter, named by its dotted key (``param.lr``,
                    ``param.model.memory_size``, ``param.task.max_length``), holding the typed
@@ -61,8 +62,8 @@ ID_COLUMNS = (
 )
 REQUIRED_COLUMNS = ID_COLUMNS
 METRIC_COLUMNS = (
-    "error", "bit_error", "accuracy", "train_loss", "level", "wall_time", "sequences",
-    "gen2x_error", "gen2x_bit_error", "gen2x_accuracy", "gen4x_error", "gen4x_bit_error", "gen4x_accuracy",
+    "error", "cost_bits", "accuracy", "curriculum_error", "train_loss", "level", "wall_time", "sequences",
+    "gen2x_error", "gen2x_cost_bits", "gen2x_accuracy", "gen4x_error", "gen4x_cost_bits", "gen4x_accuracy",
 )
 PARAM_PREFIX = "param."
 _SEED_KEYS = ("seed", PARAM_PREFIX + "seed")

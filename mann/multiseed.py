@@ -20,14 +20,15 @@ A model the fold cannot handle (parameters used outside those layers, randomness
 buffers) fails a check at start-up: ``engine="auto"`` then trains the seeds one after the other (``"loop"``,
 fit's step itself), with a warning.
 
-What is exact: each seed's initial weights, data, curriculum levels, optimizer state, clipping (its own
-gradient norm), divergence step and checkpoints are those of ``fit(replace(config, seed=s))``. The arithmetic
-is the same up to floating-point reassociation (a batched matmul sums in another order than a plain one), so
-the weights agree to rounding (about 1e-12 relative after tens of float64 steps), not bit for bit. Sequences
-of one step have different lengths per seed; shorter ones are padded at the end with zero input, and their
-logits there are never scored, so the padding adds exact zeros to the gradient (unless the model overflows on
-the padding itself: 0 * inf is NaN, and that seed would be reported diverged). Evaluation runs per seed with
-fit's own evaluation (exact). ``wall_time`` is the shared training time, not what the seed would take alone.
+What is exact: each seed's initial weights, data, curriculum levels, optimizer state, clipping (its own gradient
+norm), divergence step, convergence stop, final evaluation and checkpoints are those of ``fit(replace(config,
+seed=s))``. The arithmetic is the same up to floating-point reassociation (a batched matmul sums in another
+order than a plain one), so the weights agree to rounding (about 1e-12 relative after tens of float64 steps),
+not bit for bit. Sequences of one step have different lengths per seed; shorter ones are padded at the end with
+zero input, and their logits there are never scored, so the padding adds exact zeros to the gradient (unless the
+model overflows on the padding itself: 0 * inf is NaN, and that seed would be reported diverged). Evaluation
+runs per seed with fit's own evaluation (exact). ``wall_time`` is the shared training time, not what the seed
+would take alone.
 """
 
 from __future__ import annotations
@@ -461,17 +462,20 @@ def fit_seeds(
             s.last_checkpoint, s.saved_at = save(s, run.cfg.checkpoint_dir), run.step
         if on_eval is None:
             return False
-        return bool(on_eval(s.seed, dict(metrics), lambda directory: save(s, directory)))
+        return bool(on_eval(s.seed, metrics, lambda directory: save(s, directory)))
 
     def finish(s: _Seed, status: str) -> None:
         run = s.run
         if cfg.checkpoint_dir is not None and (s.last_checkpoint is None or s.saved_at != run.step):
             s.last_checkpoint = save(s, run.cfg.checkpoint_dir)
-        s.result = FitResult(status, run.step, dict(run.metrics), run.end_message(status), s.last_checkpoint)
+        s.result = run.result(status, s.last_checkpoint)
 
-    active = [s for s in states if s.run.step < cfg.max_steps]
+    def done(run: _Run) -> bool:
+        return run.step >= cfg.max_steps or run.converged_step is not None
+
+    active = [s for s in states if not done(s.run)]
     for s in states:
-        if s.run.step >= cfg.max_steps:  # resumed at the end: fit's loop would not run either
+        if done(s.run):  # resumed at the end: fit's loop would not run either
             finish(s, "completed")
     engine_impl = _make_engine(engine, active) if active else _LoopEngine()
     while active:
@@ -488,14 +492,14 @@ def fit_seeds(
             if overflow is not None or not ok:
                 run.wall_time += clock - s.clock_mark
                 message = f"diverged at step {run.step}: {run.divergence(loss, norm, overflow)}"
-                s.result = FitResult("diverged", run.step, dict(run.metrics), message, s.last_checkpoint)
+                s.result = run.result("diverged", s.last_checkpoint, message)
                 continue
             s.loss_sum += loss
             s.loss_count += 1
             if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
-                if evaluate_and_report(s) and run.step < cfg.max_steps:
+                if evaluate_and_report(s) and not done(run):
                     finish(s, "stopped")
-                elif run.step == cfg.max_steps:
+                elif done(run):
                     finish(s, "completed")
         active = [s for s in active if s.result is None]
     return [s.result for s in states]

@@ -18,9 +18,18 @@ repeats, items, inputs, nodes, facts). With the curriculum on it starts at ``cur
 and grows by ``curriculum_step`` each time :meth:`Task.update_curriculum` sees an error below
 ``curriculum_threshold``; with it off it is the config's maximum from the start.
 
+Evaluation at full difficulty. ``sample(..., full=True)`` ignores the curriculum and draws from
+the config's whole training range (what the run is asked to learn); ``mann.train`` reports its
+``error`` there, and the curriculum's ``curriculum_error`` at the current difficulty.
+
 Generalization. ``sample(..., scale=s)`` with ``s > 1`` ignores the curriculum and draws every
 ranged size from beyond the training range, ``[max + 1, ceil(s * max)]`` (fixed sizes become
 ``round(s * size)``), so ``gen2x_error`` measures instances up to twice as big as any trained on.
+
+Metrics (:meth:`Task.score`, :class:`Score`): ``error`` (bit tasks: wrong bits per sequence when
+thresholded at probability 0.5; class tasks: the fraction of wrong answers), ``cost_bits`` (Graves's
+cost: the cross-entropy of a sequence's scored outputs summed, in bits, per sequence) and
+``accuracy`` (the fraction of sequences entirely right). Units: :data:`METRIC_UNITS`.
 """
 
 from __future__ import annotations
@@ -278,24 +287,29 @@ class Task:
             raise ValueError(f"task state: expected {{'level': non-negative int}}, got {dict(state)!r}")
         self.level = level
 
-    def size_range(self, lo: int, hi: int, scale: float) -> tuple[int, int]:
-        """Inclusive range to draw a size from: the curriculum's at scale 1, beyond ``hi`` at scale > 1."""
+    def size_range(self, lo: int, hi: int, scale: float, difficulty: int) -> tuple[int, int]:
+        """Inclusive range to draw a size from: capped at ``difficulty`` at scale 1, beyond ``hi`` at scale > 1."""
         if scale == 1:
-            return lo, max(lo, min(hi, self.difficulty))
+            return lo, max(lo, min(hi, difficulty))
         top = _scaled(hi, scale)
         return min(hi + 1, top), top
 
     # --- sampling --------------------------------------------------------------------------
 
-    def sample(self, batch_size: int, generator: torch.Generator, scale: float = 1.0) -> Batch:
-        """A batch of ``batch_size`` episodes; the same generator state gives the same batch."""
+    def sample(self, batch_size: int, generator: torch.Generator, scale: float = 1.0, full: bool = False) -> Batch:
+        """A batch of ``batch_size`` episodes; the same generator state gives the same batch.
+
+        At scale 1 the sizes are capped by the curriculum's current difficulty, or with ``full`` by the
+        config's maximum (the full training difficulty, whatever the curriculum's level).
+        """
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         if not (isinstance(scale, int | float) and 1 <= scale < math.inf):
             raise ValueError(f"scale: expected a number >= 1, got {scale!r}")
-        return self._sample(batch_size, generator, float(scale))
+        difficulty = self.difficulty_limits()[1] if full else self.difficulty
+        return self._sample(batch_size, generator, float(scale), difficulty)
 
-    def _sample(self, batch_size: int, generator: torch.Generator, scale: float) -> Batch:
+    def _sample(self, batch_size: int, generator: torch.Generator, scale: float, difficulty: int) -> Batch:
         raise NotImplementedError
 
     # --- loss and metrics ------------------------------------------------------------------
@@ -315,36 +329,91 @@ class Task:
         return (per_step * mask).sum() / mask.sum().clamp(min=1)
 
     @torch.no_grad()
-    def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
-        """{"error", "bit_error", "accuracy"} of ``logits`` [B, T, O] on ``batch``.
+    def score(self, logits: torch.Tensor, batch: Batch) -> Score:
+        """The sums behind the metrics of ``logits`` [B, T, O] on ``batch`` (add them up over batches).
 
-        Bit tasks: bit_error is Graves's cost per sequence, the mean over sequences of the number of
-        scored bits that are wrong when thresholded at probability 0.5; error = bit_error.
-        Class tasks: bit_error is NaN; error is the fraction of wrong *answers*, an answer being a
-        maximal run of consecutive scored steps (a graph query's whole node sequence, or one bAbI
-        question's word), wrong if any of its steps is.
-        Both: accuracy is the fraction of sequences with every scored step right.
+        Bit tasks: ``wrong`` counts the scored bits that are wrong when thresholded at probability 0.5,
+        per sequence (``counted`` = sequences), so ``error`` is Graves's wrong bits per sequence; the cost
+        is the binary cross-entropy of every scored bit. Class tasks: ``wrong`` counts the wrong *answers*,
+        an answer being a maximal run of consecutive scored steps (a graph query's whole node sequence, or
+        one bAbI question's word), wrong if any of its steps is (``counted`` = answers); the cost is the
+        cross-entropy of every scored step. Both: the cost is summed in bits (nats / ln 2) over each
+        sequence and over the batch; ``right`` counts sequences with every scored step right.
         """
         scored = batch.mask.to(logits.device) > 0
+        logits64 = logits.double()  # the cost in float64: a sum of many small terms
+        B = float(logits.shape[0])
         if self.targets_kind == "bits":
             targets = batch.targets.to(logits.device) > 0.5
             wrong = ((logits > 0) != targets) & scored[..., None]  # sigmoid(x) > 0.5  <=>  x > 0
-            per_sequence = wrong.sum(dim=(1, 2)).double()
-            bit_error = per_sequence.mean().item()
-            return {"error": bit_error, "bit_error": bit_error, "accuracy": (per_sequence == 0).double().mean().item()}
-        wrong = (logits.argmax(-1) != batch.targets.to(logits.device)) & scored  # [B, T]
-        accuracy = (~wrong.any(dim=1)).double().mean().item()
-        return {"error": _answer_error(wrong, scored), "bit_error": math.nan, "accuracy": accuracy}
+            per_sequence = wrong.sum(dim=(1, 2))
+            bce = F.binary_cross_entropy_with_logits(logits64, targets.double(), reduction="none")
+            cost = (bce * scored[..., None]).sum().item() / math.log(2)
+            return Score(B, float(per_sequence.sum()), B, cost, float((per_sequence == 0).sum()))
+        targets = batch.targets.to(logits.device)
+        wrong = (logits.argmax(-1) != targets) & scored  # [B, T]
+        ce = F.cross_entropy(logits64.flatten(0, 1), targets.flatten(), reduction="none").view_as(wrong)
+        cost = (ce * scored).sum().item() / math.log(2)
+        wrong_answers, answers = _answers(wrong, scored)
+        return Score(B, float(wrong_answers), float(answers), cost, float((~wrong.any(dim=1)).sum()))
+
+    def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """{"error", "cost_bits", "accuracy"} of ``logits`` [B, T, O] on ``batch`` (see :meth:`score`)."""
+        return self.score(logits, batch).metrics()
 
 
-def _answer_error(wrong: torch.Tensor, scored: torch.Tensor) -> float:
-    """Fraction of answers (maximal runs of scored steps, per sequence) with a wrong step. [B, T] bools."""
+class Score(NamedTuple):
+    """Sums over a set of evaluated sequences; :meth:`metrics` turns them into the reported means."""
+
+    sequences: float = 0.0
+    wrong: float = 0.0  # wrong bits (bit tasks) or wrong answers (class tasks)
+    counted: float = 0.0  # what ``wrong`` is a fraction of: sequences (bit tasks) or answers (class tasks)
+    cost_bits: float = 0.0  # cross-entropy of the scored outputs, bits, summed over the sequences
+    right: float = 0.0  # sequences with every scored output right
+
+    def plus(self, other: Score) -> Score:
+        return Score(*(a + b for a, b in zip(self, other, strict=True)))
+
+    def metrics(self) -> dict[str, float]:
+        """error = wrong / counted; cost_bits and accuracy per sequence (NaN where nothing was counted)."""
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else math.nan
+
+        return {"error": ratio(self.wrong, self.counted), "cost_bits": ratio(self.cost_bits, self.sequences),
+                "accuracy": ratio(self.right, self.sequences)}
+
+
+# The unit of every metric mann.train reports; a generalization metric gen<s>x_<name> and a final
+# evaluation's final_<name> / final_gen<s>x_<name> have <name>'s unit.
+METRIC_UNITS: dict[str, str] = {
+    "error": "wrong bits per sequence (bit tasks) | fraction of answers wrong (class tasks)",
+    "curriculum_error": "as error, at the curriculum's current difficulty",
+    "cost_bits": "bits per sequence (cross-entropy of the scored outputs, log base 2)",
+    "accuracy": "fraction of sequences entirely right",
+    "train_loss": "nats per scored bit (bit tasks) | nats per scored step (class tasks)",
+    "level": "curriculum promotions",
+    "step": "optimizer updates",
+    "sequences": "training sequences seen",
+    "wall_time": "seconds of training (evaluation excluded)",
+    "converged_step": "optimizer updates",
+}
+
+
+def metric_unit(name: str) -> str:
+    """The unit of a reported metric name (``gen2x_error``, ``final_cost_bits`` ...), or "" if unknown."""
+    base = name.removeprefix("final_")
+    if base.startswith("gen") and "x_" in base:
+        base = base.split("x_", 1)[1]
+    return METRIC_UNITS.get(base, "")
+
+
+def _answers(wrong: torch.Tensor, scored: torch.Tensor) -> tuple[int, int]:
+    """(wrong answers, answers): answers are maximal runs of scored steps, per sequence. [B, T] bools."""
     previous = F.pad(scored[:, :-1], (1, 0), value=False)
     starts = scored & ~previous
     run = starts.long().cumsum(dim=1)  # answer number within the sequence, at scored steps
     answer_id = torch.arange(scored.shape[0], device=scored.device)[:, None] * (scored.shape[1] + 1) + run
-    answers = int(starts.sum())
-    return torch.unique(answer_id[wrong]).numel() / answers if answers else math.nan
+    return torch.unique(answer_id[wrong]).numel(), int(starts.sum())
 
 
 def _scaled(size: int, scale: float) -> int:
@@ -390,9 +459,10 @@ class CopyTask(Task):
         """Which input vector the answer step repeats: the same position for copy."""
         return answer_step
 
-    def _sample(self, batch_size, generator, scale):
+    def _sample(self, batch_size, generator, scale, difficulty):
         bits = self.cfg.bits
-        lengths = _randint(*self.size_range(self.cfg.min_length, self.cfg.max_length, scale), batch_size, generator)
+        lo, hi = self.size_range(self.cfg.min_length, self.cfg.max_length, scale, difficulty)
+        lengths = _randint(lo, hi, batch_size, generator)
         L = int(lengths.max())
         seq = torch.randint(0, 2, (batch_size, L, bits), generator=generator).float()  # [B, L, bits]
         T = 2 * L + 1
@@ -440,10 +510,10 @@ class RepeatCopyTask(Task):
     def normalise_repeats(self, repeats: torch.Tensor) -> torch.Tensor:
         return (repeats.double() - self.repeats_mean) / self.repeats_std
 
-    def _sample(self, batch_size, generator, scale):
+    def _sample(self, batch_size, generator, scale, difficulty):
         cfg, bits = self.cfg, self.cfg.bits
-        lengths = _randint(*self.size_range(cfg.min_length, cfg.max_length, scale), batch_size, generator)
-        repeats = _randint(*self.size_range(cfg.min_repeats, cfg.max_repeats, scale), batch_size, generator)
+        lengths = _randint(*self.size_range(cfg.min_length, cfg.max_length, scale, difficulty), batch_size, generator)
+        repeats = _randint(*self.size_range(cfg.min_repeats, cfg.max_repeats, scale, difficulty), batch_size, generator)
         L = int(lengths.max())
         seq = torch.randint(0, 2, (batch_size, L, bits), generator=generator).float()
         T = int((lengths + 1 + repeats * lengths + 1).max())
@@ -482,9 +552,9 @@ class AssociativeRecallTask(Task):
     def difficulty_limits(self):
         return self.cfg.min_items, self.cfg.max_items
 
-    def _sample(self, batch_size, generator, scale):
+    def _sample(self, batch_size, generator, scale, difficulty):
         cfg, bits, m = self.cfg, self.cfg.bits, self.cfg.item_length
-        lo, hi = self.size_range(cfg.min_items, cfg.max_items, scale)
+        lo, hi = self.size_range(cfg.min_items, cfg.max_items, scale, difficulty)
         if 2 ** (bits * m) < hi:
             raise ValueError(f"scale {scale}: {hi} distinct items need bits * item_length >= {math.log2(hi):.1f}")
         counts = _randint(lo, hi, batch_size, generator)
@@ -542,15 +612,15 @@ class PrioritySortTask(Task):
     def difficulty_limits(self):
         return 1, self.cfg.num_inputs
 
-    def sizes(self, scale: float) -> tuple[int, int]:
-        """(inputs, outputs) of every sequence at this scale."""
+    def sizes(self, scale: float, difficulty: int) -> tuple[int, int]:
+        """(inputs, outputs) of every sequence at this scale (at scale 1: at this difficulty)."""
         cfg = self.cfg
-        n = self.difficulty if scale == 1 else _scaled(cfg.num_inputs, scale)
+        n = difficulty if scale == 1 else _scaled(cfg.num_inputs, scale)
         return n, min(n, max(1, round(n * cfg.num_outputs / cfg.num_inputs)))
 
-    def _sample(self, batch_size, generator, scale):
+    def _sample(self, batch_size, generator, scale, difficulty):
         bits = self.cfg.bits
-        n, m = self.sizes(scale)
+        n, m = self.sizes(scale, difficulty)
         seq = torch.randint(0, 2, (batch_size, n, bits), generator=generator).float()
         priority = torch.rand(batch_size, n, generator=generator) * 2 - 1
         order = priority.argsort(dim=1, descending=True)[:, :m]
@@ -627,8 +697,8 @@ class GraphTask(Task):
     def difficulty_limits(self):
         return self.cfg.min_nodes, self.cfg.max_nodes
 
-    def _sample(self, batch_size, generator, scale):
-        lo, hi = self.size_range(self.cfg.min_nodes, self.cfg.max_nodes, scale)
+    def _sample(self, batch_size, generator, scale, difficulty):
+        lo, hi = self.size_range(self.cfg.min_nodes, self.cfg.max_nodes, scale, difficulty)
         if hi > self.cfg.num_ids:
             raise ValueError(f"scale {scale}: graphs of {hi} nodes need task.num_ids >= {hi}, got {self.cfg.num_ids}")
         sizes = _randint(lo, hi, batch_size, generator)
@@ -761,8 +831,9 @@ class BabiTwoFactsTask(Task):
     def difficulty_limits(self):
         return self.cfg.min_facts, self.cfg.max_facts
 
-    def _sample(self, batch_size, generator, scale):
-        facts = _randint(*self.size_range(self.cfg.min_facts, self.cfg.max_facts, scale), batch_size, generator)
+    def _sample(self, batch_size, generator, scale, difficulty):
+        lo, hi = self.size_range(self.cfg.min_facts, self.cfg.max_facts, scale, difficulty)
+        facts = _randint(lo, hi, batch_size, generator)
         rng = _rng(generator)
         return _pack([self.episode(int(s), rng) for s in facts], self.input_size)
 

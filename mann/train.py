@@ -1,16 +1,39 @@
 """Training: one run of one model on one task, alone (no Ray, no MLflow).
 
 ``fit(config, on_eval)`` is the whole life of a trial: seed, build, train with clipping and
-divergence detection, evaluate periodically (at the training difficulty and at larger
-generalization scales), step the curriculum, checkpoint, resume. The study's trainable wraps
-it and turns ``on_eval`` into ``tune.report``; the command line wraps it with a progress line.
+divergence detection, evaluate periodically, step the curriculum, stop on convergence, evaluate
+once more at the end, checkpoint, resume. The study's trainable wraps it and turns ``on_eval`` into
+``tune.report``; the command line wraps it with a progress line.
+
+Evaluation protocol (docs/metrics.md has every metric's unit, :data:`mann.tasks.METRIC_UNITS`):
+
+- ``error``, ``cost_bits``, ``accuracy``: at the task's full training difficulty (its maximum
+  length / items / nodes / repeats, whatever the curriculum's level) on a held-out set of
+  ``eval_batches * batch_size`` sequences drawn from ``eval_seed``: the same sequences at every
+  evaluation and for every seed, so every run of a study is scored on the same task.
+- ``gen{s}x_error`` / ``_cost_bits`` / ``_accuracy``: the same at ``s`` times the full difficulty,
+  drawn from the same generator after the full-difficulty set.
+- ``curriculum_error`` and ``level``: the error at the curriculum's current difficulty, on
+  promotion data drawn from :func:`promotion_seed` (never the held-out set). The curriculum
+  promotes on it. With the curriculum off it is still measured (the current difficulty is then the
+  full one), so every run has the same columns.
+- ``final_*``: every run ends with a final evaluation of ``error``, ``cost_bits``, ``accuracy`` and
+  the generalization metrics on ``final_eval_sequences`` held-out sequences from ``eval_seed``
+  (whose first ``eval_batches * batch_size`` at 1x are the periodic set). It runs whatever the end:
+  the budget spent, convergence, an on_eval stop, or divergence (the loop never applies a
+  non-finite update, so a diverged run's weights are those of its last good step; should they not
+  be finite the final evaluation is skipped and said so in the message). When the end is known at
+  an evaluation (the last step, or convergence) its metrics are in that evaluation's on_eval call;
+  otherwise (on_eval stop, divergence) only in ``FitResult.metrics``.
+- Convergence: with ``stop_at_error`` set, the run stops once ``error <= stop_at_error`` on
+  ``stop_after_evals`` consecutive evaluations. It finished what was asked, so its status is
+  ``completed``, with ``converged_step`` (the step of the first of those evaluations) in its metrics.
 
 Determinism: ``torch.manual_seed(seed)`` before building the model fixes the initial weights;
-training batches come from a ``torch.Generator`` seeded with ``seed``; evaluation batches from a
-generator re-seeded with ``eval_seed`` at every evaluation, so all evaluations of a run (and of
-runs with other seeds) are scored on the same sequences at a given level. A checkpoint holds
-everything the loop reads (weights, optimizer moments, data generator, curriculum, step), so a
-resumed run continues exactly as if it had never stopped.
+training batches come from a ``torch.Generator`` seeded with ``seed``; evaluation batches from
+generators re-seeded at every evaluation (``eval_seed``, :func:`promotion_seed`). A checkpoint
+holds everything the loop reads (weights, optimizer moments, data generator, curriculum,
+convergence count, step), so a resumed run continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -29,7 +52,7 @@ import torch
 from mann.config import ConfigError, check, flatten, replace_checked, to_dict
 from mann.optim import Adam, FlatParams, RMSprop, grad_norm
 from mann.registry import build_model, make_model_config, model_entry
-from mann.tasks import build_task, make_task_config
+from mann.tasks import Score, build_task, make_task_config
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mannstudy-checkpoint-1"  # bump when the checkpoint layout changes
@@ -60,6 +83,9 @@ class TrainConfig:
     eval_seed: int = 12345  # evaluation data: the same for every evaluation and every seed, so scores compare
     eval_every: int = 500  # steps between evaluations (and on_eval calls); the last step is always evaluated
     eval_batches: int = 4  # batches of batch_size sequences per evaluation and per scale
+    final_eval_sequences: int = 640  # held-out sequences of the final evaluation, per scale (Collier & Beel: 640)
+    stop_at_error: float | None = None  # stop once error <= this on stop_after_evals consecutive evaluations
+    stop_after_evals: int = 2
     gen_scales: tuple[float, ...] = (2.0, 4.0)  # generalization: difficulty multipliers evaluated besides 1x
     gen_scale_memory: bool = True  # give a scale-s evaluation s times the memory slots, so failures are not capacity
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
@@ -91,6 +117,10 @@ class TrainConfig:
             check(value is None or value > 0, key, "a positive number or null", value)
         check(self.eval_every >= 1, "eval_every", "a positive integer", self.eval_every)
         check(self.eval_batches >= 1, "eval_batches", "a positive integer", self.eval_batches)
+        check(self.final_eval_sequences >= 1, "final_eval_sequences", "a positive integer", self.final_eval_sequences)
+        check(self.stop_at_error is None or (math.isfinite(self.stop_at_error) and self.stop_at_error >= 0),
+              "stop_at_error", "a non-negative number or null", self.stop_at_error)
+        check(self.stop_after_evals >= 1, "stop_after_evals", "a positive integer", self.stop_after_evals)
         check(all(s > 1 for s in self.gen_scales), "gen_scales", "a list of numbers > 1", self.gen_scales)
         check(self.checkpoint_every >= 1, "checkpoint_every", "a positive integer", self.checkpoint_every)
 
@@ -139,11 +169,28 @@ def config_from_flat_dict(flat: Mapping[str, Any]) -> TrainConfig:
 
 
 class FitResult(NamedTuple):
+    # completed: the budget spent, or converged (metrics hold converged_step); stopped: on_eval asked;
+    # diverged: a non-finite loss, gradient or optimizer step
     status: Literal["completed", "diverged", "stopped"]
     step: int  # the last step taken (for diverged: the step whose loss or gradient was not finite)
-    metrics: dict[str, float]  # the last evaluation's metrics ({} if none happened)
+    metrics: dict[str, float]  # the last evaluation's metrics ({} if none happened) and the final evaluation's final_*
     message: str  # one line for people
     checkpoint: Path | None = None  # the last checkpoint written by fit itself (checkpoint_dir), if any
+
+
+def promotion_seed(eval_seed: int) -> int:
+    """Seed of the curriculum's promotion data: fixed for a run, never the held-out set's ``eval_seed``.
+
+    PyTorch's CPU generator draws the same stream for seeds equal in their low 32 bits, so those must differ.
+    """
+    return (eval_seed ^ 0x9E3779B9) & 0xFFFFFFFF
+
+
+class Convergence(NamedTuple):
+    """The current streak of evaluations with error <= stop_at_error: how many, and the step of the first."""
+
+    count: int = 0
+    since: int = -1
 
 
 class CheckpointError(Exception):
@@ -186,6 +233,8 @@ class _Run:
         self.step = 0
         self.wall_time = 0.0  # seconds spent training (evaluation and checkpointing excluded)
         self.metrics: dict[str, float] = {}  # the last evaluation's
+        self.convergence = Convergence()
+        self.final: dict[str, float] | None = None  # the final evaluation's final_* metrics, once run
 
     def _to_device(self, batch):
         """Batch tensors on the run's device; float tensors in the run's dtype (class targets stay long)."""
@@ -232,58 +281,111 @@ class _Run:
         return f"loss is {loss.item()}" if not torch.isfinite(loss) else f"gradient norm is {norm.item()}"
 
     def evaluate_and_advance(self, train_loss: float) -> dict[str, float]:
-        """Evaluate (``self.metrics``), then let the task's curriculum (a no-op when off) advance on the error.
+        """Evaluate (``self.metrics``), let the curriculum (a no-op when off) advance on curriculum_error, count
+        convergence. When the run ends here (its last step, or converged) the final evaluation runs too and its
+        final_* metrics are in the returned dict (not in ``self.metrics``, which checkpoints keep).
 
         The level reported is the one just evaluated; a checkpoint taken after this carries the updated one."""
-        self.metrics = metrics = self.evaluate(train_loss)
-        self.task.update_curriculum(metrics["error"])
-        return metrics
+        metrics = self.evaluate(train_loss)
+        self.task.update_curriculum(metrics["curriculum_error"])
+        if self.cfg.stop_at_error is not None:
+            if metrics["error"] <= self.cfg.stop_at_error:  # NaN never counts
+                count, since = self.convergence
+                self.convergence = Convergence(count + 1, since if count else self.step)
+            else:
+                self.convergence = Convergence()
+        if self.converged_step is not None:
+            metrics["converged_step"] = self.converged_step
+        self.metrics = metrics
+        if self.step >= self.cfg.max_steps or self.converged_step is not None:
+            return {**metrics, **self.final_evaluation()}
+        return dict(metrics)
+
+    @property
+    def converged_step(self) -> int | None:
+        """Step of the first of stop_after_evals consecutive evaluations with error <= stop_at_error, or None."""
+        if self.cfg.stop_at_error is None or self.convergence.count < self.cfg.stop_after_evals:
+            return None
+        return self.convergence.since
+
+    def final_evaluation(self) -> dict[str, float]:
+        """final_* metrics on final_eval_sequences held-out sequences per scale (once; {} if a weight is not finite)."""
+        if self.final is None:
+            finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            self.final = self.evaluate_held_out(self.cfg.final_eval_sequences, "final_") if finite else {}
+        return self.final
+
+    def result(self, status: str, checkpoint: Path | None, message: str | None = None) -> FitResult:
+        """The FitResult of this run ending now with ``status``: the final evaluation runs here if it has not yet."""
+        final = self.final_evaluation()
+        message = message or self.end_message(status)
+        if not final:
+            message += " (no final evaluation: a weight is not finite)"
+        return FitResult(status, self.step, {**self.metrics, **final}, message, checkpoint)
 
     def end_message(self, status: str) -> str:
-        """"<status> at step <n>: <error, bit error, accuracy>" for a FitResult."""
-        keys = ("error", "bit_error", "accuracy")
-        summary = ", ".join(f"{k} {self.metrics[k]:.4g}" for k in keys if k in self.metrics)
-        return f"{status} at step {self.step}" + (f": {summary}" if summary else "")
+        """"<status> at step <n> [(converged at step <m>)]: <final error, cost, accuracy>" for a FitResult."""
+        metrics = {**self.metrics, **(self.final or {})}
+        prefix = "final_" if self.final else ""
+        summary = ", ".join(f"{prefix}{k} {metrics[prefix + k]:.4g}" for k in ("error", "cost_bits", "accuracy")
+                            if prefix + k in metrics)
+        converged = f" (converged at step {self.converged_step})" if self.converged_step is not None else ""
+        return f"{status} at step {self.step}{converged}" + (f": {summary}" if summary else "")
 
-    @torch.no_grad()
     def evaluate(self, train_loss: float) -> dict[str, float]:
-        """Metrics at the training difficulty and at each generalization scale, on the fixed evaluation data."""
-        # A model may draw from the global RNG (e.g. a random initial memory): evaluate on a fork seeded with
-        # eval_seed, so evaluations are reproducible and leave the training RNG exactly where it was.
-        devices = [self.device] if self.device.type == "cuda" else []  # [] forks only the CPU generator
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            torch.manual_seed(self.cfg.eval_seed)
-            return self._evaluate(train_loss)
-
-    def _evaluate(self, train_loss: float) -> dict[str, float]:
-        self.model.eval()
-        generator = torch.Generator().manual_seed(self.cfg.eval_seed)
+        """One periodic evaluation: the held-out metrics, then curriculum_error on the promotion data."""
+        cfg = self.cfg
         metrics: dict[str, float] = {
             "step": self.step,
-            "sequences": self.step * self.cfg.batch_size,
+            "sequences": self.step * cfg.batch_size,
             "wall_time": self.wall_time,
             "train_loss": train_loss,
-            **self._score(1.0, generator),
-            "level": self.task.level,
+            **self.evaluate_held_out(cfg.eval_batches * cfg.batch_size),
         }
+        seed = promotion_seed(cfg.eval_seed)
+        promotion_data = torch.Generator().manual_seed(seed)
+        promotion = self._scored(self.task.sample, cfg.eval_batches * cfg.batch_size, promotion_data, seed)
+        metrics["curriculum_error"] = promotion.metrics()["error"]
+        metrics["level"] = self.task.level
+        return metrics
+
+    def evaluate_held_out(self, sequences: int, prefix: str = "") -> dict[str, float]:
+        """error, cost_bits, accuracy of ``sequences`` held-out sequences (eval_seed) at full difficulty, then at
+        each generalization scale: ``{prefix}error``, ..., ``{prefix}gen{s}x_error``, ..."""
+        seed = self.cfg.eval_seed
+        data = torch.Generator().manual_seed(seed)  # one stream: the 1x set, then each scale's
+        full = self._scored(lambda n, g: self.task.sample(n, g, full=True), sequences, data, seed)
+        metrics = {prefix + name: value for name, value in full.metrics().items()}
         memory_size = getattr(self.cfg.model_cfg, "memory_size", None)
         for scale in self.cfg.gen_scales:
             slots = None
             if self.cfg.gen_scale_memory and memory_size is not None:
                 slots = int(math.ceil(memory_size * scale))
-            for name, value in self._score(scale, generator, slots).items():
-                metrics[f"gen{scale:g}x_{name}"] = value
-        self.model.train()
+            sample = lambda n, g, scale=scale: self.task.sample(n, g, scale=scale)  # noqa: E731
+            score = self._scored(sample, sequences, data, seed, slots)
+            for name, value in score.metrics().items():
+                metrics[f"{prefix}gen{scale:g}x_{name}"] = value
         return metrics
 
-    def _score(self, scale: float, generator: torch.Generator, memory_size: int | None = None) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for _ in range(self.cfg.eval_batches):
-            batch = self._to_device(self.task.sample(self.cfg.batch_size, generator, scale=scale))
-            logits = self.model(batch.inputs, memory_size=memory_size)
-            for name, value in self.task.metrics(logits, batch).items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-        return {name: totals[name] / self.cfg.eval_batches for name in ("error", "bit_error", "accuracy")}
+    @torch.no_grad()
+    def _scored(self, sample: Callable[[int, torch.Generator], Any], sequences: int, data: torch.Generator,
+                rng_seed: int, memory_size: int | None = None) -> Score:
+        """The summed Score of ``sequences`` sequences from ``sample(n, data)``, in batches of at most batch_size.
+
+        A model may draw from the global RNG (e.g. a random initial memory): it runs on a fork seeded with
+        ``rng_seed``, so scores are reproducible and the training RNG stays exactly where it was.
+        """
+        devices = [self.device] if self.device.type == "cuda" else []  # [] forks only the CPU generator
+        total = Score()
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.manual_seed(rng_seed)
+            self.model.eval()
+            for start in range(0, sequences, self.cfg.batch_size):
+                batch = self._to_device(sample(min(self.cfg.batch_size, sequences - start), data))
+                logits = self.model(batch.inputs, memory_size=memory_size)
+                total = total.plus(self.task.score(logits, batch))
+            self.model.train()
+        return total
 
     # -- checkpoints ---------------------------------------------------------------------------------------------------
 
@@ -299,6 +401,7 @@ class _Run:
             "data_generator": self.generator.get_state(),
             "task": self.task.state_dict(),
             "rng": self._rng_state(),  # global RNG, which models may use (e.g. NTM's random initial memory)
+            "convergence": self.convergence._asdict(),  # optional on load: checkpoints without it had no stop_at_error
         }
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
@@ -337,6 +440,7 @@ class _Run:
         self.step = int(state["step"])
         self.wall_time = float(state["wall_time"])
         self.metrics = dict(state["metrics"])
+        self.convergence = Convergence(**state.get("convergence", {}))
 
 
 _CHECKPOINT_KEYS = (
@@ -384,7 +488,8 @@ OnEval = Callable[[dict[str, float], Callable[[str | os.PathLike], Path]], bool 
 
 
 def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | os.PathLike | None = None) -> FitResult:
-    """Train ``config`` to its budget, an on_eval stop request, or divergence. Never raises for divergence.
+    """Train ``config`` to its budget, convergence, an on_eval stop request, or divergence, then run the final
+    evaluation (module docstring). Never raises for divergence.
 
     ``on_eval(metrics, save_checkpoint)`` is called after each evaluation (and the task's
     curriculum update); ``save_checkpoint(dir)`` writes ``dir/checkpoint.pt`` and returns its path. Returning
@@ -414,12 +519,12 @@ def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | o
         evaluations += 1
         if cfg.checkpoint_dir is not None and evaluations % cfg.checkpoint_every == 0:
             last_checkpoint, saved_at = run.save(cfg.checkpoint_dir), run.step
-        stop = bool(on_eval(dict(metrics), run.save)) if on_eval is not None else False
+        stop = bool(on_eval(metrics, run.save)) if on_eval is not None else False
         started = time.perf_counter()
         return stop
 
-    status, message = "completed", ""
-    while run.step < cfg.max_steps:
+    status = "completed"
+    while run.step < cfg.max_steps and run.converged_step is None:
         loss, norm = run.train_step()
         # The one host sync per step: NaN/Inf in the loss or anywhere in the gradient ends the run here,
         # before the update, so the weights stay finite.
@@ -429,14 +534,14 @@ def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | o
         if not finite or overflow is not None:
             run.wall_time += time.perf_counter() - started
             message = f"diverged at step {run.step}: {run.divergence(loss, norm, overflow)}"
-            return FitResult("diverged", run.step, dict(run.metrics), message, last_checkpoint)
+            return run.result("diverged", last_checkpoint, message)
         loss_sum += loss
         loss_count += 1
         if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
-            if evaluate_and_report() and run.step < cfg.max_steps:
+            if evaluate_and_report() and run.step < cfg.max_steps and run.converged_step is None:
                 status = "stopped"
                 break
 
     if cfg.checkpoint_dir is not None and (last_checkpoint is None or saved_at != run.step):
         last_checkpoint = run.save(cfg.checkpoint_dir)
-    return FitResult(status, run.step, dict(run.metrics), run.end_message(status), last_checkpoint)
+    return run.result(status, last_checkpoint)

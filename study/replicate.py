@@ -325,7 +325,7 @@ def run_replica_seeds(replica: dict, context) -> None:
         tracker = trackers[seed]
         tracker.log_metrics({k: v for k, v in metrics.items() if k != STEP_KEY}, step)
         latest[seed] = dict(metrics)
-        final = step >= cfg.max_steps
+        final = step >= cfg.max_steps or "converged_step" in metrics  # the seed ends here: final_* are in metrics
         if final:
             tracker.flush()
             tracker.set_status("completed", step=step)
@@ -347,11 +347,13 @@ def run_replica_seeds(replica: dict, context) -> None:
             results = fit_seeds(cfg, group, on_eval=on_eval, resume_from=resume)
             for s, result in zip(group, results, strict=True):
                 latest[s] = {**latest.get(s, {}), **result.metrics}
+                final = {k: v for k, v in result.metrics.items() if k.startswith("final_")}
                 if result.status == "diverged":
-                    trackers[s].flush()
+                    trackers[s].log_metrics(final, result.step)  # the final evaluation of its last good weights
                     trackers[s].set_status("diverged", step=result.step, message=result.message)
                     status[s] = "diverged"
                 elif result.status == "completed" and s not in status:  # resumed at its end: no evaluation ran
+                    trackers[s].log_metrics(final, result.step)
                     trackers[s].set_status("completed", step=result.step)
                     status[s] = "completed"
                 steps[s] = result.step

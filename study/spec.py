@@ -76,7 +76,7 @@ _RESERVED = {
     "seed": "the seeds list",
     "checkpoint_dir": "nothing: the trainable sets it (Tune's trial directory)",
 }
-_METRIC = re.compile(r"^(train_loss|error|bit_error|accuracy|gen\d+(\.\d+)?x_(error|bit_error|accuracy))$")
+_METRIC = re.compile(r"^(train_loss|error|cost_bits|accuracy|gen\d+(\.\d+)?x_(error|cost_bits|accuracy))$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Defaults a cluster sets for every study (cluster.yaml writes them on the head); a file's own value wins.
@@ -501,7 +501,7 @@ class _Reader:
         raw = self.mapping(value, "objective", {"metric", "mode"})
         metric = self.coerce(raw.get("metric", "error"), str, "objective.metric")
         if not _METRIC.match(metric):
-            self.fail("objective.metric", "a metric of mann.train.fit (error, bit_error, accuracy, train_loss, "
+            self.fail("objective.metric", "a metric of mann.train.fit (error, cost_bits, accuracy, train_loss, "
                       "gen<s>x_error, ...)", metric)
         natural = "max" if metric.endswith("accuracy") else "min"
         mode = raw.get("mode", natural)

@@ -9,11 +9,17 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 (``TrialTracker.set_status``) and into the last report (``trial_status``, read by
 :class:`study.search.TruthfulOptunaSearch`):
 
-- ``fit`` returns ``completed``: the last evaluation is reported with ``trial_status=completed``.
-- ``fit`` returns ``diverged``: a final report with the objective at its worst value (so ASHA ranks
-  it last) and ``trial_status=diverged``.
+- ``fit`` completes (its budget spent, or converged under ``stop_at_error``: ``converged_step`` is
+  logged): the last evaluation, which carries the final evaluation's ``final_*`` metrics, is logged
+  and reported with ``trial_status=completed``.
+- ``fit`` returns ``diverged``: the final evaluation's ``final_*`` (of the weights of the last good
+  step) are logged at the divergence step; a final report with the objective at its worst value (so
+  ASHA ranks it last) and ``trial_status=diverged``.
 - Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray ends the
-  training thread with ``SystemExit``; the trial is ``stopped_early`` at its last reported step.
+  training thread with ``SystemExit``. The trial is recorded ``stopped_early`` at its last reported
+  step at once; then ``fit`` is told to stop, runs its final evaluation, and its ``final_*`` are logged
+  at that step before the ``SystemExit`` goes on. Ray does not wait for this thread, so these
+  ``final_*`` are best effort: a worker that Ray ends first leaves the trial without them.
 - any exception: ``failed`` with the message, then re-raised so Tune's FailureConfig retries it.
 
 A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
@@ -200,6 +206,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     attempt = {"node_id": node_id, "start_step": int(restored_from.get("step", 0)),
                "mlflow_run_id": tracker.run_id}
     last = {"step": 0, "final": None}  # the last reported step; the terminal status it carried, if any
+    stopped_by_tune = False
     evaluations = 0
 
     def report(metrics: dict, status: str, save_checkpoint=None) -> None:
@@ -214,31 +221,51 @@ def run_trial(config: dict, context: TrialContext) -> None:
             saved.set_metadata({"step": last["step"], "wall_time": float(metrics.get("wall_time", 0.0))})
             tune.report(result, checkpoint=saved)
 
-    def on_eval(metrics: dict, save_checkpoint) -> None:
-        nonlocal evaluations
+    def on_eval(metrics: dict, save_checkpoint) -> bool:
+        nonlocal evaluations, stopped_by_tune
         evaluations += 1
         clock.evaluation(float(metrics.get("wall_time", 0.0)))
         step = int(metrics[STEP_KEY])
         tracker.log_metrics({k: v for k, v in metrics.items() if k != STEP_KEY}, step)
-        final = step >= cfg.max_steps
+        final = step >= cfg.max_steps or "converged_step" in metrics  # fit ends here: final_* are in metrics
         if final:
             tracker.flush()
             tracker.set_status("completed", step=step)
         keep = final or evaluations % context.checkpoint_every == 0
-        report(metrics, "completed" if final else "running", save_checkpoint if keep else None)
+        try:
+            report(metrics, "completed" if final else "running", save_checkpoint if keep else None)
+        except SystemExit:
+            # Tune stopped the trial: record it now, then let fit stop with its final evaluation.
+            if last["final"] is None:
+                tracker.set_status("stopped_early", step=last["step"])
+                last["final"] = "stopped_early"
+            stopped_by_tune = True
+            return True
         clock.resume()
+        return False
+
+    def log_final(result) -> None:
+        """The final evaluation's metrics (not in an on_eval call when the run diverged or was stopped)."""
+        final = {k: v for k, v in result.metrics.items() if k.startswith("final_")}
+        if final:
+            tracker.log_metrics(final, result.step)
+            tracker.flush()
 
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
             resume_from = Path(restored) / CHECKPOINT_NAME if restored else None
             result = fit(cfg, on_eval=on_eval, resume_from=resume_from)
+        if stopped_by_tune:
+            log_final(result)
+            raise SystemExit(0)  # as tune.report raised it: Ray ends the training thread this way
         if result.status == "diverged":
-            tracker.flush()
+            log_final(result)
             tracker.set_status("diverged", step=result.step, message=result.message)
             report({**result.metrics, STEP_KEY: result.step, metric: _worst(mode)}, "diverged")
         elif result.status == "completed" and last["final"] is None:
             # Restored from the final checkpoint with no status in the run: nothing left to train, but
             # this attempt reopened the run and Tune waits for a last result.
+            log_final(result)
             tracker.set_status("completed", step=result.step)
             report({**result.metrics, STEP_KEY: result.step}, "completed")
     except SystemExit:

@@ -58,7 +58,7 @@ def models(trained_runs):
 def test_scale_one_scores_exactly_what_fit_reported(trained_runs, models):
     for name, (result, _) in trained_runs.items():
         got = evaluate(models[name])
-        for key in ("error", "bit_error", "accuracy"):
+        for key in ("error", "cost_bits", "accuracy"):
             assert got[key] == pytest.approx(result.metrics[key], abs=1e-12), (name, key)
         assert got["sequences"] == 2 * 4
 

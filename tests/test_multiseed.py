@@ -25,6 +25,7 @@ TINY = {
     "task.bits": 3, "task.max_length": 3, "task.curriculum_start": 1, "task.curriculum_step": 1,
     "task.curriculum_threshold": 1.1, "optimizer": "rmsprop", "lr": 1e-2, "batch_size": 4, "max_steps": 12,
     "eval_every": 4, "eval_batches": 1, "gen_scales": [2], "device": "cpu", "dtype": "float64", "clip_norm": 0.1,
+    "final_eval_sequences": 6,
 }
 TINY_MODEL = {
     "lstm": {"model.hidden_size": 8},
@@ -101,8 +102,8 @@ class PoisonCopyConfig(CopyConfig):
 class PoisonCopyTask(CopyTask):
     """Copy whose data stream now and then holds a NaN: a seed-specific divergence at a known step."""
 
-    def _sample(self, batch_size, generator, scale):
-        batch = super()._sample(batch_size, generator, scale)
+    def _sample(self, batch_size, generator, scale, difficulty):
+        batch = super()._sample(batch_size, generator, scale, difficulty)
         if scale == 1 and torch.rand((), generator=generator, dtype=torch.float64) < self.cfg.poison:
             batch.inputs[-1, 0, 0] = math.nan
         return batch
@@ -155,6 +156,20 @@ def test_a_real_divergence_hits_each_seed_at_its_own_step():
         assert batched.metrics.keys() == single.metrics.keys()
         for key in batched.metrics.keys() - {"wall_time"}:
             assert batched.metrics[key] == pytest.approx(single.metrics[key], rel=1e-5), key
+
+
+def test_convergence_stop_and_final_evaluation_are_fits_per_seed(tmp_path):
+    # The threshold sits among the seeds' full-difficulty errors at step 4: seeds converge at steps of their own.
+    cfg = tiny("lstm", max_steps=24, checkpoint_dir=str(tmp_path / "batched"))
+    errors = sorted(fit(dataclasses.replace(cfg, seed=s, max_steps=4, checkpoint_dir=None)).metrics["error"]
+                    for s in SEEDS)
+    cfg = dataclasses.replace(cfg, stop_at_error=(errors[0] + errors[-1]) / 2, stop_after_evals=2)
+    results = fit_seeds(cfg, SEEDS, engine="fold")
+    assert all(r.status == "completed" and "final_error" in r.metrics and "final_gen2x_cost_bits" in r.metrics
+               for r in results)
+    assert len({r.step for r in results}) > 1 and any(r.step < 24 for r in results)  # some stopped early
+    for seed, batched in zip(SEEDS, results, strict=True):
+        assert_same_run(batched, alone(cfg, seed, tmp_path))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------

@@ -113,7 +113,10 @@ def test_batched_replication_records_each_seed_as_the_unbatched_path_does(ray_cl
         assert run.data.params == single.data.params  # the same flat config, seed included
         finals = {k: v for k, v in run.data.metrics.items() if k != "wall_time"}
         expected = {k: v for k, v in single.data.metrics.items() if k != "wall_time"}
-        assert finals.keys() == expected.keys() and "error" in finals
+        assert finals.keys() == expected.keys() and {"error", "cost_bits", "curriculum_error"} <= finals.keys()
+        # the final evaluation, logged at the last step
+        assert {"final_error", "final_cost_bits", "final_accuracy", "final_gen2x_error"} <= finals.keys()
+        assert [m.step for m in _client(uri).get_metric_history(run.info.run_id, "final_error")] == [6]
         for key, value in finals.items():
             assert value == pytest.approx(expected[key], rel=1e-6, abs=1e-9), (model, seed, key)
         # the curve too: every evaluation step was logged once

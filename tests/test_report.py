@@ -147,7 +147,7 @@ def record_study(folder: Path, runs: list[dict], template: Path, finish: bool = 
         params = config_to_flat_dict(make_train_config(run["model"], "copy", overrides))
         with TrialTracker(uri, exp, parent, f"t{i}", params=params, flush_every=100) as tracker:
             for step, error in zip((10, 20, 30), run["errors"], strict=False):
-                tracker.log_metrics({"error": error, "bit_error": error, "accuracy": float(error < 0.1),
+                tracker.log_metrics({"error": error, "cost_bits": error, "accuracy": float(error < 0.1),
                                      "train_loss": error / 5, "gen2x_error": 2 * error}, step)
             if run["status"] != "running":
                 tracker.set_status(run["status"], step=10 * len(run["errors"]))

@@ -89,8 +89,8 @@ def test_param_columns_and_params_of_leave_the_seed_out(hand_made):
 def test_validate_tidy_names_missing_columns_and_bad_statuses(hand_made):
     with pytest.raises(TidyError, match=r"missing columns config_id, seed\b"):
         validate_tidy(hand_made.drop(columns=["config_id", "seed"]))
-    with pytest.raises(TidyError, match="missing columns bit_error"):
-        validate_tidy(hand_made, metrics=["bit_error"])
+    with pytest.raises(TidyError, match="missing columns cost_bits"):
+        validate_tidy(hand_made, metrics=["cost_bits"])
     with pytest.raises(TidyError, match="got pruned"):
         validate_tidy(hand_made.assign(status="pruned"))
     with pytest.raises(TidyError, match="expected a pandas DataFrame"):

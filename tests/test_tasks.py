@@ -3,6 +3,7 @@
 import math
 from collections import deque
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,10 @@ from mann.tasks import (
     TASKS,
     VOCABULARY,
     Batch,
+    Score,
     build_task,
     make_task_config,
+    metric_unit,
     task_fields,
 )
 
@@ -339,29 +342,65 @@ def test_perfect_logits_give_zero_error_whatever_the_unscored_steps_say(name, ov
     noise = torch.randn_like(logits) * 10
     logits = torch.where(batch.mask[..., None] > 0, logits, noise)
     metrics = task.metrics(logits, batch)
-    assert set(metrics) == {"error", "bit_error", "accuracy"}
+    assert set(metrics) == {"error", "cost_bits", "accuracy"}
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["error"] == 0 and metrics["accuracy"] == 1
-    if task.targets_kind == "bits":
-        assert metrics["bit_error"] == 0
-    else:
-        assert math.isnan(metrics["bit_error"])
+    assert 0 < metrics["cost_bits"] < 0.1  # confident and right: a small cost, never negative
 
 
 @pytest.mark.parametrize("name", ["copy", "repeat_copy", "associative_recall", "reverse", "priority_sort"])
-def test_bit_error_counts_wrong_bits_per_sequence(name):
+def test_bit_task_error_counts_wrong_bits_per_sequence(name):
     task = task_of(name)
     batch = sample(task)
     B = batch.inputs.shape[0]
     inverted = task.metrics(-perfect_logits(task, batch), batch)
     scored_bits = batch.mask.sum() * task.output_size
-    assert inverted["bit_error"] == pytest.approx(scored_bits.item() / B)
-    assert inverted["error"] == inverted["bit_error"] and inverted["accuracy"] == 0
+    assert inverted["error"] == pytest.approx(scored_bits.item() / B) and inverted["accuracy"] == 0
     # one wrong bit in one sequence: 1/B bits per sequence, one sequence of B not fully right
     logits = perfect_logits(task, batch)
     logits[0, answer_steps(batch, 0)[0], 0] *= -1
     one = task.metrics(logits, batch)
-    assert one["bit_error"] == pytest.approx(1 / B) and one["accuracy"] == pytest.approx((B - 1) / B)
+    assert one["error"] == pytest.approx(1 / B) and one["accuracy"] == pytest.approx((B - 1) / B)
+
+
+def _log2_sigmoid(x):
+    return -np.logaddexp(0.0, -x) / np.log(2)
+
+
+@pytest.mark.parametrize("name, overrides", CASES, ids=IDS)
+def test_cost_bits_is_the_summed_cross_entropy_per_sequence_in_bits(name, overrides):
+    task = task_of(name, overrides)
+    batch = sample(task)
+    logits = torch.randn(*batch.mask.shape, task.output_size, generator=torch.Generator().manual_seed(3)) * 3
+    x, mask = logits.double().numpy(), batch.mask.numpy()
+    B = x.shape[0]
+    if task.targets_kind == "bits":
+        t = batch.targets.numpy()
+        per_bit = -(t * _log2_sigmoid(x) + (1 - t) * _log2_sigmoid(-x))  # BCE in bits
+        expected = (per_bit * mask[..., None]).sum() / B
+    else:
+        log_p = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+        picked = np.take_along_axis(log_p, batch.targets.numpy()[..., None], axis=-1)[..., 0]
+        expected = (-picked / np.log(2) * mask).sum() / B
+    assert task.metrics(logits, batch)["cost_bits"] == pytest.approx(expected, rel=1e-6)
+    # two batches' Scores add up to the per-sequence mean over both
+    other = sample(task, seed=1)
+    zeros = torch.zeros(*other.mask.shape, task.output_size)
+    both = task.score(logits, batch).plus(task.score(zeros, other))
+    expected_other = task.metrics(zeros, other)["cost_bits"]
+    assert both.sequences == 16 and both.metrics()["cost_bits"] == pytest.approx((expected + expected_other) / 2)
+
+
+def test_scores_add_up_and_nothing_counted_is_nan():
+    a, b = Score(4, 6, 4, 10.0, 1), Score(2, 0, 2, 2.0, 2)
+    assert a.plus(b).metrics() == {"error": 1.0, "cost_bits": 2.0, "accuracy": 0.5}
+    assert all(math.isnan(v) for v in Score().metrics().values())
+
+
+def test_metric_units_cover_prefixed_names():
+    assert metric_unit("error") and metric_unit("gen2x_cost_bits") == metric_unit("cost_bits")
+    assert metric_unit("final_gen2.5x_accuracy") == metric_unit("accuracy") == "fraction of sequences entirely right"
+    assert metric_unit("final_error") == metric_unit("error") and metric_unit("nope") == ""
 
 
 def test_class_error_is_per_answer():
@@ -382,8 +421,8 @@ def test_class_error_is_per_answer():
         logits[0, step] = logits[0, step].roll(1)
     assert task.metrics(logits, batch)["error"] == pytest.approx(1 / 8)
     wrong = perfect_logits(task, batch).roll(1, dims=-1)
-    assert task.metrics(wrong, batch) == pytest.approx({"error": 1.0, "bit_error": math.nan, "accuracy": 0.0},
-                                                       nan_ok=True)
+    metrics = task.metrics(wrong, batch)
+    assert (metrics["error"], metrics["accuracy"]) == (1.0, 0.0) and metrics["cost_bits"] > 0
 
 
 @pytest.mark.parametrize("name, overrides", CASES, ids=IDS)
@@ -426,6 +465,20 @@ def test_curriculum_raises_difficulty_only_below_threshold_up_to_the_maximum():
     assert task.update_curriculum(0.0) is False and task.level == 9
     # generalization ignores the curriculum: always beyond the training maximum
     assert sample(task_of("copy", curriculum=True), batch_size=64, scale=2).mask.sum(1).min() >= 21
+
+
+@pytest.mark.parametrize("name, overrides", CASES, ids=IDS)
+def test_full_difficulty_ignores_the_curriculum_level(name, overrides):
+    # at level 0, full=True draws from the whole training range, as the same task with the curriculum off
+    task = task_of(name, overrides, curriculum=True)
+    off = task_of(name, overrides, curriculum=False)
+    assert task.difficulty < task.difficulty_limits()[1]
+    full = task.sample(32, torch.Generator().manual_seed(5), full=True)
+    same = off.sample(32, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(full, same, strict=True))
+    at_level = task.sample(32, torch.Generator().manual_seed(5))
+    assert at_level.inputs.shape[1] < full.inputs.shape[1]  # the curriculum's sequences are shorter
+    assert task.level == 0  # sampling at full difficulty leaves the curriculum alone
 
 
 def test_curriculum_start_below_the_minimum_starts_at_the_minimum():

@@ -160,7 +160,7 @@ def test_study_run_with_nested_trial_runs_on_a_server(server, study_file):
         with TrialTracker(uri, experiment_id, parent, trial_id, params={"seed": i, "model": "ntm", "lr": 0.01},
                           tags={"ray.trial_name": f"train_{trial_id}"}, flush_every=2) as tracker:
             for step in range(0, 500, 100):
-                tracker.log_metrics({"error": 1.0 / (step + 1), "bit_error": float("nan")}, step)
+                tracker.log_metrics({"error": 1.0 / (step + 1), "cost_bits": float("nan")}, step)
             tracker.set_status("completed", step=400)
     children = _children(uri, experiment_id, parent)
     assert sorted(r.data.tags[TAG_TRIAL_ID] for r in children) == ["nested_00000", "nested_00001"]
@@ -171,7 +171,7 @@ def test_study_run_with_nested_trial_runs_on_a_server(server, study_file):
         assert tags[TAG_NODE] and tags[TAG_NODE_IP] and tags["ray.trial_name"].startswith("train_nested_")
         assert child.data.params["lr"] == "0.01" and child.info.status == "FINISHED"
         assert [s for s, _ in _history(uri, child.info.run_id, "error")] == [0, 100, 200, 300, 400]
-        assert all(v != v for _, v in _history(uri, child.info.run_id, "bit_error"))  # NaN kept as NaN
+        assert all(v != v for _, v in _history(uri, child.info.run_id, "cost_bits"))  # NaN kept as NaN
 
     # a resumed sweep reuses its parent run
     assert find_study_run(uri, experiment_id, "nested") == parent

@@ -14,18 +14,21 @@ from mann.registry import MODELS, ModelEntry
 from mann.train import (
     CheckpointError,
     TrainConfig,
+    _Run,
     config_from_checkpoint,
     config_from_flat_dict,
     config_to_flat_dict,
     fit,
     load_checkpoint,
     make_train_config,
+    promotion_seed,
 )
 
 # Tiny runs: a few steps of small models on 3-bit copy of length 1..3, on the CPU.
 TINY = {
     "task.bits": 3, "task.max_length": 3, "optimizer": "adam", "lr": 1e-2, "batch_size": 4,
     "max_steps": 12, "eval_every": 4, "eval_batches": 1, "gen_scales": [2], "device": "cpu",
+    "final_eval_sequences": 8,
 }
 TINY_MODEL = {
     "lstm": {"model.hidden_size": 8},
@@ -115,10 +118,12 @@ def test_on_eval_gets_every_metric_at_each_evaluation_and_the_last_step():
     seen = []
     result = fit(tiny(max_steps=10, gen_scales=[2, 3]), on_eval=lambda m, save: seen.append(m))
     assert [m["step"] for m in seen] == [4, 8, 10]
-    expected = {"step", "sequences", "wall_time", "train_loss", "error", "bit_error", "accuracy", "level"}
-    expected |= {f"gen{s}x_{k}" for s in (2, 3) for k in ("error", "bit_error", "accuracy")}
+    expected = {"step", "sequences", "wall_time", "train_loss", "error", "cost_bits", "accuracy", "curriculum_error",
+                "level"}
+    expected |= {f"gen{s}x_{k}" for s in (2, 3) for k in ("error", "cost_bits", "accuracy")}
+    final = {f"final_{k}" for k in expected if k.endswith(("error", "cost_bits", "accuracy")) and "curriculum" not in k}
     for m in seen:
-        assert set(m) == expected
+        assert set(m) == (expected | final if m is seen[-1] else expected)  # the last step carries the final eval
         assert all(isinstance(v, int | float) and math.isfinite(v) for v in m.values())
     assert seen[-1]["sequences"] == 10 * 4
     assert result.status == "completed" and result.step == 10 and result.metrics == seen[-1]
@@ -128,7 +133,8 @@ def test_every_evaluation_scores_the_same_sequences():
     # With updates too small to change a float32 weight, every evaluation must give the same numbers.
     seen = []
     fit(tiny(lr=1e-30, **{"task.curriculum": False}), on_eval=lambda m, save: seen.append(m))
-    scores = [{k: v for k, v in m.items() if k.endswith(("error", "accuracy"))} for m in seen]
+    scores = [{k: v for k, v in m.items() if k.endswith(("error", "cost_bits", "accuracy")) and "final" not in k}
+              for m in seen]
     assert len(scores) == 3 and scores[0] == scores[1] == scores[2]
 
 
@@ -235,8 +241,14 @@ class PoisonConfig:
     poison: str = "loss"  # "loss": NaN logits; "gradient": finite logits, NaN gradient
 
 
+EVAL_ROWS: list[int] = []  # sequences per evaluation forward of PoisonModel, in call order
+
+
 class PoisonModel(nn.Module):
-    """A linear read-out that goes wrong on purpose at one training step, to test divergence detection."""
+    """A linear read-out that goes wrong on purpose at one training step, to test divergence detection.
+
+    Its evaluation forwards record their batch sizes in EVAL_ROWS (to see what the final evaluation scored).
+    """
 
     def __init__(self, cfg: PoisonConfig, input_size: int, output_size: int):
         super().__init__()
@@ -245,6 +257,8 @@ class PoisonModel(nn.Module):
 
     def forward(self, x, state=None, memory_size=None):
         y = self.linear(x)
+        if not self.training:
+            EVAL_ROWS.append(x.shape[0])
         if self.training:
             self.calls += 1
             if self.calls == self.cfg.poison_step:
@@ -264,7 +278,9 @@ def test_nan_in_loss_or_gradient_ends_the_run_at_that_step(monkeypatch, tmp_path
     result = fit(cfg, on_eval=lambda m, save: evaluations.append(m))
     assert (result.status, result.step) == ("diverged", 7)
     assert why in result.message
-    assert result.metrics == evaluations[-1] and result.metrics["step"] == 4  # the last evaluation before
+    # the last evaluation before, and the final evaluation of the weights it left
+    assert {k: v for k, v in result.metrics.items() if not k.startswith("final_")} == evaluations[-1]
+    assert result.metrics["step"] == 4 and math.isfinite(result.metrics["final_error"])
     # The poisoned update was never applied: the last checkpoint (step 4) is the one fit left.
     assert all(torch.isfinite(t).all() for t in params(result.checkpoint).values())
 
@@ -287,7 +303,7 @@ def test_ntm_learns_copy_of_short_sequences():
         "model.controller_size": 32, "model.memory_size": 16, "model.word_size": 8,
         "task.bits": 4, "task.min_length": 1, "task.max_length": 3, "max_steps": 3000,
     })
-    assert result.status == "stopped" and result.metrics["bit_error"] < 0.1, result.message
+    assert result.status == "stopped" and result.metrics["error"] < 0.1, result.message
 
 
 @pytest.mark.slow
@@ -296,4 +312,88 @@ def test_dnc_learns_associative_recall_with_few_items():
         "model.controller_size": 32, "model.memory_size": 16, "model.word_size": 8, "model.read_heads": 1,
         "task.bits": 4, "task.item_length": 1, "task.min_items": 2, "task.max_items": 3, "max_steps": 4000,
     })
-    assert result.status == "stopped" and result.metrics["bit_error"] < 0.1, result.message
+    assert result.status == "stopped" and result.metrics["error"] < 0.1, result.message
+
+
+# -- evaluation protocol: full difficulty, promotion data, final evaluation, convergence ---------------------------
+
+
+def test_error_is_at_full_difficulty_whatever_the_curriculum_level():
+    # An untrained model (lr too small to move a float32 weight) on 3-bit copy up to length 20, its curriculum held
+    # at length 2: curriculum_error can be at most 3 * 2 wrong bits per sequence; error, at length up to 20, is not.
+    curriculum = {"task.max_length": 20, "task.curriculum_start": 2, "task.curriculum_threshold": 1e-9,
+                  "lr": 1e-30, "max_steps": 8}
+    seen = []
+    fit(tiny(**curriculum), on_eval=lambda m, save: seen.append(m))
+    assert [m["level"] for m in seen] == [0, 0]
+    assert all(m["curriculum_error"] <= 3 * 2 < m["error"] for m in seen)
+    # the held-out set is the task itself: the same run with the curriculum off scores the same error
+    off = []
+    fit(tiny(**curriculum, **{"task.curriculum": False}), on_eval=lambda m, save: off.append(m))
+    assert [m["error"] for m in off] == [m["error"] for m in seen]
+    assert [m["cost_bits"] for m in off] == [m["cost_bits"] for m in seen]
+
+
+def test_promotion_data_is_not_the_held_out_set():
+    assert promotion_seed(12345) != 12345
+    run = _Run(tiny(**{"task.curriculum": False}))
+    held_out = run.task.sample(4, torch.Generator().manual_seed(run.cfg.eval_seed), full=True)
+    promotion = run.task.sample(4, torch.Generator().manual_seed(promotion_seed(run.cfg.eval_seed)))
+    assert not torch.equal(held_out.inputs[..., :3].sum((1, 2)), promotion.inputs[..., :3].sum((1, 2)))
+    # curriculum off: the same difficulty, other sequences, so another estimate of the same error
+    metrics = run.evaluate(train_loss=0.0)
+    assert metrics["curriculum_error"] != metrics["error"] and metrics["level"] == 0
+
+
+@pytest.mark.parametrize("end", ["completed", "stopped", "converged", "diverged"])
+def test_final_evaluation_scores_final_eval_sequences_whatever_the_end(monkeypatch, end):
+    monkeypatch.setitem(MODELS, "poison", ModelEntry(__name__, "PoisonConfig", "PoisonModel"))
+    overrides = {**TINY, "final_eval_sequences": 10, "model.poison_step": 7 if end == "diverged" else 10**9}
+    if end == "converged":
+        overrides |= {"stop_at_error": 1e9, "stop_after_evals": 2}
+    cfg = make_train_config("poison", "copy", overrides)
+    EVAL_ROWS.clear()
+    seen = []
+    result = fit(cfg, on_eval=lambda m, save: seen.append(m) or end == "stopped")
+    expected = {"completed": ("completed", 12), "stopped": ("stopped", 4), "converged": ("completed", 8),
+                "diverged": ("diverged", 7)}[end]
+    assert (result.status, result.step) == expected, result.message
+    # periodic evaluations: 4 sequences per set (held-out 1x, 2x, promotion); the final one: 10 per scale
+    assert EVAL_ROWS[-6:] == [4, 4, 2, 4, 4, 2] and EVAL_ROWS.count(2) == 2
+    final = {k for k in result.metrics if k.startswith("final_")}
+    assert final == {f"final_{p}{k}" for p in ("", "gen2x_") for k in ("error", "cost_bits", "accuracy")}
+    # known at an evaluation (the last step, convergence): in that on_eval call too
+    assert final <= set(seen[-1]) if end in ("completed", "converged") else not final & set(seen[-1])
+    if end == "converged":
+        assert result.metrics["converged_step"] == seen[-1]["converged_step"] == 4
+        assert "converged at step 4" in result.message
+    else:
+        assert "converged_step" not in result.metrics
+
+
+def test_convergence_stops_after_the_stated_consecutive_evaluations_and_resumes_mid_streak(monkeypatch, tmp_path):
+    # Scripted full-difficulty errors per evaluation step: below 0.1 at 2, above at 4, below from 6 on.
+    script = {2: 0.05, 4: 0.5}
+    evaluate = _Run.evaluate
+
+    def scripted(self, train_loss):
+        metrics = evaluate(self, train_loss)
+        return {**metrics, "error": script.get(self.step, 0.05)}
+
+    monkeypatch.setattr(_Run, "evaluate", scripted)
+    cfg = tiny(max_steps=40, eval_every=2, stop_at_error=0.1, stop_after_evals=3, checkpoint_dir=str(tmp_path / "a"))
+    seen = []
+
+    def on_eval(metrics, save):
+        seen.append(metrics)
+        if metrics["step"] == 8:
+            save(tmp_path / "mid")
+
+    result = fit(cfg, on_eval=on_eval)
+    assert [m["step"] for m in seen] == [2, 4, 6, 8, 10]  # not before the third consecutive one
+    assert (result.status, result.step, result.metrics["converged_step"]) == ("completed", 10, 6)
+    assert [("converged_step" in m, "final_error" in m) for m in seen] == [(False, False)] * 4 + [(True, True)]
+    resumed = fit(cfg, resume_from=tmp_path / "mid")  # two of three below at step 8: one more evaluation
+    assert (resumed.status, resumed.step, resumed.metrics["converged_step"]) == ("completed", 10, 6)
+    again = fit(cfg, resume_from=result.checkpoint)  # a converged run resumed trains no further
+    assert (again.status, again.step) == ("completed", 10)
