@@ -11,10 +11,10 @@ One time step, top to bottom (``DNC.step``), in the paper's Methods order:
 7. y_t = W_y h_t + W_r r_t (one layer on [h_t, r_t]; clipped like ξ_t).
 
 The Csordás & Schmidhuber variants are flags of one config (``mann.registry`` presets):
-``masking`` multiplies key and memory by a learned mask in every content look-up, ``deallocation`` scales
-freed memory by ψ_t before the write, ``sharpness`` raises the forward and backward weightings to learned
-powers s^f_t, s^b_t >= 1 and renormalises. Their interface parts come after the paper's parts, so a variant's
-interface layer holds the plain DNC's as its first rows.
+``masking`` multiplies key and memory by a learned mask in every content look-up (floored at ``mask_min``),
+``deallocation`` scales freed memory by ψ_t before the write, ``sharpness`` raises the forward and backward
+weightings to learned powers s^f_t, s^b_t >= 1 and renormalises. Their interface parts come after the paper's
+parts, so a variant's interface layer holds the plain DNC's as its first rows.
 
 Memory, usage, link, weightings and reads all start at zero (content look-up is finite there).
 """
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mann import addressing, fast, memory
 from mann.config import ConfigError, check
+from mann.lstm import add_forget_bias
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,12 @@ class DNCConfig:
     masking: bool = False  # key/value masking in content look-up (Csordás & Schmidhuber 2019)
     deallocation: bool = False  # erase freed memory: M_{t-1} ∘ ψ_t before writing (ibid.)
     sharpness: bool = False  # link distribution sharpness control of f_t, b_t (ibid.)
+    # floor of the masks: m = mask_min + (1 - mask_min) sigmoid(.), so no channel is ever masked out entirely
+    # (Csordás & Schmidhuber's code; 0.1 in their associative-recall runs, 0 elsewhere); no effect without masking
+    mask_min: float = 0.0
     clip_value: float | None = 20.0  # clip ξ_t and the output logits to ±clip_value (DeepMind's default; None: off)
+    # added to the LSTM controller's forget-gate bias at initialisation (Csordás & Schmidhuber's code sets it to 1)
+    forget_bias: float = 0.0
     # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
     # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
     impl: Literal["auto", "reference", "fast"] = "auto"
@@ -52,6 +58,7 @@ class DNCConfig:
             check(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
         check(self.clip_value is None or self.clip_value > 0, "clip_value", "a positive number or null",
               self.clip_value)
+        check(0 <= self.mask_min < 1, "mask_min", "a number in [0, 1)", self.mask_min)
 
 
 class DNCState(NamedTuple):
@@ -70,12 +77,20 @@ def oneplus(x: Tensor) -> Tensor:
     return 1 + F.softplus(x)
 
 
+def floored_mask(x: Tensor, mask_min: float) -> Tensor:
+    """m = mask_min + (1 - mask_min) sigmoid(x), in [mask_min, 1): a content-addressing mask whose channels never
+    drop below ``mask_min`` (Csordás & Schmidhuber's code: ``mask * (1 - mask_min) + mask_min``)."""
+    m = torch.sigmoid(x)
+    return m if mask_min == 0 else mask_min + (1 - mask_min) * m
+
+
 class DNC(nn.Module):
     def __init__(self, cfg: DNCConfig, input_size: int, output_size: int):
         super().__init__()
         self.cfg = cfg
         W, R, Hw, C = cfg.word_size, cfg.read_heads, cfg.write_heads, cfg.controller_size
         self.controller = nn.LSTMCell(input_size + R * W, C)
+        add_forget_bias(self.controller, cfg.forget_bias)
         # ξ_t in the paper's order: read keys, read strengths, write keys, write strengths, erase vectors,
         # write vectors, free gates, allocation gates, write gates, read modes; then the variants' parts.
         self.interface_sizes = [R * W, R, Hw * W, Hw, Hw * W, Hw * W, R, Hw, Hw, R * (2 * Hw + 1)]
@@ -133,8 +148,8 @@ class DNC(nn.Module):
         read_modes = torch.softmax(parts[9].view(B, R, 2 * Hw + 1), dim=-1)  # π_t: backward heads, content, forward
         read_masks = write_masks = forward_sharpness = backward_sharpness = None
         if cfg.masking:
-            read_masks = torch.sigmoid(parts[10]).view(B, R, W)
-            write_masks = torch.sigmoid(parts[11]).view(B, Hw, W)
+            read_masks = floored_mask(parts[10], cfg.mask_min).view(B, R, W)
+            write_masks = floored_mask(parts[11], cfg.mask_min).view(B, Hw, W)
         if cfg.sharpness:
             forward_sharpness, backward_sharpness = oneplus(parts[-2]), oneplus(parts[-1])  # s^f_t, s^b_t: [B, R]
 

@@ -237,9 +237,10 @@ class LinkHistory:
 # The interface vector
 
 
-PART_KINDS = {  # squashing of each part of xi_t: 0 none, 1 sigmoid, 2 oneplus (softmax parts: 0, handled apart)
+PART_KINDS = {  # squashing of each part of xi_t: 0 none, 1 sigmoid, 2 oneplus, 3 sigmoid floored at cfg.mask_min
+    # (mann.dnc.floored_mask); softmax parts: 0, handled apart
     "read_keys": 0, "read_strengths": 2, "write_keys": 0, "write_strengths": 2, "erase": 1, "write_vectors": 0,
-    "free_gates": 1, "alloc_gates": 1, "write_gates": 1, "read_modes": 0, "read_masks": 1, "write_masks": 1,
+    "free_gates": 1, "alloc_gates": 1, "write_gates": 1, "read_modes": 0, "read_masks": 3, "write_masks": 3,
     "forward_sharpness": 2, "backward_sharpness": 2,
 }
 
@@ -264,8 +265,11 @@ def interface_parts(model, xi: Tensor) -> dict[str, Tensor]:
               "read_strengths": (R, 1), "write_strengths": (Hw, 1)}
     sig = torch.sigmoid(xi)
     oneplus = 1 + F.softplus(xi)
+    mm = cfg.mask_min
+    floored = sig if mm == 0 else mm + (1 - mm) * sig
     raw_parts = torch.split(xi, model.interface_sizes, dim=1)
-    squashed = {kind: torch.split(v, model.interface_sizes, dim=1) for kind, v in ((1, sig), (2, oneplus))}
+    squashed = {kind: torch.split(v, model.interface_sizes, dim=1)
+                for kind, v in ((1, sig), (2, oneplus), (3, floored))}
     out = dict.fromkeys(["read_masks", "write_masks", "forward_sharpness", "backward_sharpness"])  # absent: None
     for k, name in enumerate(part_names(cfg)):
         kind = PART_KINDS[name]
@@ -285,7 +289,9 @@ def interface_derivative(model, raws: Tensor) -> Tensor:
              for _ in range(size)]
     kind = torch.tensor(kinds, device=raws.device)
     d_oneplus = torch.where(p > SOFTPLUS_THRESHOLD, torch.ones_like(p), sig)
-    d = torch.where(kind == 1, sig * (1 - sig), torch.where(kind == 2, d_oneplus, torch.ones_like(p)))
+    d_sig = sig * (1 - sig)
+    d = torch.where(kind == 1, d_sig, torch.where(kind == 2, d_oneplus, torch.ones_like(p)))
+    d = torch.where(kind == 3, (1 - model.cfg.mask_min) * d_sig, d)
     return d * clip_pass(raws, clip)
 
 
@@ -332,7 +338,7 @@ def dnc_step(model, t: int, xp: Tensor, s: Carry, links: LinkHistory, w_rec: Ten
         L_prev, L_out = links.buffers()
         M, wr, ww, p, u, r, aux = kern.step.step_forward(
             raw, s.memory, s.read_w, s.write_w, s.precedence, s.usage, L_prev, L_out, R, Hw, cfg.masking,
-            cfg.deallocation, cfg.sharpness, clip or 0.0)
+            cfg.deallocation, cfg.sharpness, clip or 0.0, cfg.mask_min)
         links.record(t, L_out)
         saved = dict(zip(KERNEL_SAVED, (raw, act, c, tanh_c, s.memory, s.read_w, s.write_w, s.precedence, s.usage, M,
                                         wr, ww, aux), strict=True))
@@ -414,7 +420,7 @@ def dnc_step_backward(model, g: Grads, gL: Tensor, s: dict, L_t: Tensor | None, 
             s["raw"], s["memory_prev"], s["memory"], s["read_w_prev"], s["write_w_prev"], s["precedence_prev"],
             s["usage_prev"], L_prev, s["read_w"], s["write_w"], s["aux"], g.memory, g.read_w, g.write_w,
             g.precedence, g.usage, g.reads.contiguous(), gL, R, Hw, cfg.masking, cfg.deallocation, cfg.sharpness,
-            cfg.clip_value or 0.0)
+            cfg.clip_value or 0.0, cfg.mask_min)
         return _controller_backward(g, g_xi, gM, g_wr_prev, g_ww_prev, gp, g_u_prev, lstm_t, w_in, w_if, R * W,
                                     kern.cell)
     q, prev = s["parts"], s["prev"]

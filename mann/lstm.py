@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from mann.config import check
@@ -19,10 +20,25 @@ from mann.config import check
 class LSTMConfig:
     hidden_size: int = 120  # units per layer; 120 x 1 ~ the default NTM's parameter count on copy (see above)
     layers: int = 1  # stacked LSTM layers
+    forget_bias: float = 0.0  # added to every layer's forget-gate bias at initialisation (see add_forget_bias)
 
     def __post_init__(self):
         check(self.hidden_size > 0, "hidden_size", "a positive integer", self.hidden_size)
         check(self.layers > 0, "layers", "a positive integer", self.layers)
+
+
+def add_forget_bias(cell: nn.LSTMCell | nn.LSTM, value: float) -> None:
+    """Add ``value`` to the forget gate's share of the input bias of a cell (or of every layer of an nn.LSTM),
+    in place; PyTorch's gate order is i, f, g, o. With the bias trained this is exactly TensorFlow's
+    ``BasicLSTMCell(forget_bias=value)``, which adds the constant at every step."""
+    if not value:
+        return
+    H = cell.hidden_size
+    biases = [cell.bias_ih] if isinstance(cell, nn.LSTMCell) else [getattr(cell, f"bias_ih_l{k}")
+                                                                     for k in range(cell.num_layers)]
+    with torch.no_grad():
+        for bias in biases:
+            bias[H : 2 * H] += value
 
 
 class LSTMState(NamedTuple):
@@ -35,6 +51,7 @@ class LSTMBaseline(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lstm = nn.LSTM(input_size, cfg.hidden_size, cfg.layers, batch_first=True)
+        add_forget_bias(self.lstm, cfg.forget_bias)
         self.output = nn.Linear(cfg.hidden_size, output_size)
 
     def initial_state(self, batch_size: int, memory_size: int | None = None) -> LSTMState:

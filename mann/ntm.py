@@ -10,10 +10,20 @@ One time step, top to bottom (``NTM.step``):
 5. ``y_t = W_o [h_t, r_t]``, clipped like the head parameters.
 
 Reading before writing, and clipping, tanh keys and tanh add vectors follow Collier & Beel, who found
-this the stable recipe. Their three memory initialisations are ``NTMConfig.memory_init``: ``constant`` (every
-entry 1e-6, their best), ``learned`` (an [N, W] parameter through tanh) and ``random`` (tanh of N(0, 0.5²),
-drawn afresh for every sequence). The initial read vectors and weightings are always learned, as they
-recommend (a uniform weighting over a constant memory would never tell the slots apart).
+this the stable recipe. ``NTMConfig.memory_init`` chooses the initial memory M_0 [N, W]:
+
+- ``constant``: every entry 1e-6, fixed (not trained);
+- ``learned``: tanh(P), P an [N, W] parameter drawn Glorot-uniform, trained;
+- ``random``: tanh of N(0, 0.5²), drawn afresh for every sequence, not trained;
+- ``constant_trained``: P, an [N, W] parameter starting at 1e-6 everywhere, trained (no tanh);
+- ``random_trained``: tanh(P), P an [N, W] parameter drawn once from N(0, 0.5²), trained.
+
+Collier & Beel's published code (ntm.py, ``zero_state``) builds all three of its schemes as TensorFlow
+variables (``tf.get_variable``, trainable by default) and its run_tasks.py updates every trainable variable, so
+what it runs as "constant", "learned" and "random" is ``constant_trained``, ``learned`` and ``random_trained``
+here; ``constant`` and ``random`` are the untrained readings of the names. The initial read vectors and
+weightings are always learned, as in their code (r_0 = tanh(p), w_0 = softmax(q), p and q Glorot-uniform vectors:
+a uniform weighting over a constant memory would never tell the slots apart); the controller starts at zero.
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ from torch import Tensor, nn
 
 from mann import addressing, fast, memory
 from mann.config import ConfigError, check
+from mann.lstm import add_forget_bias
 
 MEMORY_INIT_CONSTANT = 1e-6  # Collier & Beel's "small constant"; also fills rows added beyond a learned memory
-RANDOM_INIT_STD = 0.5  # random scheme: M(i, j) = tanh(N(0, 0.5²)), drawn afresh for every sequence
+RANDOM_INIT_STD = 0.5  # random schemes: M(i, j) = tanh(N(0, 0.5²)) (random: per sequence; random_trained: once)
+TRAINED_INITS = ("learned", "constant_trained", "random_trained")  # schemes whose M_0 is a parameter
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,12 @@ class NTMConfig:
     read_heads: int = 1  # R
     write_heads: int = 1  # Hw
     shift_range: int = 1  # k: a head can shift by -k..k slots per step (2k+1 shift weights)
-    memory_init: Literal["constant", "learned", "random"] = "constant"  # Collier & Beel: constant converges fastest
+    # M_0, see the module docstring; Collier & Beel's code trains its constant (1e-6) memory: "constant_trained"
+    memory_init: Literal["constant", "learned", "random", "constant_trained", "random_trained"] = "constant"
     clip_value: float | None = 20.0  # clip head parameters and output logits to ±clip_value (None: no clip)
+    # added to the LSTM controller's forget-gate bias at initialisation (mann.lstm.add_forget_bias); Collier &
+    # Beel's code runs TensorFlow's BasicLSTMCell(forget_bias=1.0), which this reproduces exactly
+    forget_bias: float = 0.0
     # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
     # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
     impl: Literal["auto", "reference", "fast"] = "auto"
@@ -56,6 +72,8 @@ class NTMConfig:
               f"2 * shift_range + 1 <= memory_size ({self.memory_size})", self.shift_range)
         check(self.clip_value is None or self.clip_value > 0, "clip_value", "a positive number or null",
               self.clip_value)
+        check(self.forget_bias == 0 or self.controller == "lstm", "forget_bias", "0 with a feedforward controller",
+              self.forget_bias)
 
 
 class NTMState(NamedTuple):
@@ -75,6 +93,7 @@ class NTM(nn.Module):
         controller_in = input_size + R * W
         if cfg.controller == "lstm":
             self.controller = nn.LSTMCell(controller_in, C)
+            add_forget_bias(self.controller, cfg.forget_bias)
         else:
             self.controller = nn.Linear(controller_in, C)
         # Per head: k (W), β, g, s (2k+1), γ; then per write head: e (W), a (W). One fused layer for all.
@@ -88,6 +107,10 @@ class NTM(nn.Module):
         self.init_weight_logits = nn.Parameter(_glorot_vector((heads, N), fan_out=N))  # w_0 = softmax over slots
         if cfg.memory_init == "learned":
             self.init_memory = nn.Parameter(_glorot_vector((N, W), fan_out=N * W))  # M_0 = tanh(init_memory)
+        elif cfg.memory_init == "constant_trained":
+            self.init_memory = nn.Parameter(torch.full((N, W), MEMORY_INIT_CONSTANT))  # M_0 = init_memory
+        elif cfg.memory_init == "random_trained":
+            self.init_memory = nn.Parameter(RANDOM_INIT_STD * torch.randn(N, W))  # M_0 = tanh(init_memory)
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -95,7 +118,7 @@ class NTM(nn.Module):
         """The state before the first input, on the model's device and dtype.
 
         ``memory_size`` N' >= N runs the trained model with a larger memory: the extra rows follow the memory
-        init scheme (constant and learned: 1e-6; random: random) and get zero initial weight, so the first
+        init scheme (random: random; every other scheme: 1e-6) and get zero initial weight, so the first
         N slots start exactly as in training.
         """
         cfg = self.cfg
@@ -109,8 +132,8 @@ class NTM(nn.Module):
 
         if cfg.memory_init == "constant":
             M = torch.full((n, W), MEMORY_INIT_CONSTANT, device=ref.device, dtype=ref.dtype).expand(B, n, W)
-        elif cfg.memory_init == "learned":
-            M = torch.tanh(self.init_memory)
+        elif cfg.memory_init in TRAINED_INITS:
+            M = self.init_memory if cfg.memory_init == "constant_trained" else torch.tanh(self.init_memory)
             if n > N:
                 M = torch.cat([M, M.new_full((n - N, W), MEMORY_INIT_CONSTANT)])
             M = M.expand(B, n, W)

@@ -12,6 +12,12 @@ its wrappers import ``torch._dynamo`` on first use (torch 2.13), ~0.7-1.2 CPU s 
 
 ``state_dict`` uses torch.optim's layout (per-parameter moments, one param group), so checkpoints written
 with ``torch.optim`` load here and the other way round.
+
+Weight decay (L2: ``weight_decay * w`` added to the gradient before the update, torch.optim's ``weight_decay``)
+applies to every parameter, or only where a 0/1 mask over the flat buffer says (``decay``): Csordás & Schmidhuber
+decay weights but not biases, which torch.optim expresses as two parameter groups and this as one mask, with the
+same arithmetic (tests/test_optim.py). One difference: torch.optim skips a parameter that got no gradient at all,
+while here it is decayed like the rest (every parameter of mann's models gets a gradient).
 """
 
 from __future__ import annotations
@@ -108,13 +114,30 @@ def _moments(flat: FlatParams, state: dict, names: Sequence[str]) -> dict[str, T
     return out
 
 
+def bias_mask(flat: FlatParams, names: Sequence[str]) -> Tensor:
+    """A [P] mask over the flat buffer: 1 for weights, 0 for biases (a name whose last part starts with ``bias``:
+    nn.Linear's ``bias``, nn.LSTMCell's ``bias_ih``/``bias_hh``). ``names``: the parameters' names, in order."""
+    if len(names) != len(flat.params):
+        raise ValueError(f"{len(names)} names for {len(flat.params)} parameters")
+    mask = torch.ones_like(flat.data)
+    for name, view in zip(names, flat.split(mask), strict=True):
+        if name.rsplit(".", 1)[-1].startswith("bias"):
+            view.zero_()
+    return mask
+
+
 class _FlatOptimizer:
-    """What Adam and RMSprop share: the step counter, zero_grad, and torch.optim's state_dict layout."""
+    """What Adam and RMSprop share: the step counter, zero_grad, weight decay, and torch.optim's state_dict layout."""
 
     moments: tuple[str, ...] = ()
     hyperparameters: dict[str, Any] = {}  # torch.optim's param-group entries, for state_dict
 
-    def __init__(self, flat: FlatParams):
+    def __init__(self, flat: FlatParams, weight_decay: float = 0.0, decay: Tensor | None = None):
+        """``weight_decay``: the L2 coefficient; ``decay``: None (every parameter) or a [P] 0/1 mask of the
+        numbers it applies to (:func:`bias_mask`)."""
+        if decay is not None and decay.shape != flat.data.shape:
+            raise ValueError(f"decay mask of shape {tuple(decay.shape)}, expected {tuple(flat.data.shape)}")
+        self.weight_decay, self.decay = weight_decay, decay
         self.flat = flat
         # torch.optim keeps a float32 step tensor per parameter on the CPU; one serves the flat buffer
         self.step_count = torch.zeros((), dtype=torch.float32)
@@ -125,6 +148,14 @@ class _FlatOptimizer:
 
     def _update(self) -> None:
         raise NotImplementedError
+
+    def _grad_and_decay(self) -> tuple[Tensor, float]:
+        """(gradient, weight_decay) to hand torch.optim's functional update. With a mask the decay is added here,
+        as torch.optim adds it (``grad.add(param, alpha=weight_decay)``), to the masked numbers only."""
+        grad = self.flat.grad
+        if self.decay is None or self.weight_decay == 0:
+            return grad, self.weight_decay
+        return grad.add(self.flat.data * self.decay, alpha=self.weight_decay), 0.0
 
     @torch.no_grad()
     def step(self) -> None:
@@ -166,40 +197,42 @@ class Adam(_FlatOptimizer):
 
     moments = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, flat: FlatParams, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(flat)
+    def __init__(self, flat: FlatParams, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decay: Tensor | None = None):
+        super().__init__(flat, weight_decay, decay)
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.hyperparameters = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "amsgrad": False,
+        self.hyperparameters = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": False,
                                 "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                                 "fused": None, "decoupled_weight_decay": False}
 
     def _update(self) -> None:
-        flat = self.flat
-        adam([flat.data], [flat.grad], [self.state["exp_avg"]], [self.state["exp_avg_sq"]], [], [self.step_count],
-             foreach=False, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr, weight_decay=0.0,
-             eps=self.eps, maximize=False)
+        grad, weight_decay = self._grad_and_decay()
+        adam([self.flat.data], [grad], [self.state["exp_avg"]], [self.state["exp_avg_sq"]], [], [self.step_count],
+             foreach=False, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr,
+             weight_decay=weight_decay, eps=self.eps, maximize=False)
 
 
 class RMSprop(_FlatOptimizer):
-    """RMSProp as ``torch.optim.RMSprop(params, lr, alpha, eps, momentum=momentum, centered=centered)``.
+    """RMSProp as ``torch.optim.RMSprop(params, lr, alpha, eps, weight_decay, momentum, centered)``.
 
     Graves 2013's variant (the NTM paper's optimizer) is centered=True, momentum 0.9, alpha 0.95.
     """
 
     def __init__(self, flat: FlatParams, lr: float, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
-                 centered: bool = False):
+                 centered: bool = False, weight_decay: float = 0.0, decay: Tensor | None = None):
         # the moments torch.optim.RMSprop keeps for these settings, and no others (its state_dict has the same keys)
         self.moments = ("square_avg",) + (("momentum_buffer",) if momentum > 0 else ()) + (
             ("grad_avg",) if centered else ())
-        super().__init__(flat)
+        super().__init__(flat, weight_decay, decay)
         self.lr, self.alpha, self.eps, self.momentum, self.centered = lr, alpha, eps, momentum, centered
         self.hyperparameters = {"lr": lr, "momentum": momentum, "alpha": alpha, "eps": eps, "centered": centered,
-                                "weight_decay": 0.0, "capturable": False, "foreach": None, "maximize": False,
+                                "weight_decay": weight_decay, "capturable": False, "foreach": None, "maximize": False,
                                 "differentiable": False}
 
     def _update(self) -> None:
-        flat, state = self.flat, self.state
-        rmsprop([flat.data], [flat.grad], [state["square_avg"]],
+        state = self.state
+        grad, weight_decay = self._grad_and_decay()
+        rmsprop([self.flat.data], [grad], [state["square_avg"]],
                 [state["grad_avg"]] if self.centered else [], [state["momentum_buffer"]] if self.momentum > 0 else [],
-                [self.step_count], foreach=False, lr=self.lr, alpha=self.alpha, eps=self.eps, weight_decay=0.0,
-                momentum=self.momentum, centered=self.centered)
+                [self.step_count], foreach=False, lr=self.lr, alpha=self.alpha, eps=self.eps,
+                weight_decay=weight_decay, momentum=self.momentum, centered=self.centered)

@@ -71,8 +71,13 @@ class TaskConfig:
     curriculum_step: int = 1  # difficulty added per promotion
     curriculum_threshold: float = 0.1  # promote when metrics()["error"] < this at the current difficulty
     target_error: float = 0.1  # success: metrics()["error"] < this (bits per sequence / wrong answers)
+    # the training loss over a batch: "mean" per scored element (bit or answer step); "sum" over the scored
+    # elements divided by the batch size, as Collier & Beel's and Csordás & Schmidhuber's scripts do (the gradient's
+    # scale, and so what a gradient-norm clip or weight decay does, follows the reduction)
+    loss_reduction: Literal["mean", "sum"] = "mean"
 
     def __post_init__(self):
+        check(self.loss_reduction in ("mean", "sum"), "loss_reduction", "'mean' or 'sum'", self.loss_reduction)
         check(self.curriculum_start >= 1, "curriculum_start", "a positive integer", self.curriculum_start)
         check(self.curriculum_step >= 1, "curriculum_step", "a positive integer", self.curriculum_step)
         check(
@@ -315,18 +320,21 @@ class Task:
     # --- loss and metrics ------------------------------------------------------------------
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Masked BCE-with-logits (bits) or cross-entropy (classes), averaged per scored element.
+        """Masked BCE-with-logits (bits) or cross-entropy (classes), averaged per scored element, or with
+        ``loss_reduction: sum`` summed over the scored elements and divided by the batch size.
 
         logits: [B, T, O]. A scored element is one bit of a scored step (bits) or one scored step (classes).
         """
         mask = batch.mask.to(device=logits.device, dtype=logits.dtype)
+        per_sequence = self.cfg.loss_reduction == "sum"
         if self.targets_kind == "bits":
             targets = batch.targets.to(device=logits.device, dtype=logits.dtype)
             per_bit = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-            return (per_bit * mask[..., None]).sum() / (mask.sum() * logits.shape[-1]).clamp(min=1)
+            count = logits.shape[0] if per_sequence else (mask.sum() * logits.shape[-1]).clamp(min=1)
+            return (per_bit * mask[..., None]).sum() / count
         targets = batch.targets.to(logits.device)
         per_step = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(mask)
-        return (per_step * mask).sum() / mask.sum().clamp(min=1)
+        return (per_step * mask).sum() / (logits.shape[0] if per_sequence else mask.sum().clamp(min=1))
 
     @torch.no_grad()
     def score(self, logits: torch.Tensor, batch: Batch) -> Score:

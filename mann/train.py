@@ -50,7 +50,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from mann.config import ConfigError, check, flatten, replace_checked, to_dict
-from mann.optim import Adam, FlatParams, RMSprop, grad_norm
+from mann.optim import Adam, FlatParams, RMSprop, bias_mask, grad_norm
 from mann.registry import build_model, make_model_config, model_entry
 from mann.tasks import Score, build_task, make_task_config
 
@@ -75,6 +75,8 @@ class TrainConfig:
     alpha: float = 0.95  # RMSProp decay of the squared-gradient average (ignored by Adam)
     centered: bool = True  # RMSProp divides by the gradient's estimated std, as Graves 2013 (ignored by Adam)
     eps: float = 1e-8  # added after the square root (PyTorch's placement; Graves 2013 adds 1e-4 under it)
+    weight_decay: float = 0.0  # L2: weight_decay * w added to the gradient before the update (torch.optim's)
+    decay_biases: bool = False  # weight decay on biases too (Csordás & Schmidhuber decay weights only)
     batch_size: int = 16
     max_steps: int = 50_000  # optimizer updates; the run's budget
     clip_norm: float | None = None  # rescale the whole gradient to at most this L2 norm
@@ -110,6 +112,8 @@ class TrainConfig:
         check(0 <= self.momentum < 1, "momentum", "a number in [0, 1)", self.momentum)
         check(0 < self.alpha < 1, "alpha", "a number in (0, 1)", self.alpha)
         check(self.eps > 0, "eps", "a positive number", self.eps)
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0",
+              self.weight_decay)
         check(self.batch_size >= 1, "batch_size", "a positive integer", self.batch_size)
         check(self.max_steps >= 1, "max_steps", "a positive integer", self.max_steps)
         for key in ("clip_norm", "clip_value"):
@@ -209,10 +213,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(cfg: TrainConfig, flat: FlatParams) -> Adam | RMSprop:
+def build_optimizer(cfg: TrainConfig, flat: FlatParams, names: list[str] | None = None) -> Adam | RMSprop:
+    """The run's optimizer on ``flat``; ``names`` (the parameters' names, in order) tell weights from biases when
+    weight decay spares the biases (needed then)."""
+    decay = None
+    if cfg.weight_decay > 0 and not cfg.decay_biases:
+        if names is None:
+            raise ValueError("build_optimizer: weight decay without decay_biases needs the parameters' names")
+        decay = bias_mask(flat, names)
     if cfg.optimizer == "adam":
-        return Adam(flat, lr=cfg.lr, eps=cfg.eps)
-    return RMSprop(flat, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, centered=cfg.centered)
+        return Adam(flat, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, decay=decay)
+    return RMSprop(flat, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, centered=cfg.centered,
+                   weight_decay=cfg.weight_decay, decay=decay)
 
 
 class _Run:
@@ -227,8 +239,9 @@ class _Run:
         model = build_model(cfg.model, cfg.model_cfg, self.task.input_size, self.task.output_size)
         self.model = model.to(device=self.device, dtype=self.dtype)
         # the trained weights and their gradients as views of two flat tensors (mann.optim)
-        self.flat = FlatParams([p for p in self.model.parameters() if p.requires_grad])
-        self.optimizer = build_optimizer(cfg, self.flat)
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self.flat = FlatParams([p for _, p in trained])
+        self.optimizer = build_optimizer(cfg, self.flat, [name for name, _ in trained])
         self.generator = torch.Generator().manual_seed(cfg.seed)  # training data (tasks sample on the CPU)
         self.step = 0
         self.wall_time = 0.0  # seconds spent training (evaluation and checkpointing excluded)

@@ -46,3 +46,10 @@ def test_seeds_prints_one_seed_and_eight():
     out = run("seeds.py", "--quick", "--configs", "ntm", "--threads", "1")
     (r,) = rows(out, "ntm")
     assert all(NUMBER.match(v) for v in (r[1], r[3], r[5])), r
+
+
+def test_protocols_prints_a_step_time_for_each_protocol():
+    out = run("protocols.py", "--steps", "2", "--warmup", "1", "--protocols", "collier_ntm", "csordas_dnc_mds")
+    for name, batch in (("collier_ntm", "32"), ("csordas_dnc_mds", "16")):
+        (r,) = rows(out, name)
+        assert r[1] == batch and all(NUMBER.match(v) for v in (r[3], r[4], r[6])), r

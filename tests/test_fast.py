@@ -103,6 +103,8 @@ def kernels(request):
     {"controller": "feedforward"},
     {"memory_init": "learned"},
     {"memory_init": "random"},
+    {"memory_init": "constant_trained"},
+    {"memory_init": "random_trained"},
     {"clip_value": None},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_ntm_fast_matches_reference(overrides, kernels):
@@ -163,6 +165,8 @@ def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp
     ("dnc-ms", {}),
     ("dnc-mds", {"write_heads": 2}),
     ("dnc", {"clip_value": None}),
+    ("dnc-md", {"mask_min": 0.1}),
+    ("dnc-mds", {"mask_min": 0.4, "write_heads": 2}),
 ])
 def test_dnc_fast_matches_reference(name, overrides, kernels):
     _compare(_model(name, {**DNC_TINY, **overrides}))

@@ -1,11 +1,13 @@
 """The models' contract (docs/architecture.md, "Models") and the numerics of NTM, DNC and the LSTM baseline."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from mann import addressing
 from mann.config import ConfigError
-from mann.dnc import DNCState
+from mann.dnc import DNCState, floored_mask
 from mann.ntm import MEMORY_INIT_CONSTANT, NTMState
 from mann.registry import MODELS, build_model, make_model_config
 
@@ -123,6 +125,9 @@ def test_lstm_default_matches_ntm_parameter_count_on_copy():
         ("ntm", {"memory_init": "zeros"}, "model.memory_init"),
         ("dnc", {"read_heads": 0}, "model.read_heads"),
         ("dnc-md", {"clip_value": -1}, "model.clip_value"),
+        ("dnc-md", {"mask_min": 1.0}, "model.mask_min"),
+        ("ntm", {"controller": "feedforward", "forget_bias": 1.0}, "model.forget_bias"),
+        ("dnc-md", {"mask_min": -0.1}, "model.mask_min"),
         ("lstm", {"layers": 0}, "model.layers"),
     ],
 )
@@ -183,6 +188,67 @@ def test_variant_with_no_flags_equals_plain():
         torch.testing.assert_close(plain(x), same(x), rtol=0, atol=1e-12)
 
 
+def _numpy_masked_content(memory, keys, beta, mask_logits, mask_min, eps=1e-6):
+    """Csordás & Schmidhuber's masked content look-up in NumPy, from their description and code: the mask
+    m = sigmoid(z) (1 - mask_min) + mask_min multiplies key and memory, D = (k m).(M_i m) / (|k m| |M_i m| + eps),
+    softmax_i(beta D). memory [B, N, W]; keys, mask_logits [B, H, W]; beta [B, H] -> [B, H, N]."""
+    m = 1 / (1 + np.exp(-mask_logits)) * (1 - mask_min) + mask_min
+    km = keys * m  # [B, H, W]
+    Mm = memory[:, None, :, :] * m[:, :, None, :]  # [B, H, N, W]
+    dot = (Mm * km[:, :, None, :]).sum(-1)
+    D = dot / (np.linalg.norm(km, axis=-1)[..., None] * np.linalg.norm(Mm, axis=-1) + eps)
+    z = beta[..., None] * D
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("mask_min", [0.0, 0.1, 0.6])
+def test_masked_content_lookup_with_a_mask_floor_matches_numpy(mask_min):
+    g = torch.Generator().manual_seed(3)
+    memory, keys, z = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in
+                       ((2, 7, 5), (2, 3, 5), (2, 3, 5)))
+    beta = 1 + 3 * torch.rand(2, 3, generator=g, dtype=torch.float64)
+    mask = floored_mask(z, mask_min)
+    assert mask.min() >= mask_min and mask.max() < 1
+    ours = addressing.content_weights(memory, keys, beta, mask=mask)
+    expected = _numpy_masked_content(memory.numpy(), keys.numpy(), beta.numpy(), z.numpy(), mask_min)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dnc-md", "dnc-mds"])
+def test_dnc_step_floors_its_read_and_write_masks_at_mask_min(name, monkeypatch):
+    """The masks DNC.step hands to content addressing are mask_min + (1 - mask_min) sigmoid of their interface
+    parts (recomputed here in NumPy from the interface layer's output), for the write and the read look-up."""
+    mask_min = 0.25
+    model = seeded(name, mask_min=mask_min).double()
+    cfg, R, Hw, W = model.cfg, model.cfg.read_heads, model.cfg.write_heads, model.cfg.word_size
+    raws, masks = [], []
+    model.interface.register_forward_hook(lambda module, args, out: raws.append(out.detach()))
+    original = addressing.content_weights
+    monkeypatch.setattr(addressing, "content_weights",
+                        lambda m, k, b, mask=None: masks.append(mask.detach()) or original(m, k, b, mask=mask))
+    model.step(torch.randn(2, I, dtype=torch.float64), model.initial_state(2))
+    xi = np.clip(raws[0].numpy(), -cfg.clip_value, cfg.clip_value)
+    start = sum(model.interface_sizes[:10])  # the masks follow the paper's ten parts: read masks, write masks
+    z_read, z_write = xi[:, start : start + R * W], xi[:, start + R * W : start + (R + Hw) * W]
+    floor = lambda z: mask_min + (1 - mask_min) / (1 + np.exp(-z))  # noqa: E731
+    write_mask, read_mask = masks  # the write look-up (on M_{t-1}) runs before the read look-up (on M_t)
+    np.testing.assert_allclose(write_mask.numpy().reshape(2, -1), floor(z_write), rtol=1e-12)
+    np.testing.assert_allclose(read_mask.numpy().reshape(2, -1), floor(z_read), rtol=1e-12)
+    assert write_mask.min() >= mask_min
+
+
+def test_mask_min_changes_a_masked_dnc_and_nothing_else():
+    x = torch.randn(2, 5, I)
+    outputs = {}
+    for name in ("dnc", "dnc-md"):
+        for mm in (0.0, 0.3):
+            with torch.no_grad():
+                outputs[name, mm] = seeded(name, mask_min=mm)(x)
+    assert torch.equal(outputs["dnc", 0.0], outputs["dnc", 0.3])  # no masks: nothing to floor
+    assert not torch.allclose(outputs["dnc-md", 0.0], outputs["dnc-md", 0.3])
+
+
 def test_registry_presets_set_the_flags():
     flags = {n: tuple(getattr(make_model_config(n), f) for f in ("masking", "deallocation", "sharpness"))
              for n in ("dnc", "dnc-md", "dnc-ms", "dnc-mds")}
@@ -218,7 +284,62 @@ def test_memory_init_schemes():
     assert torch.equal(a, a_again)  # and follows the seed
 
 
-@pytest.mark.parametrize("init", ["constant", "learned", "random"])
+# What each scheme initialises M_0 to and whether training moves it. Collier & Beel's code (ntm.py, zero_state):
+# "constant" is tf.get_variable(init 1e-6), "learned" tanh of a Glorot-uniform 1 -> N*W layer's weights, "random"
+# tanh(tf.get_variable(init N(0, 0.5^2))); every tf.get_variable is trainable and run_tasks.py's optimizer updates
+# all trainable variables. Rows: scheme -> (trained, tanh applied to the parameter, parameter's initial values).
+INIT_SCHEMES = {
+    "constant": (False, None, None),
+    "random": (False, None, None),
+    "learned": (True, True, "glorot"),  # U(+-sqrt(6 / (1 + N W)))
+    "constant_trained": (True, False, "1e-6"),
+    "random_trained": (True, True, "normal 0.5"),
+}
+
+
+@pytest.mark.parametrize("init", sorted(INIT_SCHEMES))
+def test_each_memory_init_scheme_initialises_and_trains_what_collier_and_beel_do(init):
+    trained, tanh, start = INIT_SCHEMES[init]
+    model = seeded("ntm", memory_init=init, memory_size=64, word_size=20)
+    N, W = 64, 20
+    params = dict(model.named_parameters())
+    # the initial reads and weightings are learned in every scheme: r_0 = tanh(p), w_0 = softmax(q)
+    assert {"init_reads", "init_weight_logits"} <= set(params)
+    state = model.initial_state(3)
+    torch.testing.assert_close(state.reads[0], torch.tanh(model.init_reads))
+    torch.testing.assert_close(state.read_weights[0], torch.softmax(model.init_weight_logits, -1)[:1])
+    assert ("init_memory" in params) == trained
+    if trained:
+        P = model.init_memory
+        start_values = P.detach().clone()
+        assert P.shape == (N, W)
+        torch.testing.assert_close(state.memory, (torch.tanh(P) if tanh else P).expand(3, N, W))
+        if start == "1e-6":
+            assert (P == MEMORY_INIT_CONSTANT).all()
+        elif start == "glorot":
+            bound = (6 / (1 + N * W)) ** 0.5
+            assert P.abs().max() <= bound and P.abs().max() > 0.9 * bound and abs(P.mean()) < 0.1 * bound
+        else:
+            assert abs(P.std().item() - 0.5) < 0.02 and abs(P.mean().item()) < 0.02  # 1280 draws of N(0, 0.25)
+        with torch.no_grad():  # tanh(1e-6) is 1e-6 to float precision: whether tanh applies shows at 2
+            P.fill_(2.0)
+        assert (model.initial_state(1).memory == (torch.tanh(torch.tensor(2.0)) if tanh else 2.0)).all()
+        with torch.no_grad():
+            P.copy_(start_values)
+    # one Adam step: the memory a trained scheme starts from moves; an untrained one stays as it was
+    before = model.initial_state(1).memory.detach().clone() if init != "random" else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4, I)).square().sum().backward()
+    optimizer.step()
+    if init == "random":
+        return
+    after = model.initial_state(1).memory
+    assert torch.equal(before, after) != trained
+    if init == "constant":
+        assert (after == MEMORY_INIT_CONSTANT).all()
+
+
+@pytest.mark.parametrize("init", sorted(INIT_SCHEMES))
 def test_ntm_runs_with_a_larger_memory(init):
     model = seeded("ntm", memory_init=init)
     s = model.initial_state(2, memory_size=20)
@@ -292,3 +413,38 @@ def test_cuda(name):
     assert all(t.is_cuda for t in tensors(state))
     y = model(torch.randn(2, 4, I, device="cuda"))
     assert y.is_cuda and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["ntm", "dnc-mds", "lstm"])
+def test_forget_bias_raises_the_forget_gate_bias_at_initialisation_and_nothing_else(name):
+    plain = dict(seeded(name).named_parameters())
+    biased = seeded(name, forget_bias=1.0)
+    H = 12  # every TINY controller / LSTM has 12 units
+    for n, p in biased.named_parameters():
+        if n.rsplit(".", 1)[-1].startswith("bias_ih"):
+            torch.testing.assert_close(p[H : 2 * H], plain[n][H : 2 * H] + 1.0, rtol=0, atol=1e-7)
+            assert torch.equal(p[:H], plain[n][:H]) and torch.equal(p[2 * H :], plain[n][2 * H :]), n
+        else:
+            assert torch.equal(p, plain[n]), n
+    assert any(n.rsplit(".", 1)[-1].startswith("bias_ih") for n in plain)
+
+
+def test_forget_bias_is_tensorflows_constant_added_to_the_forget_gate():
+    """TF's BasicLSTMCell computes c = sigmoid(f + forget_bias) c_prev + ...: an nn.LSTMCell whose forget bias was
+    raised by forget_bias at initialisation gives the same h and c."""
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(3, 4).double()
+    raised = nn.LSTMCell(3, 4).double()
+    raised.load_state_dict(cell.state_dict())
+    from mann.lstm import add_forget_bias
+
+    add_forget_bias(raised, 1.0)
+    x, h, c = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64), torch.randn(
+        2, 4, dtype=torch.float64)
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+    i, f, g, o = gates.chunk(4, 1)
+    c_tf = torch.sigmoid(f + 1.0) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_tf = torch.sigmoid(o) * torch.tanh(c_tf)
+    h_ours, c_ours = raised(x, (h, c))
+    torch.testing.assert_close(c_ours, c_tf, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_ours, h_tf, rtol=1e-12, atol=1e-12)

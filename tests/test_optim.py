@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mann.optim import Adam, FlatParams, RMSprop, grad_norm
+from mann.optim import Adam, FlatParams, RMSprop, bias_mask, grad_norm
 
 SETTINGS = {
     "adam": (lambda flat: Adam(flat, lr=3e-3, eps=1e-8),
@@ -179,3 +179,90 @@ def test_training_imports_no_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# -- weight decay ---------------------------------------------------------------------------------------------------
+
+DECAY_SETTINGS = {  # (ours, torch.optim) with weight decay; Csordás & Schmidhuber's RMSProp is the second
+    "adam": (lambda flat, **kw: Adam(flat, lr=3e-3, eps=1e-8, **kw),
+             lambda groups, wd: torch.optim.Adam(groups, lr=3e-3, eps=1e-8, weight_decay=wd)),
+    "rmsprop-csordas": (lambda flat, **kw: RMSprop(flat, lr=1e-3, alpha=0.99, eps=1e-10, momentum=0.9, **kw),
+                        lambda groups, wd: torch.optim.RMSprop(groups, lr=1e-3, alpha=0.99, eps=1e-10, momentum=0.9,
+                                                               weight_decay=wd)),
+    "rmsprop-graves": (lambda flat, **kw: RMSprop(flat, lr=1e-3, alpha=0.95, eps=1e-8, momentum=0.9, centered=True,
+                                                  **kw),
+                       lambda groups, wd: torch.optim.RMSprop(groups, lr=1e-3, alpha=0.95, eps=1e-8, momentum=0.9,
+                                                              centered=True, weight_decay=wd)),
+}
+WD = 0.05  # large enough that a decay on the wrong numbers shows within a few steps
+
+
+def used(model):
+    """(name, parameter) pairs that get a gradient (torch.optim skips the others, weight decay included)."""
+    return [(n, p) for n, p in model.named_parameters() if n != "unused"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(DECAY_SETTINGS))
+def test_weight_decay_on_every_parameter_is_torch_optims(name, dtype):
+    ours, theirs = DECAY_SETTINGS[name]
+    a, b = pair(dtype)
+    opt_a = ours(FlatParams([p for _, p in used(a)]), weight_decay=WD)
+    opt_b = theirs([p for _, p in used(b)], WD)
+    train(a, opt_a, opt_a.zero_grad, 10, dtype)
+    train(b, opt_b, lambda: opt_b.zero_grad(set_to_none=True), 10, dtype)
+    for (n, pa), (_, pb) in zip(used(a), used(b), strict=True):
+        assert torch.equal(pa, pb), n
+    assert opt_a.state_dict()["param_groups"][0]["weight_decay"] == WD
+
+
+@pytest.mark.parametrize("name", list(DECAY_SETTINGS))
+def test_weight_decay_on_weights_only_is_torch_optims_two_groups(name):
+    """Csordás & Schmidhuber's setup: one group of weights with weight decay, one of biases without."""
+    ours, theirs = DECAY_SETTINGS[name]
+    dtype = torch.float64
+    a, b = pair(dtype)
+    flat = FlatParams([p for _, p in used(a)])
+    mask = bias_mask(flat, [n for n, _ in used(a)])
+    opt_a = ours(flat, weight_decay=WD, decay=mask)
+    weights = [p for n, p in used(b) if "bias" not in n]
+    biases = [p for n, p in used(b) if "bias" in n]
+    opt_b = theirs([{"params": weights}, {"params": biases, "weight_decay": 0.0}], WD)
+    train(a, opt_a, opt_a.zero_grad, 10, dtype)
+    train(b, opt_b, lambda: opt_b.zero_grad(set_to_none=True), 10, dtype)
+    for (n, pa), (_, pb) in zip(used(a), used(b), strict=True):
+        assert torch.equal(pa, pb), n
+    # and it is not the same as decaying everything
+    c, _ = pair(dtype)
+    opt_c = ours(FlatParams([p for _, p in used(c)]), weight_decay=WD)
+    train(c, opt_c, opt_c.zero_grad, 10, dtype)
+    assert not torch.equal(c.out.bias, a.out.bias) and not torch.equal(c.out.weight, a.out.weight)
+
+
+def test_bias_mask_spares_exactly_the_biases():
+    a, _ = pair(torch.float64)
+    named = used(a)
+    flat = FlatParams([p for _, p in named])
+    mask = bias_mask(flat, [n for n, _ in named])
+    for (n, _), view in zip(named, flat.split(mask), strict=True):
+        assert (view == (0.0 if n in ("cell.bias_ih", "cell.bias_hh", "out.bias") else 1.0)).all(), n
+    with pytest.raises(ValueError, match="names for"):
+        bias_mask(flat, ["x"])
+
+
+def test_training_config_builds_the_decay_of_its_fields():
+    from mann.config import ConfigError
+    from mann.train import _Run, make_train_config
+
+    tiny = {"model.controller_size": 8, "model.memory_size": 6, "model.word_size": 4, "model.read_heads": 1,
+            "task.max_items": 3}
+    run = _Run(make_train_config("dnc-md", "associative_recall", {**tiny, "weight_decay": 1e-5}))
+    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    assert run.optimizer.weight_decay == 1e-5
+    for name, view in zip(names, run.flat.split(run.optimizer.decay), strict=True):
+        assert (view == (0.0 if ".bias" in name else 1.0)).all(), name
+    every = _Run(make_train_config("dnc", "associative_recall", {**tiny, "weight_decay": 1e-5, "decay_biases": True}))
+    assert every.optimizer.decay is None and every.optimizer.weight_decay == 1e-5
+    assert _Run(make_train_config("dnc", "associative_recall", tiny)).optimizer.weight_decay == 0.0
+    with pytest.raises(ConfigError, match="weight_decay"):
+        make_train_config("dnc", "associative_recall", {"weight_decay": -1e-5})

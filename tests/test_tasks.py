@@ -561,3 +561,25 @@ def test_a_scale_the_config_cannot_name_is_a_one_line_error():
     task = task_of("graph", {"num_ids": 12})
     with pytest.raises(ValueError, match="num_ids"):
         sample(task, scale=2)
+
+
+@pytest.mark.parametrize("name, overrides", CASES, ids=IDS)
+def test_sum_loss_is_the_scored_elements_summed_per_sequence(name, overrides):
+    """loss_reduction: sum = sum of the per-element losses over scored elements / batch size (Collier & Beel's
+    ``reduce_sum(cross_entropy) / batch_size``), recomputed here element by element."""
+    task = task_of(name, {**overrides, "loss_reduction": "sum"})
+    batch = sample(task, batch_size=5)
+    logits = torch.randn(*batch.mask.shape, task.output_size, generator=torch.Generator().manual_seed(2),
+                         dtype=torch.float64)
+    total = 0.0
+    for b, t in torch.nonzero(batch.mask).tolist():
+        if task.targets_kind == "bits":
+            p = torch.sigmoid(logits[b, t])
+            y = batch.targets[b, t].double()
+            total += float(-(y * p.log() + (1 - y) * (1 - p).log()).sum())
+        else:
+            total += float(-torch.log_softmax(logits[b, t], -1)[batch.targets[b, t]])
+    assert task.loss(logits, batch).item() == pytest.approx(total / 5, rel=1e-9)
+    mean = task_of(name, overrides).loss(logits, batch).item()
+    elements = batch.mask.sum().item() * (task.output_size if task.targets_kind == "bits" else 1)
+    assert mean == pytest.approx(total / elements, rel=1e-9)

@@ -7,8 +7,9 @@
 // clip on or off (so every variant: dnc, dnc-md, dnc-ms, dnc-mds).
 //
 // Same maths, same order as mann/fast_dnc.py's dnc_step / dnc_step_backward (DNC Methods; Csordas & Schmidhuber
-// 2019): xi clipped; keys and write vectors as they are, strengths and sharpness oneplus, gates, erase and masks
-// sigmoid, read modes softmax; retention psi = prod_r (1 - f_r w^r_{t-1,r}); usage u = (u_{t-1} + w - u_{t-1} w) psi
+// 2019): xi clipped; keys and write vectors as they are, strengths and sharpness oneplus, gates and erase sigmoid,
+// masks sigmoid floored at mask_min, read modes softmax; retention psi = prod_r (1 - f_r w^r_{t-1,r}); usage
+// u = (u_{t-1} + w - u_{t-1} w) psi
 // with w = 1 - prod_h (1 - w^w_{t-1,h}); allocation per write head from the usage the heads before it leave
 // (stable ascending sort, exclusive cumulative product); content C(M, k, beta) = softmax(beta D) with D the
 // (masked) cosine similarity (norms floored at sqrt(smallest normal), eps 1e-6 outside their product); w^w =
@@ -59,12 +60,14 @@ constexpr double kLinkEps = 1e-6;  // sharpen_link_distribution's eps
 #endif
 #define DNC_INLINE inline __attribute__((always_inline))
 
-enum Kind : int8_t { kIdentity = 0, kSigmoid = 1, kOneplus = 2 };
+// kMask: sigmoid floored at mask_min, mask_min + (1 - mask_min) sigmoid(x) (mann.dnc.floored_mask)
+enum Kind : int8_t { kIdentity = 0, kSigmoid = 1, kOneplus = 2, kMask = 3 };
 
 struct Dims {
   int64_t B, N, W, R, Hw, K, P;  // K = 2 Hw + 1 read modes
   bool masking, dealloc, sharp;
   double clip;  // <= 0: no clip
+  double mask_min;  // floor of the masks (kMask)
   // where each part of xi starts in a row of raw (-1: absent)
   int64_t rk, rs, wk, ws, er, wv, fg, ag, wg, rm, rmask, wmask, sf, sb;
   std::vector<int8_t> kind;  // the squashing of each number of xi (read modes: identity, then a softmax)
@@ -73,10 +76,10 @@ struct Dims {
 };
 
 Dims make_dims(int64_t B, int64_t N, int64_t W, int64_t R, int64_t Hw, bool masking, bool dealloc, bool sharp,
-               double clip) {
+               double clip, double mask_min) {
   Dims d{};
   d.B = B, d.N = N, d.W = W, d.R = R, d.Hw = Hw, d.K = 2 * Hw + 1;
-  d.masking = masking, d.dealloc = dealloc, d.sharp = sharp, d.clip = clip;
+  d.masking = masking, d.dealloc = dealloc, d.sharp = sharp, d.clip = clip, d.mask_min = mask_min;
   int64_t o = 0;
   auto part = [&](int64_t size, int8_t kind) {
     d.kind.insert(d.kind.end(), size, kind);
@@ -86,8 +89,8 @@ Dims make_dims(int64_t B, int64_t N, int64_t W, int64_t R, int64_t Hw, bool mask
   d.rk = part(R * W, kIdentity), d.rs = part(R, kOneplus), d.wk = part(Hw * W, kIdentity);
   d.ws = part(Hw, kOneplus), d.er = part(Hw * W, kSigmoid), d.wv = part(Hw * W, kIdentity);
   d.fg = part(R, kSigmoid), d.ag = part(Hw, kSigmoid), d.wg = part(Hw, kSigmoid), d.rm = part(R * d.K, kIdentity);
-  d.rmask = masking ? part(R * W, kSigmoid) : -1;
-  d.wmask = masking ? part(Hw * W, kSigmoid) : -1;
+  d.rmask = masking ? part(R * W, kMask) : -1;
+  d.wmask = masking ? part(Hw * W, kMask) : -1;
   d.sf = sharp ? part(R, kOneplus) : -1;
   d.sb = sharp ? part(R, kOneplus) : -1;
   d.P = o;
@@ -180,7 +183,12 @@ template <typename T>
 void squash(const Dims& d, const T* raw, T* q) {
   for (int64_t k = 0; k < d.P; ++k) {
     const T x = clipped(raw[k], d.clip);
-    q[k] = d.kind[k] == kSigmoid ? sigmoid(x) : (d.kind[k] == kOneplus ? T(1) + softplus(x) : x);
+    switch (d.kind[k]) {
+      case kSigmoid: q[k] = sigmoid(x); break;
+      case kOneplus: q[k] = T(1) + softplus(x); break;
+      case kMask: q[k] = T(d.mask_min) + T(1 - d.mask_min) * sigmoid(x); break;
+      default: q[k] = x;
+    }
   }
   for (int64_t r = 0; r < d.R; ++r) softmax(q + d.rm + r * d.K, d.K);
 }
@@ -824,6 +832,9 @@ void backward_row(const Dims& d, const Row<T>& x, const RowGrad<T>& g) {
     T dk = 1;
     if (d.kind[k] == kSigmoid) {
       dk = q[k] * (T(1) - q[k]);
+    } else if (d.kind[k] == kMask) {
+      const T s = sigmoid(clipped(x_raw, d.clip));
+      dk = T(1 - d.mask_min) * s * (T(1) - s);
     } else if (d.kind[k] == kOneplus) {
       const T c = clipped(x_raw, d.clip);
       dk = softplus_grad(c);
@@ -841,8 +852,8 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
 }
 
 Dims dims_of(const at::Tensor& raw, const at::Tensor& M, int64_t R, int64_t Hw, bool masking, bool dealloc,
-             bool sharp, double clip) {
-  Dims d = make_dims(M.size(0), M.size(1), M.size(2), R, Hw, masking, dealloc, sharp, clip);
+             bool sharp, double clip, double mask_min) {
+  Dims d = make_dims(M.size(0), M.size(1), M.size(2), R, Hw, masking, dealloc, sharp, clip, mask_min);
   TORCH_CHECK(raw.dim() == 2 && raw.size(0) == d.B && raw.size(1) == d.P, "dnc_step: interface of shape ",
               raw.sizes(), " does not fit memory ", M.sizes(), " with R=", R, " Hw=", Hw, " masking=", masking,
               " sharpness=", sharp);
@@ -869,11 +880,12 @@ Row<T> row_of(const Dims& d, int64_t b, const at::Tensor& raw, const at::Tensor&
 
 std::vector<at::Tensor> step_forward(at::Tensor raw, at::Tensor M_prev, at::Tensor wr_prev, at::Tensor ww_prev,
                                      at::Tensor p_prev, at::Tensor u_prev, at::Tensor L_prev, at::Tensor L_out,
-                                     int64_t R, int64_t Hw, bool masking, bool dealloc, bool sharp, double clip) {
+                                     int64_t R, int64_t Hw, bool masking, bool dealloc, bool sharp, double clip,
+                                     double mask_min) {
   for (auto* t : {&raw, &M_prev, &wr_prev, &ww_prev, &p_prev, &u_prev, &L_prev, &L_out}) {
     check(*t, M_prev, "every input");
   }
-  const Dims d = dims_of(raw, M_prev, R, Hw, masking, dealloc, sharp, clip);
+  const Dims d = dims_of(raw, M_prev, R, Hw, masking, dealloc, sharp, clip, mask_min);
   TORCH_CHECK(L_prev.numel() == d.B * Hw * d.N * d.N && L_out.numel() == L_prev.numel(), "dnc_step: link of shape ",
               L_prev.sizes());
   auto opts = M_prev.options();
@@ -895,12 +907,13 @@ std::vector<at::Tensor> step_backward(at::Tensor raw, at::Tensor M_prev, at::Ten
                                       at::Tensor ww_prev, at::Tensor p_prev, at::Tensor u_prev, at::Tensor L_prev,
                                       at::Tensor wr, at::Tensor ww, at::Tensor aux, at::Tensor gM, at::Tensor gwr,
                                       at::Tensor gww, at::Tensor gp, at::Tensor gu, at::Tensor gr, at::Tensor gL,
-                                      int64_t R, int64_t Hw, bool masking, bool dealloc, bool sharp, double clip) {
+                                      int64_t R, int64_t Hw, bool masking, bool dealloc, bool sharp, double clip,
+                                      double mask_min) {
   for (auto* t : {&raw, &M_prev, &M, &wr_prev, &ww_prev, &p_prev, &u_prev, &L_prev, &wr, &ww, &aux, &gM, &gwr, &gww,
                   &gp, &gu, &gr, &gL}) {
     check(*t, M_prev, "every input");
   }
-  const Dims d = dims_of(raw, M_prev, R, Hw, masking, dealloc, sharp, clip);
+  const Dims d = dims_of(raw, M_prev, R, Hw, masking, dealloc, sharp, clip, mask_min);
   TORCH_CHECK(aux.size(1) == d.A && gL.numel() == L_prev.numel() && L_prev.numel() == d.B * Hw * d.N * d.N,
               "dnc_step: saved numbers do not fit the dimensions");
   auto g_M = at::empty_like(M_prev), g_wr = at::empty_like(wr_prev), g_ww = at::empty_like(ww_prev);
@@ -947,11 +960,13 @@ at::Tensor link_step(at::Tensor L_prev, at::Tensor ww, at::Tensor p_prev, at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_forward", &step_forward,
-        "DNC memory, one step: (raw, M, w^r, w^w, p, u, L, L_out, R, Hw, masking, dealloc, sharpness, clip) -> "
+        "DNC memory, one step: (raw, M, w^r, w^w, p, u, L, L_out, R, Hw, masking, dealloc, sharpness, clip, "
+        "mask_min) -> "
         "(M_t, w^r_t, w^w_t, p_t, u_t, r_t, aux); L_t is written into L_out (may be L)");
   m.def("step_backward", &step_backward,
         "Reverse of step_forward: (raw, M, M_t, w^r, w^w, p, u, L, w^r_t, w^w_t, aux, gM_t, gw^r_t, gw^w_t, gp_t, "
-        "gu_t, gr_t, gL_t, R, Hw, masking, dealloc, sharpness, clip) -> (gM, gw^r, gw^w, gp, gu, g_raw); gL_t "
+        "gu_t, gr_t, gL_t, R, Hw, masking, dealloc, sharpness, clip, mask_min) -> (gM, gw^r, gw^w, gp, gu, g_raw); "
+        "gL_t "
         "becomes gL in place");
   m.def("link_step", &link_step, "L_t from (L, w^w_t, p, out): the link update alone, into out (may be L)");
 }
