@@ -20,9 +20,10 @@ Evaluation protocol (docs/metrics.md has every metric's unit, :data:`mann.tasks.
 - ``final_*``: every run ends with a final evaluation of ``error``, ``cost_bits``, ``accuracy`` and
   the generalization metrics on ``final_eval_sequences`` held-out sequences from ``eval_seed``
   (whose first ``eval_batches * batch_size`` at 1x are the periodic set). It runs whatever the end:
-  the budget spent, convergence, an on_eval stop, or divergence (the loop never applies a
-  non-finite update, so a diverged run's weights are those of its last good step; should they not
-  be finite the final evaluation is skipped and said so in the message). When the end is known at
+  the budget spent, convergence, an on_eval stop, or divergence (the loop never applies an update
+  from a non-finite loss or gradient, so a diverged run's weights are those of its last step;
+  when a finite update overflowed them to inf, as an absurd learning rate does, the final
+  evaluation is skipped and the message says so). When the end is known at
   an evaluation (the last step, or convergence) its metrics are in that evaluation's on_eval call;
   otherwise (on_eval stop, divergence) only in ``FitResult.metrics``.
 - Convergence: with ``stop_at_error`` set, the run stops once ``error <= stop_at_error`` on

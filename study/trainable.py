@@ -12,9 +12,9 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 - ``fit`` completes (its budget spent, or converged under ``stop_at_error``: ``converged_step`` is
   logged): the last evaluation, which carries the final evaluation's ``final_*`` metrics, is logged
   and reported with ``trial_status=completed``.
-- ``fit`` returns ``diverged``: the final evaluation's ``final_*`` (of the weights of the last good
-  step) are logged at the divergence step; a final report with the objective at its worst value (so
-  ASHA ranks it last) and ``trial_status=diverged``.
+- ``fit`` returns ``diverged``: the final evaluation's ``final_*`` (of the weights of the last step
+  taken, when they are finite) are logged at the divergence step; a final report with the
+  objective at its worst value (so ASHA ranks it last) and ``trial_status=diverged``.
 - Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray ends the
   training thread with ``SystemExit``. The trial is recorded ``stopped_early`` at its last reported
   step at once; then ``fit`` is told to stop, runs its final evaluation, and its ``final_*`` are logged

@@ -233,6 +233,11 @@ def test_absurd_learning_rate_diverges_with_a_step_not_an_exception(optimizer):
     result = fit(tiny(optimizer=optimizer, lr=1e38, clip_value=None, max_steps=50, eval_every=100))
     assert result.status == "diverged"
     assert 1 <= result.step < 50 and f"diverged at step {result.step}" in result.message
+    # The final evaluation scores the weights the run ended with when they are finite (Adam's overflowing
+    # step was refused); RMSProp's update sent a weight to inf: nothing to score, and the message says so.
+    finite = optimizer == "adam"
+    assert ("final_error" in result.metrics) == finite
+    assert ("no final evaluation: a weight is not finite" in result.message) != finite
 
 
 @dataclass(frozen=True)
