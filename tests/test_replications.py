@@ -22,13 +22,13 @@ from study.sweep import run_sweep
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "search_spaces"
 FULL = ["graves2014_copy", "collier_beel2018_init", "csordas2019_recall"]
-# each study's arms as (model, the MLflow params that tell them apart)
+# each study's arms as (model, (the MLflow param that tells them apart, its value))
 ARMS = {
     "graves2014_copy": {("ntm", ("lr", "1e-04")), ("lstm", ("lr", "3e-05"))},
     "collier_beel2018_init": {("ntm", ("model.memory_init", v)) for v in ("constant_trained", "learned",
                                                                           "random_trained")},
-    "csordas2019_recall": {("dnc", ("model.masking", "False")), ("dnc", ("model.masking", "True")),
-                           ("dnc-md", ("model.masking", "True")), ("dnc-mds", ("model.masking", "True"))},
+    "csordas2019_recall": {("dnc", ("model.masking", "false")), ("dnc", ("model.masking", "true")),
+                           ("dnc-md", ("model.masking", "true")), ("dnc-mds", ("model.masking", "true"))},
 }
 STEPS, EVERY = 4, 2
 
@@ -87,7 +87,7 @@ def test_each_study_file_runs_end_to_end_cut_to_a_few_steps(name, ray_cluster, m
         params, metrics = run.data.params, run.data.metrics
         model = params["model"]
         key = next(k for _, (k, _) in arms)
-        value = params.get(key, "False")  # an LSTM or NTM has no model.masking
+        value = params[key]  # MLflow keeps booleans as YAML spells them: true, false
         if key == "lr":
             value = f"{float(value):.0e}"
         seen.add((model, (key, value)))
@@ -95,3 +95,28 @@ def test_each_study_file_runs_end_to_end_cut_to_a_few_steps(name, ray_cluster, m
         assert float(params["stop_at_error"]) > 0  # the convergence stop is on
         assert "final_error" in metrics and "converged_step" not in metrics  # four steps converge nothing
     assert seen == arms
+
+
+def test_study_cost_prices_every_arm_and_adds_them_up():
+    """bench/study_cost.py (the budgets in the _small files' headers): one line per arm, per-trial figures that
+    follow from its step, evaluation and final times, and a total over the trials."""
+    import re
+    import subprocess
+    import sys
+
+    study = REPO / "tests" / "studies" / "asha.yaml"  # a grid of six learning rates, 60 steps, evaluation every 10
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "study_cost.py"), str(study), "--steps", "2",
+                          "--warmup", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    arm = re.compile(r"^  model=lstm, lr=(\S+): ([\d.]+) ms/step, ([\d.]+) s/evaluation, ([\d.]+) s final -> at most "
+                     r"([\d.]+) min per trial x 1$")
+    lines = [m for m in map(arm.match, out.stdout.splitlines()) if m]
+    assert sorted(float(m[1]) for m in lines) == sorted([3e-2, 1e-2, 3e37, 3e-3, 1e-3, 1e-4])
+    total = 0.0
+    for m in lines:
+        step, evaluation, final, minutes = (float(v) for v in m.groups()[1:])
+        trial = 60 * step / 1e3 + 6 * evaluation + final
+        assert abs(trial / 60 - minutes) <= 0.06 + 0.01 * minutes, m[0]  # figures printed rounded
+        total += trial
+    (bound,) = re.findall(r"upper bound: ([\d.]+) CPU core-hours, (\d+) min wall at 2 trials at once", out.stdout)
+    assert abs(float(bound[0]) - total / 3600) <= 0.006
