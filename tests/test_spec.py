@@ -74,7 +74,9 @@ def test_every_shipped_study_validates(path, capsys):
 
 def test_the_expected_studies_are_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"demo", "ntm_copy", "ntm_memory_init", "dnc_recall", "dnc_variants", "lstm_vs_mann"} <= names
+    assert {"demo", "ntm_copy", "dnc_recall", "lstm_vs_mann", "graves2014_copy", "graves2014_copy_small",
+            "collier_beel2018_init", "collier_beel2018_init_small", "csordas2019_recall",
+            "csordas2019_recall_small"} <= names
 
 
 def test_a_study_loads_with_its_defaults(tmp_path):
