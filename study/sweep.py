@@ -369,6 +369,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     """
     from study import tracking
 
+    started = time.monotonic()
     spec = load_spec(path)
     exp_dir = experiment_dir(spec)
     state_exists = exp_dir.is_dir() and any(exp_dir.glob("experiment_state*.json"))
@@ -411,6 +412,8 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         reconcile(spec, uri, parent, "lost: the trial did not finish in this sweep (driver or node lost)")
         summary = summarize(spec)
         summary.parent_run_id = parent
+        tracking.log_study_summary(uri, parent, summary.counts, time.monotonic() - started, spec.objective.metric,
+                                   summary.best["value"] if summary.best else None)
         tracking.finish_study_run(uri, parent, "FINISHED")
         return summary
     except BaseException as err:
