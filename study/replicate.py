@@ -467,7 +467,15 @@ def _reconcile(uri: str, experiment_id: str, parent_run_id: str, reason: str) ->
     """After the Tuner returns nothing runs, so child runs still ``running`` were lost: mark them failed.
 
     Returns the child runs per status."""
-    from study.tracking import RUNNING, STATUS_TO_RUN_STATUS, TAG_STATUS, TAG_STATUS_PREFIX, _client
+    from study.tracking import (
+        RUNNING,
+        STATUS_TO_RUN_STATUS,
+        TAG_NOTE,
+        TAG_STATUS,
+        TAG_STATUS_PREFIX,
+        _client,
+        status_note,
+    )
 
     client = _client(uri)
     counts: dict[str, int] = {}
@@ -476,6 +484,7 @@ def _reconcile(uri: str, experiment_id: str, parent_run_id: str, reason: str) ->
         if status == RUNNING:
             client.set_tag(run.info.run_id, TAG_STATUS, "failed")
             client.set_tag(run.info.run_id, TAG_STATUS_PREFIX + "message", reason)
+            client.set_tag(run.info.run_id, TAG_NOTE, status_note("failed", {"message": reason}))
             client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS["failed"])
             status = "failed"
         counts[status] = counts.get(status, 0) + 1

@@ -291,10 +291,12 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
     from study.tracking import (
         STATUS_TO_RUN_STATUS,
         TAG_KIND,
+        TAG_NOTE,
         TAG_STATUS,
         TAG_STATUS_PREFIX,
         TAG_TRIAL_ID,
         _client,
+        status_note,
     )
 
     study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
@@ -315,7 +317,8 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
         details = {"step": verdict["status_step"]} if "status_step" in verdict else {}
         if status == "failed":
             details["message"] = reason
-        tags = [RunTag(TAG_STATUS, status)] + [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
+        tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
+        tags += [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
         client.log_batch(run.info.run_id, tags=tags, synchronous=True)
         client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS[status])
         fixed["mlflow"] += 1

@@ -385,13 +385,14 @@ def start_study_run(
 
 def runs_view(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The runs table of a study as the MLflow UI stores a shared view: the columns that say what each
-    trial is and how it ended (status tag, objective, the study's best, model, searched parameters, seed),
-    best objective first. Column ids are MLflow's ``<type>.`<key>```."""
+    trial is and how it ended (its description: how it ended, or the study's outcome; the objective, the
+    study's best, model, searched parameters, seed, status tag), best objective first. Column ids are
+    MLflow's ``<type>.`<key>```."""
     objective = dict(spec_dict.get("objective") or {})
     metric, mode = objective.get("metric", "error"), objective.get("mode", "min")
     searched = [key for key in (spec_dict.get("search") or {}) if key not in ("model", "seed")]
-    columns = [f"tags.`{TAG_STATUS}`", f"metrics.`{metric}`", f"metrics.`{SUMMARY_PREFIX}best_{metric}`",
-               "params.`model`", *(f"params.`{key}`" for key in searched), "params.`seed`"]
+    columns = ["attributes.`Description`", f"metrics.`{metric}`", f"metrics.`{SUMMARY_PREFIX}best_{metric}`",
+               "params.`model`", *(f"params.`{key}`" for key in searched), "params.`seed`", f"tags.`{TAG_STATUS}`"]
     return {"searchFilter": "", "orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
             "selectedColumns": columns}
 
@@ -792,7 +793,7 @@ class TrialTracker:
             raise ValueError(f"status: expected one of {', '.join(STATUS_TO_RUN_STATUS)}, got {status!r}")
         with self._lock:
             sent = self.flush()
-            tags = [RunTag(TAG_STATUS, status)]
+            tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
             tags += [RunTag(TAG_STATUS_PREFIX + k, _cut(str(v), MAX_TAG_VAL_LENGTH)) for k, v in details.items()]
 
             def record() -> None:
@@ -829,6 +830,21 @@ class TrialTracker:
         if exc is not None and self.status is None and isinstance(exc, Exception):
             self.set_status("failed", message=_one_line(f"{exc_type.__name__}: {exc}", 2000))
         self.close()
+
+
+def status_note(status: str, details: Mapping[str, Any]) -> str:
+    """How a trial ended in words, for its run's description (the runs table's Description column):
+    ``stopped early at step 600 (ASHA)``, ``diverged at step 2: loss is inf``."""
+    step = details.get("step")
+    at = f" at step {step}" if step is not None else ""
+    message = _one_line(details["message"], 200) if details.get("message") else ""
+    if status == "completed":
+        return f"completed{at} (full budget)"
+    if status == "stopped_early":
+        return f"stopped early{at} (ASHA or the time budget)"
+    if message.startswith(status):  # fit's own message already says "diverged at step ..."
+        return message
+    return f"{status}{at}" + (f": {message}" if message else "")
 
 
 def _as_float(key: Any, value: Any) -> float:

@@ -290,6 +290,12 @@ def test_unreachable_server_is_one_line_naming_the_uri():
     assert uri in str(info.value) and "\n" not in str(info.value)
 
 
+NOTES = {"completed": "completed at step 7 (full budget)",
+         "stopped_early": "stopped early at step 7 (ASHA or the time budget)",
+         "diverged": "diverged at 7",  # a message that starts with the status is the note itself
+         "failed": "failed at 7"}
+
+
 def test_statuses_map_to_tags_and_run_statuses(sqlite_uri, study_file):
     experiment_id, parent = _study(sqlite_uri, "statuses", study_file)
     client = mlflow.MlflowClient(sqlite_uri)
@@ -305,6 +311,7 @@ def test_statuses_map_to_tags_and_run_statuses(sqlite_uri, study_file):
         assert run.info.status == run_status and run.data.tags[TAG_STATUS] == status
         assert run.data.tags["mannstudy.status_step"] == "7"
         assert run.data.tags["mannstudy.status_message"] == f"{status} at 7"
+        assert run.data.tags[TAG_NOTE] == NOTES[status]  # the runs table's Description column
         assert run.data.metrics["error"] == 0.5
     # a scheduler's stop is no failure: the UI draws KILLED as a red cross, like a crash
     assert STATUS_TO_RUN_STATUS == {"completed": "FINISHED", "stopped_early": "FINISHED", "diverged": "FAILED",
@@ -317,6 +324,7 @@ def test_statuses_map_to_tags_and_run_statuses(sqlite_uri, study_file):
         raise RuntimeError("boom")
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["mannstudy.status_message"] == "RuntimeError: boom"
+    assert run.data.tags[TAG_NOTE] == "failed: RuntimeError: boom"
     assert run.data.metrics["error"] == 0.5
 
 
@@ -495,8 +503,9 @@ def test_study_run_carries_description_summary_and_the_runs_view(sqlite_uri, stu
     experiment = client.get_experiment(experiment_id)
     assert experiment.tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
     view = json.loads(experiment.tags[TAG_VIEW])
-    assert view["selectedColumns"] == ["tags.`mannstudy.status`", "metrics.`error`", "metrics.`study.best_error`",
-                                       "params.`model`", "params.`lr`", "params.`model.read_heads`", "params.`seed`"]
+    assert view["selectedColumns"] == ["attributes.`Description`", "metrics.`error`", "metrics.`study.best_error`",
+                                       "params.`model`", "params.`lr`", "params.`model.read_heads`", "params.`seed`",
+                                       "tags.`mannstudy.status`"]
     assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`error`", True)
     assert client.get_run(parent).data.tags[TAG_NOTE] == "NTM vs DNC on copy"
 
