@@ -130,8 +130,8 @@ def progress_line(m: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # demo
 
-# The first look: the demo study (NTM vs DNC on a short copy task, 8 trials, about five minutes on two cores),
-# then its report. Run again, it finishes what is missing and rewrites the report.
+# The first look: the demo study (NTM vs DNC on a short copy task, 8 configurations x 3 seeds; README.md says how
+# long it takes), then its report. Run again, it finishes what is missing and rewrites the report.
 DEMO_STUDY = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 # --quick (CI's smoke test): the same study shrunk to a few trials of a few steps, in a folder of its own.
 DEMO_QUICK = {"num_samples": 3, "max_steps": 20, "eval_every": 10, "grace_period": 10, "reduction_factor": 2}
@@ -173,7 +173,7 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run_sweep(path, resume=resume)
     print(f"demo: {summary.line()}")
     code = cli_report(str(path))
-    print(f"demo: open the runs with  mannstudy ui {spec.results_dir}  (then http://127.0.0.1:5000)")
+    print(f"demo: open the runs with  mannstudy ui {spec.results_dir}  (then the address it prints)")
     return code
 
 

@@ -393,8 +393,10 @@ def runs_view(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
     searched = [key for key in (spec_dict.get("search") or {}) if key not in ("model", "seed")]
     columns = ["attributes.`Description`", f"metrics.`{metric}`", f"metrics.`{SUMMARY_PREFIX}best_{metric}`",
                "params.`model`", *(f"params.`{key}`" for key in searched), "params.`seed`", f"tags.`{TAG_STATUS}`"]
+    # The UI sets the widths of the columns its view orders: the run name and the description wide enough.
+    widths = {"attributes.`Run Name`": 270, "attributes.`Description`": 250}
     return {"searchFilter": "", "orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
-            "selectedColumns": columns}
+            "selectedColumns": columns, "columnOrder": list(widths), "columnWidths": widths}
 
 
 def trial_run_name(params: Mapping[str, Any]) -> str:
@@ -426,7 +428,8 @@ def log_study_summary(uri: str, run_id: str, counts: Mapping[str, int], wall_tim
     """The study run's summary as metrics, logged when a sweep or replication ends: ``study.best_<objective>``
     (when a trial completed), ``study.trials_<status>`` for every status, ``study.trials`` and
     ``study.wall_time_s``: this session's seconds added to what the run already holds (a resumed sweep
-    counts all its sessions). The run's description (``mlflow.note.content``) says the same in one line."""
+    counts all its sessions). The run's description (``mlflow.note.content``) says the same in one line,
+    then the study's own description (the runs table shows the first line)."""
     client = _client(uri)
     run = _retry(lambda: client.get_run(run_id), uri, "reading the study run", timeout_s)
     total_s = run.data.metrics.get(SUMMARY_PREFIX + "wall_time_s", 0.0) + wall_time_s
@@ -441,7 +444,7 @@ def log_study_summary(uri: str, run_id: str, counts: Mapping[str, int], wall_tim
     best_text = f"; best {objective} {best:.4g}" if best is not None and math.isfinite(best) else ""
     note = f"{values['trials']} trials ({done or 'none'}){best_text}; {total_s:.0f} s of wall time"
     description = run.data.params.get("description", "")
-    tags = [RunTag(TAG_NOTE, _cut(f"{description}\n\n{note}" if description else note, MAX_TAG_VAL_LENGTH))]
+    tags = [RunTag(TAG_NOTE, _cut(f"{note}\n\n{description}" if description else note, MAX_TAG_VAL_LENGTH))]
     _retry(lambda: client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True), uri,
            "logging the study summary", timeout_s)
 

@@ -507,6 +507,7 @@ def test_study_run_carries_description_summary_and_the_runs_view(sqlite_uri, stu
                                        "params.`model`", "params.`lr`", "params.`model.read_heads`", "params.`seed`",
                                        "tags.`mannstudy.status`"]
     assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`error`", True)
+    assert view["columnOrder"] == list(view["columnWidths"]) == ["attributes.`Run Name`", "attributes.`Description`"]
     assert client.get_run(parent).data.tags[TAG_NOTE] == "NTM vs DNC on copy"
 
     log_study_summary(sqlite_uri, parent, {"completed": 3, "stopped_early": 4, "diverged": 1}, 12.5, "error", 0.25)
@@ -514,17 +515,17 @@ def test_study_run_carries_description_summary_and_the_runs_view(sqlite_uri, stu
     assert {k: v for k, v in run.data.metrics.items() if k.startswith(SUMMARY_PREFIX)} == {
         "study.trials_completed": 3, "study.trials_stopped_early": 4, "study.trials_diverged": 1, "study.trials": 8,
         "study.wall_time_s": 12.5, "study.best_error": 0.25}
-    assert run.data.tags[TAG_NOTE] == ("NTM vs DNC on copy\n\n8 trials (3 completed, 1 diverged, 4 stopped_early); "
-                                       "best error 0.25; 12 s of wall time")
+    assert run.data.tags[TAG_NOTE] == ("8 trials (3 completed, 1 diverged, 4 stopped_early); best error 0.25; "
+                                       "12 s of wall time\n\nNTM vs DNC on copy")
     # a resumed study: the run and its summary stay; the next summary counts both sessions' wall time
     assert start_study_run(sqlite_uri, experiment_id, "summary", spec, study_file) == parent
     assert client.get_run(parent).data.metrics["study.trials"] == 8
-    assert client.get_run(parent).data.tags[TAG_NOTE].endswith("12 s of wall time")
+    assert client.get_run(parent).data.tags[TAG_NOTE].startswith("8 trials")
     log_study_summary(sqlite_uri, parent, {"completed": 9}, 7.5, "error", float("nan"))
     run = client.get_run(parent)
     assert run.data.metrics["study.wall_time_s"] == 20.0 and run.data.metrics["study.trials"] == 9
     assert run.data.metrics["study.best_error"] == 0.25  # no new best: the last one stays
-    assert run.data.tags[TAG_NOTE].endswith("\n\n9 trials (9 completed); 20 s of wall time")
+    assert run.data.tags[TAG_NOTE] == "9 trials (9 completed); 20 s of wall time\n\nNTM vs DNC on copy"
 
     assert runs_url("http://127.0.0.1:5000", experiment_id) == \
         f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning" \
