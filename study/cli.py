@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -145,8 +146,8 @@ def progress_line(m: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # demo
 
-# The first look: the demo study (NTM vs DNC on a short copy task, 8 trials, about five minutes on two cores),
-# then its report. Run again, it finishes what is missing and rewrites the report.
+# The first look: the demo study (NTM vs DNC on a short copy task, 8 configurations x 3 seeds; README.md says how
+# long it takes), then its report. Run again, it finishes what is missing and rewrites the report.
 DEMO_STUDY = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 # --quick (CI's smoke test): the same study shrunk to a few trials of a few steps, in a folder of its own.
 DEMO_QUICK = {"num_samples": 3, "max_steps": 20, "eval_every": 10, "grace_period": 10, "reduction_factor": 2}
@@ -177,6 +178,7 @@ def _demo(args: argparse.Namespace) -> int:
     from study.spec import load_spec
     from study.sweep import experiment_dir, run_sweep
 
+    _quiet_optuna()
     path = _quick_demo_file(args.results_dir or tempfile.mkdtemp(prefix="mannstudy-demo-")) if args.quick \
         else DEMO_STUDY
     spec = load_spec(path)
@@ -187,7 +189,7 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run_sweep(path, resume=resume)
     print(f"demo: {summary.line()}")
     code = cli_report(str(path))
-    print(f"demo: open the runs with  mannstudy ui {spec.results_dir}  (then http://127.0.0.1:5000)")
+    print(f"demo: open the runs with  mannstudy ui {spec.results_dir}  (then the address it prints)")
     return code
 
 
@@ -220,6 +222,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from study.sweep import cli_sweep
 
+    _quiet_optuna()
     return cli_sweep(args.file, address=args.address, resume=args.resume)
 
 
@@ -256,6 +259,7 @@ def _replicate_arguments(p: argparse.ArgumentParser) -> None:
 def _replicate(args: argparse.Namespace) -> int:
     from study.replicate import cli_replicate
 
+    _quiet_optuna()
     seeds = int(args.seeds) if args.seeds.strip().isdigit() else args.seeds
     return cli_replicate(args.file, top_k=args.top, seeds=seeds, configs_file=args.configs,
                          address=args.address, resume=args.resume, batched=args.batch)
@@ -287,6 +291,14 @@ _commands: dict[str, Command] = {
 }
 
 
+def _quiet_optuna() -> None:
+    """Optuna logs each study it creates or loads at INFO on stderr; the commands say what happens in their
+    own lines. Its warnings and errors still show."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Study memory-augmented RNNs (NTM, DNC).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -296,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow logs its database set-up at INFO on stderr (read when mlflow is imported, here and in every trial
+    # process); its warnings and errors still show. A value the user set wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         args = build_parser().parse_args(argv)
         return _commands[args.command].run(args)

@@ -40,6 +40,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -260,7 +261,7 @@ def run_replica_seeds(replica: dict, context) -> None:
     from mann.multiseed import SEED_DIR, fit_seeds
     from mann.train import config_to_flat_dict, make_train_config
     from study.search import STATUS_KEY, STEP_KEY
-    from study.tracking import TrialTracker
+    from study.tracking import TrialTracker, trial_run_name
     from study.trainable import _worst
 
     torch.set_num_threads(max(1, context.threads))
@@ -286,7 +287,8 @@ def run_replica_seeds(replica: dict, context) -> None:
     trackers = {
         s: TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, ids[s],
                         params=config_to_flat_dict(configs[s]),
-                        tags={"mannstudy.trial_name": tune_context.get_trial_name()}, flush_every=context.flush_every)
+                        tags={"mannstudy.trial_name": tune_context.get_trial_name()},
+                        run_name=trial_run_name({**replica["params"], "seed": s}), flush_every=context.flush_every)
         for s in seeds if s not in ended
     }
     staging = Path(tempfile.mkdtemp(prefix="mannstudy-seeds-"))  # seed-<s>/checkpoint.pt: each seed's latest
@@ -467,7 +469,15 @@ def _reconcile(uri: str, experiment_id: str, parent_run_id: str, reason: str) ->
     """After the Tuner returns nothing runs, so child runs still ``running`` were lost: mark them failed.
 
     Returns the child runs per status."""
-    from study.tracking import RUNNING, STATUS_TO_RUN_STATUS, TAG_STATUS, TAG_STATUS_PREFIX, _client
+    from study.tracking import (
+        RUNNING,
+        STATUS_TO_RUN_STATUS,
+        TAG_NOTE,
+        TAG_STATUS,
+        TAG_STATUS_PREFIX,
+        _client,
+        status_note,
+    )
 
     client = _client(uri)
     counts: dict[str, int] = {}
@@ -476,10 +486,23 @@ def _reconcile(uri: str, experiment_id: str, parent_run_id: str, reason: str) ->
         if status == RUNNING:
             client.set_tag(run.info.run_id, TAG_STATUS, "failed")
             client.set_tag(run.info.run_id, TAG_STATUS_PREFIX + "message", reason)
+            client.set_tag(run.info.run_id, TAG_NOTE, status_note("failed", {"message": reason}))
             client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS["failed"])
             status = "failed"
         counts[status] = counts.get(status, 0) + 1
     return counts
+
+
+def _best_value(uri: str, experiment_id: str, parent_run_id: str, spec: StudySpec) -> float | None:
+    """The best objective among the replication's completed runs (their last value), or None."""
+    from study.tracking import TAG_STATUS
+
+    metric = spec.objective.metric
+    values = [run.data.metrics[metric] for run in _child_statuses(uri, experiment_id, parent_run_id)
+              if run.data.tags.get(TAG_STATUS) == "completed" and metric in run.data.metrics]
+    if not values:
+        return None
+    return min(values) if spec.objective.mode == "min" else max(values)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,6 +572,7 @@ def run_replication(
     import study.sweep  # noqa: F401  (sets Ray's environment before ray is imported)
     from study import tracking
 
+    started = time.monotonic()
     spec = load_spec(study_file)
     configs, seed_list = plan_replication(spec, top_k, seeds, configs_file)
     grid = replication_grid(configs, seed_list)
@@ -588,6 +612,8 @@ def run_replication(
             print(f"  {c.label}: {c.source}: {json.dumps(c.params, default=str)}", flush=True)
         tuner.fit()
         counts = _reconcile(uri, experiment_id, parent, "lost: the run did not finish in this replication")
+        tracking.log_study_summary(uri, parent, counts, time.monotonic() - started, spec.objective.metric,
+                                   _best_value(uri, experiment_id, parent, spec))
         tracking.finish_study_run(uri, parent, "FINISHED")
         return ReplicationSummary(rep_id, parent, str(exp_dir), configs, seed_list, counts)
     finally:

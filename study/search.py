@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -45,7 +46,13 @@ class TruthfulOptunaSearch(OptunaSearch):
     """OptunaSearch whose Optuna states say how each trial really ended (see module docstring)."""
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
+        with warnings.catch_warnings():
+            # Ray warns when the define-by-run function takes over a second, meaning training there. Ours only
+            # samples: grouped TPE over the study's history in SQLite, and queueing a configuration's repeats,
+            # which on a busy machine can take that long. The warning would only alarm the user.
+            warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument",
+                                    category=UserWarning)
+            config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:
             ot_trial.set_user_attr("tune_trial_id", trial_id)

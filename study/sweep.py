@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import sys
@@ -294,10 +295,12 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
     from study.tracking import (
         STATUS_TO_RUN_STATUS,
         TAG_KIND,
+        TAG_NOTE,
         TAG_STATUS,
         TAG_STATUS_PREFIX,
         TAG_TRIAL_ID,
         _client,
+        status_note,
     )
 
     study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
@@ -318,7 +321,8 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
         details = {"step": verdict["status_step"]} if "status_step" in verdict else {}
         if status == "failed":
             details["message"] = reason
-        tags = [RunTag(TAG_STATUS, status)] + [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
+        tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
+        tags += [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
         client.log_batch(run.info.run_id, tags=tags, synchronous=True)
         client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS[status])
         fixed["mlflow"] += 1
@@ -356,10 +360,13 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         return False
     # A driver started by `ray job submit` or a KubeRay RayJob is told its cluster in RAY_ADDRESS.
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # WARNING: Ray's and Tune's INFO lines ("Started a local Ray instance", "Wrote the latest version of all
+    # result files") stay out of the terminal; the sweep prints its own progress.
     if address is None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
     else:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     return True
 
 
@@ -427,6 +434,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     """
     from study import tracking
 
+    started = time.monotonic()
     spec = load_spec(path)
     exp_dir = experiment_dir(spec)
     state_exists = exp_dir.is_dir() and any(exp_dir.glob("experiment_state*.json"))
@@ -477,6 +485,8 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         reconcile(spec, uri, parent, "lost: the trial did not finish in this sweep (driver or node lost)")
         summary = summarize(spec)
         summary.parent_run_id = parent
+        tracking.log_study_summary(uri, parent, summary.counts, time.monotonic() - started, spec.objective.metric,
+                                   summary.best["value"] if summary.best else None)
         tracking.finish_study_run(uri, parent, "FINISHED")
         return summary
     except BaseException as err:

@@ -10,19 +10,25 @@ request) every ``flush_every`` evaluations or ``flush_interval_s`` seconds.
 
 Layout in MLflow (tags are the contract the analysis reads)::
 
-    experiment <name>                          created on the driver, explicit artifact location
+    experiment <name>                          created on the driver, explicit artifact location; tags: the
+                                               UI's kind (runs, not GenAI) and runs view (columns, sort order)
       parent run  mannstudy.kind=study          params: the spec as dotted keys; artifacts: study file, spec.json
-                  mannstudy.study=<name>        tags: git commit, package versions
-        child run mannstudy.kind=trial          one per trial id (get-or-create), nested via mlflow.parentRunId
-                  mannstudy.trial_id=<id>       tags: node, seed, model, attempts, status
+                  mannstudy.study=<name>        tags: git commit, package versions; description: the spec's and
+                                                the outcome; metrics study.*: the summary (log_study_summary)
+        child run mannstudy.kind=trial          one per trial id (get-or-create), nested via mlflow.parentRunId,
+                  mannstudy.trial_id=<id>       named by what it is (``ntm lr=3.2e-3 seed=1``, trial_run_name)
+                                                tags: node, seed, model, attempts, status
 
 Trial status -> MLflow run status (``STATUS_TO_RUN_STATUS``)::
 
     completed      FINISHED   ran its full budget
-    stopped_early  KILLED     stopped by the scheduler (ASHA) before its budget; the run ended cleanly
-                              but did not finish, which is what KILLED shows in the UI
+    stopped_early  FINISHED   stopped by the scheduler (ASHA) before its budget: a decision of the
+                              search, not a fault, so not KILLED (which the UI draws as a red cross,
+                              like a crash); the tag mannstudy.status keeps the difference
     diverged       FAILED     NaN/Inf loss or gradients, at mannstudy.status_step
     failed         FAILED     an exception, in mannstudy.status_message
+
+KILLED is left to a study run whose driver was interrupted (Ctrl+C).
 
 A trial that is running (or being retried) carries ``mannstudy.status=running``.
 
@@ -44,6 +50,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -70,7 +77,7 @@ T = TypeVar("T")
 
 STATUS_TO_RUN_STATUS = {
     "completed": "FINISHED",
-    "stopped_early": "KILLED",
+    "stopped_early": "FINISHED",
     "diverged": "FAILED",
     "failed": "FAILED",
 }
@@ -90,6 +97,16 @@ TAG_VERSION_PREFIX = "mannstudy.version."
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows
 TAG_GIT_DIRTY = "mannstudy.git_dirty"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
+# The MLflow 3 UI opens an experiment in its GenAI view unless told otherwise: the experiment tag (read when
+# the UI has no workflow switch) and the workflowType URL parameter (read when it has one) both ask for runs.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A runs-table view (columns, sort order) stored as an experiment tag: the UI applies it when the URL names
+# it (``viewStateShareKey``), as it does for a view a user shared. mannstudy ui prints that URL.
+VIEW_KEY = "mannstudy"
+TAG_VIEW = "mlflow.sharedViewState." + VIEW_KEY
+SUMMARY_PREFIX = "study."  # the study run's summary metrics: study.best_<objective>, study.trials_<status>, ...
 
 VERSIONED_PACKAGES = ("torch", "ray", "optuna", "mlflow", "mannstudy")
 _TRIAL_ID = re.compile(r"[A-Za-z0-9_.:\-]+")  # quoted into a search filter: no quotes or spaces
@@ -275,13 +292,16 @@ def prepare_experiment(uri: str, name: str, artifact_root: Path | str | None = N
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location,
+                                                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = client.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow at {uri}: experiment {name!r} is deleted; restore it or use another name")
+        if TAG_EXPERIMENT_KIND not in experiment.tags:  # a kind the user chose in the UI stays
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     return _retry(get_or_create, uri, f"creating experiment {name!r}", timeout_s)
@@ -319,7 +339,8 @@ def start_study_run(
 
     New run: the spec as params (dotted keys, values cut to MLflow's 6,000 characters; the full
     spec is the ``spec.json`` artifact), the study file as an artifact, tags for the study, git
-    commit and package versions. Existing run (a resumed sweep): reused and set RUNNING again,
+    commit and package versions, the spec's description as the run's description. The experiment's
+    runs view (:func:`runs_view`) is stored each time. Existing run (a resumed sweep): reused and set RUNNING again,
     never duplicated; its params stay (MLflow params are immutable) and a changed spec is
     reported as a warning.
     """
@@ -336,6 +357,8 @@ def start_study_run(
     run_id = find_study_run(uri, experiment_id, study_name, timeout_s)
     if run_id is None:
         study_tags = {TAG_KIND: "study", TAG_STUDY: study_name}
+        if spec_dict.get("description"):  # the run's description; log_study_summary adds the outcome
+            study_tags[TAG_NOTE] = _cut(str(spec_dict["description"]), MAX_TAG_VAL_LENGTH)
         run = _retry(
             lambda: client.create_run(experiment_id, tags=study_tags, run_name=study_name),
             uri, f"creating the run of study {study_name!r}", timeout_s,
@@ -365,7 +388,75 @@ def start_study_run(
         _retry(lambda: client.log_artifact(run_id, str(upload)), uri, f"uploading {study_file}", timeout_s)
     spec_json = json.loads(json.dumps(spec_dict, default=str))
     _retry(lambda: client.log_dict(run_id, spec_json, "spec.json"), uri, "uploading spec.json", timeout_s)
+    view = json.dumps(runs_view(spec_dict))
+    _retry(lambda: client.set_experiment_tag(experiment_id, TAG_VIEW, view), uri, "storing the runs view", timeout_s)
     return run_id
+
+
+def runs_view(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The runs table of a study as the MLflow UI stores a shared view: the columns that say what each
+    trial is and how it ended (its description: how it ended, or the study's outcome; the objective, the
+    study's best, model, searched parameters, seed, status tag), best objective first. Column ids are
+    MLflow's ``<type>.`<key>```."""
+    objective = dict(spec_dict.get("objective") or {})
+    metric, mode = objective.get("metric", "error"), objective.get("mode", "min")
+    searched = [key for key in (spec_dict.get("search") or {}) if key not in ("model", "seed")]
+    columns = ["attributes.`Description`", f"metrics.`{metric}`", f"metrics.`{SUMMARY_PREFIX}best_{metric}`",
+               "params.`model`", *(f"params.`{key}`" for key in searched), "params.`seed`", f"tags.`{TAG_STATUS}`"]
+    # The UI sets the widths of the columns its view orders: the run name and the description wide enough.
+    widths = {"attributes.`Run Name`": 270, "attributes.`Description`": 250}
+    return {"searchFilter": "", "orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
+            "selectedColumns": columns, "columnOrder": list(widths), "columnWidths": widths}
+
+
+def trial_run_name(params: Mapping[str, Any]) -> str:
+    """A trial's run name: its model, searched values and seed, short (``ntm lr=3.2e-3 seed=1``).
+
+    ``params``: Tune's trial config (``model``, ``seed``, the searched keys); a dotted key is named by its
+    last part (``model.read_heads`` -> ``read_heads``)."""
+    values = dict(params)
+    model, seed = values.pop("model", None), values.pop("seed", None)
+    parts = [str(model)] if model is not None else []
+    parts += [f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in values.items()]
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return " ".join(parts)
+
+
+def _short(value: Any) -> str:
+    """A number in at most two significant digits, exponent without padding (3.2e-3, 0.25, 1.5e+4)."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        if 1e-2 <= abs(value) < 1e4:
+            return f"{value:.2g}"
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+    return str(value)
+
+
+def log_study_summary(uri: str, run_id: str, counts: Mapping[str, int], wall_time_s: float,
+                      objective: str, best: float | None = None, timeout_s: float = 30.0) -> None:
+    """The study run's summary as metrics, logged when a sweep or replication ends: ``study.best_<objective>``
+    (when a trial completed), ``study.trials_<status>`` for every status, ``study.trials`` and
+    ``study.wall_time_s``: this session's seconds added to what the run already holds (a resumed sweep
+    counts all its sessions). The run's description (``mlflow.note.content``) says the same in one line,
+    then the study's own description (the runs table shows the first line)."""
+    client = _client(uri)
+    run = _retry(lambda: client.get_run(run_id), uri, "reading the study run", timeout_s)
+    total_s = run.data.metrics.get(SUMMARY_PREFIX + "wall_time_s", 0.0) + wall_time_s
+    values = {f"trials_{status}": n for status, n in counts.items()}
+    values["trials"] = sum(counts.values())
+    values["wall_time_s"] = round(total_s, 1)
+    if best is not None and math.isfinite(best):
+        values[f"best_{objective}"] = best
+    now = int(time.time() * 1000)
+    metrics = [Metric(SUMMARY_PREFIX + key, float(value), now, 0) for key, value in values.items()]
+    done = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    best_text = f"; best {objective} {best:.4g}" if best is not None and math.isfinite(best) else ""
+    note = f"{values['trials']} trials ({done or 'none'}){best_text}; {total_s:.0f} s of wall time"
+    description = run.data.params.get("description", "")
+    tags = [RunTag(TAG_NOTE, _cut(f"{note}\n\n{description}" if description else note, MAX_TAG_VAL_LENGTH))]
+    _retry(lambda: client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True), uri,
+           "logging the study summary", timeout_s)
 
 
 def finish_study_run(uri: str, run_id: str, status: str = "FINISHED", timeout_s: float = 30.0) -> None:
@@ -488,6 +579,7 @@ class TrialTracker:
         tags: extra tags (e.g. the Ray trial name); ``seed`` and ``model`` in params also become
             ``mannstudy.seed`` / ``mannstudy.model`` tags for filtering in the UI, and the parent's
             ``mannstudy.study`` is copied so a trial run can be found by study name alone.
+        run_name: the name the MLflow UI shows (:func:`trial_run_name`); default the trial id.
         flush_every: evaluations between sends.
         flush_interval_s: a send also happens at the first evaluation this long after the last one.
         retry_timeout_s: how long creating the run, the final flush and the status keep retrying.
@@ -503,6 +595,7 @@ class TrialTracker:
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
         *,
+        run_name: str | None = None,
         flush_every: int = 10,
         flush_interval_s: float = 30.0,
         retry_timeout_s: float = 60.0,
@@ -517,6 +610,7 @@ class TrialTracker:
         self.flush_every, self.flush_interval_s = flush_every, flush_interval_s
         self.retry_timeout_s, self.request_timeout_s = retry_timeout_s, request_timeout_s
         self.max_backoff_s = max_backoff_s
+        self.run_name = run_name or trial_id
         self.client = _client(uri)
         self.status: str | None = None
         self.skipped = 0  # points not sent because their step was already logged (resume)
@@ -566,7 +660,7 @@ class TrialTracker:
         created = self._retry(
             lambda: self.client.create_run(
                 self.experiment_id, tags={TAG_PARENT: self.parent_run_id, TAG_TRIAL_ID: self.trial_id},
-                run_name=self.trial_id,
+                run_name=self.run_name,
             ),
             what,
         )
@@ -712,7 +806,7 @@ class TrialTracker:
             raise ValueError(f"status: expected one of {', '.join(STATUS_TO_RUN_STATUS)}, got {status!r}")
         with self._lock:
             sent = self.flush()
-            tags = [RunTag(TAG_STATUS, status)]
+            tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
             tags += [RunTag(TAG_STATUS_PREFIX + k, _cut(str(v), MAX_TAG_VAL_LENGTH)) for k, v in details.items()]
 
             def record() -> None:
@@ -751,6 +845,21 @@ class TrialTracker:
         self.close()
 
 
+def status_note(status: str, details: Mapping[str, Any]) -> str:
+    """How a trial ended in words, for its run's description (the runs table's Description column):
+    ``stopped early at step 600 (ASHA)``, ``diverged at step 2: loss is inf``."""
+    step = details.get("step")
+    at = f" at step {step}" if step is not None else ""
+    message = _one_line(details["message"], 200) if details.get("message") else ""
+    if status == "completed":
+        return f"completed{at} (full budget)"
+    if status == "stopped_early":
+        return f"stopped early{at} (ASHA or the time budget)"
+    if message.startswith(status):  # fit's own message already says "diverged at step ..."
+        return message
+    return f"{status}{at}" + (f": {message}" if message else "")
+
+
 def _as_float(key: Any, value: Any) -> float:
     try:
         return float(value)
@@ -768,32 +877,110 @@ def ui_command(uri: str, port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
-def cli_ui(results_dir: Path | str, port: int = 5000, tracking_uri: str | None = None) -> int:
-    """Serve the MLflow UI of a results folder in the foreground until Ctrl+C; return its exit code.
+def study_views(uri: str, timeout_s: float = 30.0) -> list[tuple[str, str, bool]]:
+    """(experiment id, study name, whether the experiment holds the runs view) of every study in the store."""
+    client = _client(uri)
 
+    def read() -> list[tuple[str, str, bool]]:
+        experiments = {e.experiment_id: e for e in client.search_experiments()}
+        runs = client.search_runs(list(experiments), filter_string=f"tags.`{TAG_KIND}` = 'study'",
+                                  max_results=1000) if experiments else []
+        found = {run.info.experiment_id: run.data.tags.get(TAG_STUDY, "") for run in runs}
+        return [(eid, name, TAG_VIEW in experiments[eid].tags) for eid, name in sorted(found.items(), key=_by_id)]
+
+    return _retry(read, uri, "listing the studies", timeout_s)
+
+
+def _by_id(item: tuple[str, str]) -> tuple[int, str]:
+    return (int(item[0]) if item[0].isdigit() else 0, item[0])
+
+
+def runs_url(base: str, experiment_id: str, has_view: bool = True) -> str:
+    """The MLflow UI's runs table of an experiment, in the machine-learning view, with the study's columns."""
+    view = f"&viewStateShareKey={VIEW_KEY}" if has_view else ""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{view}"
+
+
+def _print_urls(base: str, uri: str, stop_hint: str = "") -> None:
+    studies = study_views(uri)
+    if len(studies) == 1:
+        print(f"MLflow UI: {runs_url(base, studies[0][0], studies[0][2])}{stop_hint}", flush=True)
+        return
+    print(f"MLflow UI: {base}{stop_hint}", flush=True)
+    for experiment_id, name, has_view in studies:
+        print(f"  {name}: {runs_url(base, experiment_id, has_view)}", flush=True)
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGHUP reached ``mannstudy ui``."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop(signum)
+
+
+def _end_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """End the server's whole process group (``mlflow ui`` and the uvicorn server it starts): SIGTERM, then
+    SIGKILL for whatever is left after ``timeout_s``. Returns when no process of the group remains."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout_s)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def cli_ui(results_dir: Path | str, port: int = 5000, tracking_uri: str | None = None) -> int:
+    """Serve the MLflow UI of a results folder in the foreground until Ctrl+C, SIGTERM or SIGHUP; return its
+    exit code. Prints the runs view of each study (:func:`runs_url`).
+
+    The server runs in a process group of its own, and a stop, by whichever signal, ends that whole group:
+    ``mlflow ui`` starts uvicorn as a child, which would otherwise keep the port.
     For an http(s) tracking URI there is nothing to start: the server already has a UI.
     """
     uri = resolve_tracking_uri(tracking_uri, results_dir)
     if _is_http(uri):
-        print(f"MLflow UI: {uri}", flush=True)
+        _print_urls(uri, uri)
         return 0
     db = _sqlite_path(uri)
     if db is not None and not db.is_file():
         raise TrackingError(f"{db}: no MLflow database (run a study into {results_dir} first, or pass a tracking URI)")
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no user
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
             raise TrackingError(f"port {port} on 127.0.0.1 is in use; pick another with --port") from None
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # lighter and faster to start
-    process = subprocess.Popen(ui_command(uri, port), env=env)
-    print(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)
+    handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    process = None
     try:
+        process = subprocess.Popen(ui_command(uri, port), env=env, start_new_session=True)
+        _print_urls(f"http://127.0.0.1:{port}", uri, "  (Ctrl+C to stop)")
         return process.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to the whole foreground group, mlflow too
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait(timeout=15)
+    except (KeyboardInterrupt, _Stop):
         return 0
+    finally:
+        handlers.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
+        for sig in handlers:  # a second Ctrl+C or SIGTERM does not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        if process is not None and _group_alive(process.pid):
+            _end_group(process)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -190,7 +190,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     from ray import tune
 
     from mann.train import CHECKPOINT_NAME, config_to_flat_dict, fit, make_train_config
-    from study.tracking import TrialTracker
+    from study.tracking import TrialTracker, trial_run_name
 
     torch.set_num_threads(max(1, context.threads))
     clock = _CpuClock()
@@ -212,7 +212,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     tracker = TrialTracker(
         context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id,
         params=config_to_flat_dict(cfg), tags={"mannstudy.trial_name": tune_context.get_trial_name()},
-        flush_every=context.flush_every,
+        run_name=trial_run_name(config), flush_every=context.flush_every,
     )
     restored_from = checkpoint.get_metadata() if checkpoint else {}  # {step, wall_time} of the checkpoint
     clock.start(float(restored_from.get("wall_time", 0.0)))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,14 +73,31 @@ def test_diverged_run_exits_1_naming_its_step(capsys):
     assert "diverged at step" in capsys.readouterr().out
 
 
+# Library chatter that must not reach the terminal: MLflow's and Ray's INFO lines, Optuna's INFO lines
+# ("[I 2026-...] A new study created"), raw Python warnings (UserWarning and its kinds).
+NOISE = re.compile(r"\bINFO\b|^\[I \d|Warning:|warnings\.warn")
+
+
 @pytest.mark.slow
-def test_demo_quick_runs_the_demo_study_and_writes_its_report(ray_cluster, tmp_path, capsys):
-    assert main(["demo", "--quick", "--results-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "demo: trials:" in out and "mannstudy ui" in out
+def test_demo_quick_runs_the_demo_study_writes_its_report_and_keeps_the_terminal_clean(ray_env, tmp_path):
+    """The real command in its own process, with its own local Ray, as a user runs it."""
+    from conftest import end_ray_folder
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**ray_env, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "study.cli", "demo", "--quick", "--results-dir",
+                               str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        end_ray_folder(ray_tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo: trials:" in proc.stdout and "mannstudy ui" in proc.stdout
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if NOISE.search(line)]
+    assert not noise, noise
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "optuna.db").is_file()
     html = (tmp_path / "report" / "report.html").read_text()
     assert "<img" in html
+
 
 def test_console_entry_runs_train_without_importing_ray():
     # -X importtime lists every module the process imports (on stderr): Ray must not be among them.

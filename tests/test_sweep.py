@@ -276,7 +276,7 @@ def test_reconcile_ends_runs_left_running_as_optuna_recorded_them(study_file, tm
     runs = {r.data.tags[TAG_TRIAL_ID]: r for r in record(path).children()}
     stopped, lost, done = runs["stopped"], runs["lost"], runs["done"]
     assert (stopped.info.status, stopped.data.tags[TAG_STATUS], stopped.data.tags[TAG_STATUS_PREFIX + "step"]) == \
-        ("KILLED", "stopped_early", "20")
+        ("FINISHED", "stopped_early", "20")
     assert (lost.info.status, lost.data.tags[TAG_STATUS]) == ("FAILED", "failed")
     assert lost.data.tags[TAG_STATUS_PREFIX + "message"] == "lost: in a test"
     assert (done.info.status, done.data.tags[TAG_STATUS]) == ("FINISHED", "completed")

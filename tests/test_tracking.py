@@ -6,6 +6,8 @@ passes every call through to MLflow.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -21,19 +23,25 @@ import pytest
 from mlflow_server import MlflowServer, free_port
 
 from study.tracking import (
+    EXPERIMENT_KIND,
     STATUS_TO_RUN_STATUS,
+    SUMMARY_PREFIX,
     TAG_ATTEMPTS,
+    TAG_EXPERIMENT_KIND,
     TAG_GIT_COMMIT,
     TAG_KIND,
     TAG_MODEL,
     TAG_NODE,
     TAG_NODE_IP,
+    TAG_NOTE,
     TAG_PARENT,
     TAG_SEED,
     TAG_STATUS,
     TAG_STUDY,
     TAG_TRIAL_ID,
     TAG_VERSION_PREFIX,
+    TAG_VIEW,
+    VIEW_KEY,
     TrackingError,
     TrialTracker,
     check_reachable,
@@ -41,9 +49,12 @@ from study.tracking import (
     find_study_run,
     last_logged_step,
     log_study_artifacts,
+    log_study_summary,
     prepare_experiment,
     resolve_tracking_uri,
+    runs_url,
     start_study_run,
+    trial_run_name,
     ui_command,
 )
 
@@ -279,6 +290,12 @@ def test_unreachable_server_is_one_line_naming_the_uri():
     assert uri in str(info.value) and "\n" not in str(info.value)
 
 
+NOTES = {"completed": "completed at step 7 (full budget)",
+         "stopped_early": "stopped early at step 7 (ASHA or the time budget)",
+         "diverged": "diverged at 7",  # a message that starts with the status is the note itself
+         "failed": "failed at 7"}
+
+
 def test_statuses_map_to_tags_and_run_statuses(sqlite_uri, study_file):
     experiment_id, parent = _study(sqlite_uri, "statuses", study_file)
     client = mlflow.MlflowClient(sqlite_uri)
@@ -294,8 +311,10 @@ def test_statuses_map_to_tags_and_run_statuses(sqlite_uri, study_file):
         assert run.info.status == run_status and run.data.tags[TAG_STATUS] == status
         assert run.data.tags["mannstudy.status_step"] == "7"
         assert run.data.tags["mannstudy.status_message"] == f"{status} at 7"
+        assert run.data.tags[TAG_NOTE] == NOTES[status]  # the runs table's Description column
         assert run.data.metrics["error"] == 0.5
-    assert STATUS_TO_RUN_STATUS == {"completed": "FINISHED", "stopped_early": "KILLED", "diverged": "FAILED",
+    # a scheduler's stop is no failure: the UI draws KILLED as a red cross, like a crash
+    assert STATUS_TO_RUN_STATUS == {"completed": "FINISHED", "stopped_early": "FINISHED", "diverged": "FAILED",
                                     "failed": "FAILED"}
     with pytest.raises(ValueError):
         tracker.set_status("paused")
@@ -305,6 +324,7 @@ def test_statuses_map_to_tags_and_run_statuses(sqlite_uri, study_file):
         raise RuntimeError("boom")
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["mannstudy.status_message"] == "RuntimeError: boom"
+    assert run.data.tags[TAG_NOTE] == "failed: RuntimeError: boom"
     assert run.data.metrics["error"] == 0.5
 
 
@@ -366,36 +386,151 @@ def test_local_sqlite_default_works_from_a_trial_process_in_another_cwd(tmp_path
     assert list((tmp_path / "results" / "artifacts").rglob("demo.yaml"))
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, their children, ...), from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":  # a zombie holds no port
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on the port and a new server can bind it (as uvicorn does, with SO_REUSEADDR: the
+    closed connections' TIME_WAIT do not count)."""
+    import socket
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.mark.slow
-def test_cli_ui_serves_the_results_database(tmp_path, study_file, template_db):
+@pytest.mark.parametrize("stop", ["SIGINT to the group (Ctrl+C)", "SIGTERM to mannstudy ui alone"])
+def test_cli_ui_serves_the_runs_view_and_stops_its_whole_server(tmp_path, study_file, template_db, stop):
     with pytest.raises(TrackingError) as info:
         cli_ui(tmp_path / "empty", port=free_port())
     assert "no MLflow database" in str(info.value) and "\n" not in str(info.value)
 
     _fresh_db(template_db, tmp_path / "results")
     uri = resolve_tracking_uri(None, tmp_path / "results")
-    _study(uri, "ui", study_file)
+    experiment_id, _ = _study(uri, "ui", study_file)
     port = free_port()
     assert ui_command(uri, port)[2:] == ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                                          "--port", str(port), "--workers", "1"]
-    script = "import sys; from study.tracking import cli_ui; raise SystemExit(cli_ui(sys.argv[1], int(sys.argv[2])))"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    ui = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "results"), str(port)], env=env,
-                          stdout=subprocess.PIPE, text=True, start_new_session=True)
+    ui = subprocess.Popen([sys.executable, "-m", "study.cli", "ui", str(tmp_path / "results"), "--port", str(port)],
+                          env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    server = set()
     try:
-        assert ui.stdout.readline().strip().startswith(f"MLflow UI: http://127.0.0.1:{port}")
+        # the one study's runs, in the machine-learning view, with the study's columns
+        assert ui.stdout.readline().strip() == f"MLflow UI: {runs_url(f'http://127.0.0.1:{port}', experiment_id)}" \
+                                              "  (Ctrl+C to stop)"
         probe = MlflowServer(tmp_path / "probe", port=port)  # only for its health check
         deadline = time.monotonic() + 60
         while not probe.healthy() and time.monotonic() < deadline and ui.poll() is None:
             time.sleep(0.2)
         assert probe.healthy(), "mlflow ui did not come up"
-        assert mlflow.MlflowClient(probe.url).get_experiment_by_name("ui") is not None
-        os.killpg(ui.pid, signal.SIGINT)  # what Ctrl+C in a terminal does
+        experiment = mlflow.MlflowClient(probe.url).get_experiment_by_name("ui")
+        assert VIEW_KEY and TAG_VIEW in experiment.tags  # what the URL's viewStateShareKey names
+        server = _descendants(ui.pid)
+        assert server, "mlflow ui runs as a child of mannstudy ui"
+        if stop.startswith("SIGINT"):
+            os.killpg(ui.pid, signal.SIGINT)  # what Ctrl+C in a terminal does
+        else:
+            os.kill(ui.pid, signal.SIGTERM)  # a service manager, or kill PID
         assert ui.wait(timeout=30) == 0
+        assert not [pid for pid in server if _alive(pid)], "a server process outlived mannstudy ui"
+        assert _port_free(port)
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGKILL)
             ui.wait()
+        for pid in server:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_trial_run_names_say_model_searched_values_and_seed(sqlite_uri, study_file):
+    assert trial_run_name({"model": "ntm", "lr": 0.0031623, "seed": 1}) == "ntm lr=3.2e-3 seed=1"
+    assert trial_run_name({"model": "dnc", "lr": 0.01, "model.read_heads": 2, "seed": 0}) == \
+        "dnc lr=0.01 read_heads=2 seed=0"
+    assert trial_run_name({"lr": 3e-5, "model.memory_size": 64, "task.curriculum": True}) == \
+        "lr=3e-5 memory_size=64 curriculum=True"
+    assert trial_run_name({"model": "lstm", "lr": 0.25, "clip_value": 12345.0, "seed": 2}) == \
+        "lstm lr=0.25 clip_value=1.2e4 seed=2"
+    experiment_id, parent = _study(sqlite_uri, "names", study_file)
+    tracker = TrialTracker(sqlite_uri, experiment_id, parent, "nm_0", run_name="ntm lr=3.2e-3 seed=1")
+    unnamed = TrialTracker(sqlite_uri, experiment_id, parent, "nm_1")
+    client = mlflow.MlflowClient(sqlite_uri)
+    assert client.get_run(tracker.run_id).info.run_name == "ntm lr=3.2e-3 seed=1"
+    assert client.get_run(unnamed.run_id).info.run_name == "nm_1"
+    again = TrialTracker(sqlite_uri, experiment_id, parent, "nm_0", run_name="other")  # a retry keeps its run
+    assert again.run_id == tracker.run_id and client.get_run(again.run_id).info.run_name == "ntm lr=3.2e-3 seed=1"
+
+
+def test_study_run_carries_description_summary_and_the_runs_view(sqlite_uri, study_file):
+    spec = {**SPEC, "description": "NTM vs DNC on copy", "models": ["ntm", "dnc"],
+            "objective": {"metric": "error", "mode": "min"},
+            "search": {"lr": {"low": 1e-3, "high": 1e-2}, "model.read_heads": {"choices": [1, 2]}}}
+    experiment_id = prepare_experiment(sqlite_uri, "summary")
+    parent = start_study_run(sqlite_uri, experiment_id, "summary", spec, study_file)
+    client = mlflow.MlflowClient(sqlite_uri)
+    experiment = client.get_experiment(experiment_id)
+    assert experiment.tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
+    view = json.loads(experiment.tags[TAG_VIEW])
+    assert view["selectedColumns"] == ["attributes.`Description`", "metrics.`error`", "metrics.`study.best_error`",
+                                       "params.`model`", "params.`lr`", "params.`model.read_heads`", "params.`seed`",
+                                       "tags.`mannstudy.status`"]
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`error`", True)
+    assert view["columnOrder"] == list(view["columnWidths"]) == ["attributes.`Run Name`", "attributes.`Description`"]
+    assert client.get_run(parent).data.tags[TAG_NOTE] == "NTM vs DNC on copy"
+
+    log_study_summary(sqlite_uri, parent, {"completed": 3, "stopped_early": 4, "diverged": 1}, 12.5, "error", 0.25)
+    run = client.get_run(parent)
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith(SUMMARY_PREFIX)} == {
+        "study.trials_completed": 3, "study.trials_stopped_early": 4, "study.trials_diverged": 1, "study.trials": 8,
+        "study.wall_time_s": 12.5, "study.best_error": 0.25}
+    assert run.data.tags[TAG_NOTE] == ("8 trials (3 completed, 1 diverged, 4 stopped_early); best error 0.25; "
+                                       "12 s of wall time\n\nNTM vs DNC on copy")
+    # a resumed study: the run and its summary stay; the next summary counts both sessions' wall time
+    assert start_study_run(sqlite_uri, experiment_id, "summary", spec, study_file) == parent
+    assert client.get_run(parent).data.metrics["study.trials"] == 8
+    assert client.get_run(parent).data.tags[TAG_NOTE].startswith("8 trials")
+    log_study_summary(sqlite_uri, parent, {"completed": 9}, 7.5, "error", float("nan"))
+    run = client.get_run(parent)
+    assert run.data.metrics["study.wall_time_s"] == 20.0 and run.data.metrics["study.trials"] == 9
+    assert run.data.metrics["study.best_error"] == 0.25  # no new best: the last one stays
+    assert run.data.tags[TAG_NOTE] == "9 trials (9 completed); 20 s of wall time\n\nNTM vs DNC on copy"
+
+    assert runs_url("http://127.0.0.1:5000", experiment_id) == \
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning" \
+        f"&viewStateShareKey={VIEW_KEY}"
+    assert runs_url("http://h:1/", "7", has_view=False) == "http://h:1/#/experiments/7/runs?workflowType=machine_learning"
 
 
 def test_mlflow_keeps_each_distinct_point_at_a_step(sqlite_uri):
