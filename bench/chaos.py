@@ -8,7 +8,9 @@ seeded random schedule draws 1-5 SIGKILLs to the driver process, each at a momen
     shutdown   once every trial has ended, plus 0-1 s (reconcile, the parent run being ended)
 
 The first driver runs ``mannstudy sweep FILE``, every later one ``--resume`` (so every kill after the first
-lands during a resume); a final ``--resume`` must then finish the study with exit code 0. The records are
+lands during a resume; a driver killed before it recorded anything left nothing to resume, and the command
+is run again as it was, as its one-line refusal of ``--resume`` says); a final ``--resume`` must then finish
+the study with exit code 0. The records are
 then checked from the databases themselves (:func:`check_sweep`): one MLflow child run per trial with a
 terminal status, Optuna agreeing with it, no trial that had ended trained again (each metric has one point
 per evaluation, none beyond the step the trial ended at), no run RUNNING, the parent run FINISHED, Tune's
@@ -16,7 +18,7 @@ state complete. With ``--replicate-every N``, every N-th schedule also replicate
 configurations x 2 seeds) under its own kill schedule and checks the replication the same way
 (:func:`check_replication`).
 
-    python bench/chaos.py --schedules 20 --seed 0           # one line per schedule, then the summary
+    python bench/chaos.py --schedules 20 --seed 0 --parallel 3   # one line per schedule, then the summary
 
 Ray's processes of each driver are marked by a private ``RAY_TMPDIR``; after each kill the harness
 counts those still alive 15 s later (the driver's reaper should have ended them) and ends any left.
@@ -58,7 +60,10 @@ STUDY = {
     "resources": {"cpu": 1, "gpu": 0},
     "concurrency": 2,
 }
-ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
+       # Ray's memory monitor kills workers when the machine's memory is nearly full (other programs' use counts):
+       # a kill the harness did not schedule
+       "RAY_memory_monitor_refresh_ms": "0"}
 STUDY_ENV = ("MLFLOW_TRACKING_URI", "MANNSTUDY_STORAGE", "MANNSTUDY_RESULTS_DIR")
 TERMINAL = {"completed": "FINISHED", "stopped_early": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 
@@ -155,14 +160,17 @@ def run_schedule(args: list[str], kills: list[str], rng: random.Random, folder: 
         return sum(1 for p in folder.glob("results/ray/rep-*/*/result.json")
                    if '"trial_status": "completed"' in p.read_text(errors="replace"))
 
-    def start(resume: bool) -> Driver:
+    def start() -> Driver:
+        """``--resume`` once the run has begun (a driver killed before it recorded anything left nothing to
+        resume: the command is run again as it was, as its one-line refusal says)."""
         tmps.append(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # one per driver: what each one left is told apart
         out.drivers += 1
-        return Driver(args + (["--resume"] if resume else []), folder, tmps[-1], log)
+        begun = any(folder.glob(f"results/ray/.mannstudy/{'tune' if db is not None else 'rep-*'}/begun"))
+        return Driver(args + (["--resume"] if begun else []), folder, tmps[-1], log)
 
     try:
-        for i, phase in enumerate(kills):
-            driver = start(i > 0)
+        for phase in kills:
+            driver = start()
             if phase == "startup":
                 wait_for(driver, lambda: False, rng.uniform(0.3, 8.0))
             elif phase == "mid":
@@ -175,7 +183,7 @@ def run_schedule(args: list[str], kills: list[str], rng: random.Random, folder: 
             if driver.alive():
                 driver.kill()
                 killed.append((tmps[-1], time.monotonic()))
-        final = start(bool(kills))
+        final = start()
         try:
             final.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -328,20 +336,35 @@ def draw(rng: random.Random) -> list[str]:
     return [rng.choice(PHASES) for _ in range(rng.randint(1, 5))]
 
 
-def write_study(folder: Path, trials: int) -> Path:
+def mlflow_template(folder: Path) -> Path:
+    """An MLflow SQLite database with its schema in place (creating one runs MLflow's migrations, seconds):
+    each schedule's study starts from a copy."""
+    from study.tracking import prepare_experiment, resolve_tracking_uri
+
+    db = folder / "template" / "mlflow.db"
+    if not db.is_file():
+        prepare_experiment(resolve_tracking_uri(None, db.parent), "template")
+    return db
+
+
+def write_study(folder: Path, trials: int, template: Path | None = None) -> Path:
     data = json.loads(json.dumps(STUDY))
     data["budget"]["num_samples"] = trials
     data["results_dir"] = str(folder / "results")
     path = folder / "chaos.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if template is not None:
+        (folder / "results").mkdir(exist_ok=True)
+        shutil.copy(template, folder / "results" / "mlflow.db")
     return path
 
 
-def sweep_schedule(folder: Path, kills: list[str], seed: int, trials: int, timeout_s: float = 900) -> Outcome:
+def sweep_schedule(folder: Path, kills: list[str], seed: int, trials: int, timeout_s: float = 900,
+                   template: Path | None = None) -> Outcome:
     """One sweep under ``kills``; the study is left finished in ``folder`` (its records checked)."""
     started = time.monotonic()
-    path = write_study(folder, trials)
+    path = write_study(folder, trials, template)
     out = Outcome(kills=list(kills))
     code = run_schedule(["sweep", str(path)], kills, random.Random(seed), folder,
                         folder / "results" / "optuna.db", trials, out, timeout_s)
@@ -376,13 +399,30 @@ def line(label: str, out: Outcome) -> str:
             f"{verdict}")
 
 
+def schedule(work: Path, i: int, seed0: int, trials: int, replicate_every: int, keep: bool,
+             template: Path) -> tuple[int, list[tuple[str, Outcome]]]:
+    """Schedule ``i``: a sweep under a random kill schedule, and every ``replicate_every``-th a replication."""
+    seed = seed0 * 1000 + i
+    rng = random.Random(seed)
+    folder = work / f"schedule-{i:02d}"
+    outs = [("sweep", sweep_schedule(folder, draw(rng), seed, trials, template=template))]
+    if replicate_every and i % replicate_every == replicate_every - 1 and not outs[0][1].problems:
+        outs.append(("replicate", replicate_schedule(folder, draw(rng), seed + 500)))
+    if all(not out.problems for _, out in outs) and not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return seed, outs
+
+
 def main(argv: list[str] | None = None) -> int:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedules", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trials", type=int, default=12, help="trials per study (default 12)")
     parser.add_argument("--replicate-every", type=int, default=5, metavar="N",
                         help="every N-th schedule also replicates its study under kills (0: never; default 5)")
+    parser.add_argument("--parallel", type=int, default=1, help="schedules run at once (default 1)")
     parser.add_argument("--workdir", help="where the schedules' folders go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the folders of clean schedules")
     args = parser.parse_args(argv)
@@ -390,23 +430,19 @@ def main(argv: list[str] | None = None) -> int:
 
     native.prepare()  # once, before any driver (each driver checks; none then builds)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mannstudy-chaos-"))
+    template = mlflow_template(work)
     started = time.monotonic()
     clean = asked = once = 0
-    for i in range(args.schedules):
-        seed = args.seed * 1000 + i
-        rng = random.Random(seed)
-        folder = work / f"schedule-{i:02d}"
-        outs = [("sweep", sweep_schedule(folder, draw(rng), seed, args.trials))]
-        if args.replicate_every and i % args.replicate_every == args.replicate_every - 1 and not outs[0][1].problems:
-            outs.append(("replicate", replicate_schedule(folder, draw(rng), seed + 500)))
-        for kind, out in outs:
-            print(line(f"schedule {i:02d} seed {seed} {kind}", out), flush=True)
-            asked += out.trials
-            once += out.once
-        if all(not out.problems for _, out in outs):
-            clean += 1
-            if not args.keep:
-                shutil.rmtree(folder, ignore_errors=True)
+    with ProcessPoolExecutor(max_workers=args.parallel) as pool:
+        futures = [pool.submit(schedule, work, i, args.seed, args.trials, args.replicate_every, args.keep, template)
+                   for i in range(args.schedules)]
+        for future in as_completed(futures):
+            seed, outs = future.result()
+            for kind, out in outs:
+                print(line(f"schedule {seed - args.seed * 1000:02d} seed {seed} {kind}", out), flush=True)
+                asked += out.trials
+                once += out.once
+            clean += all(not out.problems for _, out in outs)
     print(f"schedules {clean}/{args.schedules} clean, trials {once}/{asked} exactly once "
           f"({time.monotonic() - started:.0f} s; folders in {work})", flush=True)
     return 0 if clean == args.schedules else 1

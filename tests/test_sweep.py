@@ -347,6 +347,28 @@ def test_a_trial_whose_checkpoint_is_gone_resumes_from_its_newest_usable_one_or_
                       "fallback": "/old/tune/trial_fallback/checkpoint_000000", "restart": None}
 
 
+def test_a_run_that_can_make_no_progress_ends_with_a_message():
+    from ray.tune.experiment import Trial
+
+    from study.state import NoProgress
+
+    out = io.StringIO()
+    stall = NoProgress(stall_s=0.0, stream=out)
+    copy = pickle.loads(pickle.dumps(stall))  # Tune may hold its own copy as the stopper
+    trials = [Trial("run_trial", stub=True) for _ in range(3)]
+    trials[0].set_status(Trial.TERMINATED)
+    trials[1].set_status(Trial.ERROR)  # e.g. failed to restore
+    stall.on_step_end(0, trials)
+    stall.on_step_end(1, trials)
+    assert not stall.stop_all() and not copy.stop_all()  # one trial still pending: progress is possible
+    trials[2].set_status(Trial.ERROR)
+    stall.on_step_end(2, trials)
+    stall.on_step_end(3, trials)
+    assert stall.stop_all() and copy.stop_all()
+    (message,) = out.getvalue().splitlines()
+    assert message.startswith("no progress:") and "3 trials, 2 failed" in message
+
+
 @pytest.mark.slow
 def test_a_restored_attempt_finds_the_end_an_earlier_attempt_recorded(study_file, tmp_path):
     path = study_file("asha", tmp_path)
