@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 import time
 import uuid
@@ -105,6 +106,10 @@ class StateBackupCallback(Callback):
         self.exp_dir = Path(exp_dir)
         self._staging: str | None = None  # Tune's staging folder, known once a trial exists
 
+    def on_step_begin(self, iteration, trials, **info):
+        if self._staging is None and trials:  # a restored run saves before its first trial starts
+            self._staging = trials[0].storage.experiment_driver_staging_path
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._staging = trial.storage.experiment_driver_staging_path
 
@@ -157,10 +162,11 @@ def prepare_restore(exp_dir: Path, what: str) -> bool:
         files = pickle.loads((kept / STATE_BUNDLE).read_bytes())
         for name, data in files.items():
             write_atomically(exp_dir / name, data)
-        newest = max(n for n in files if n.startswith("experiment_state-"))
-        for path in exp_dir.glob("experiment_state-*.json"):
-            if path.name > newest:
-                path.rename(path.with_name(path.name + ".stale"))
+        session = _session(max(n for n in files if n.startswith("experiment_state-")))
+        for pattern in STATE_FILES:  # Tune restores each kind from its newest name: none may be newer than these
+            for path in exp_dir.glob(pattern):
+                if _session(path.name) > session:
+                    path.rename(path.with_name(path.name + ".stale"))
     newest_state = max(exp_dir.glob("experiment_state-*.json"))
     try:
         state = json.loads(newest_state.read_text())
@@ -171,6 +177,12 @@ def prepare_restore(exp_dir: Path, what: str) -> bool:
     if repair_checkpoints(state, exp_dir):
         write_atomically(newest_state, json.dumps(state).encode())
     return True
+
+
+def _session(name: str) -> str:
+    """``2026-01-01_00-00-00`` of ``experiment_state-2026-01-01_00-00-00.json``: the Tune session that wrote it."""
+    found = re.search(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", name)
+    return found.group(0) if found else ""
 
 
 def _usable_checkpoint(path: Path) -> bool:

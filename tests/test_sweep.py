@@ -289,11 +289,14 @@ def test_a_torn_tune_state_is_restored_from_the_copies_kept_outside_tunes_folder
     (exp / searcher).write_bytes(complete[searcher][:5])
     later = exp / "experiment_state-2026-01-02_00-00-00.json"  # written after the newest complete save
     later.write_text('{"trial_data": [')
+    later_searcher = exp / "searcher-state-2026-01-02_00-00-00.pkl"  # Tune would restore the searcher from it
+    later_searcher.write_bytes(pickle.dumps({"trials": 5}))
     assert prepare_restore(exp, "study.yaml") is True
     for name, data in complete.items():
         assert (exp / name).read_bytes() == data
     assert pickle.loads((exp / TUNER_PKL).read_bytes()) == {"tuner": 1}
-    assert not later.exists() and later.with_name(later.name + ".stale").exists()
+    for path in (later, later_searcher):
+        assert not path.exists() and path.with_name(path.name + ".stale").exists()
 
     # no complete copy and a damaged state, or a damaged tuner.pkl and no copy: refused in one line (rather than
     # Tune starting the study over, or a traceback), naming what to do
