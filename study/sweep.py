@@ -6,6 +6,7 @@ Results layout (``spec.results_dir``; local by default, shared storage on a clus
     <results_dir>/mlartifacts/    MLflow artifacts (study file, spec, reports)
     <results_dir>/optuna.db       the Optuna study (default; PostgreSQL on a cluster)
     <results_dir>/ray/tune/       Tune's experiment state and trial checkpoints (what --resume reads)
+    <results_dir>/ray/.mannstudy/ what --resume puts back before Tune reads its state (study/state.py)
 
 Every ask/tell happens here, in the driver (one writer), so SQLite serves a local study.
 """
