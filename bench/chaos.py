@@ -65,6 +65,7 @@ ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS":
        # a kill the harness did not schedule
        "RAY_memory_monitor_refresh_ms": "0"}
 STUDY_ENV = ("MLFLOW_TRACKING_URI", "MANNSTUDY_STORAGE", "MANNSTUDY_RESULTS_DIR")
+RAY_START_FAILED = "The current node timed out during startup"  # ray.init's error on an overloaded machine
 TERMINAL = {"completed": "FINISHED", "stopped_early": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 
 
@@ -78,6 +79,7 @@ class Outcome:
     trials: int = 0  # trials the study asked for
     once: int = 0  # trials accounted for exactly once
     lingering: int = 0  # Ray processes alive 15 s after a kill
+    ray_retries: int = 0  # final drivers run again because their local Ray did not start (an overloaded machine)
     wall_s: float = 0.0
 
 
@@ -183,12 +185,16 @@ def run_schedule(args: list[str], kills: list[str], rng: random.Random, folder: 
             if driver.alive():
                 driver.kill()
                 killed.append((tmps[-1], time.monotonic()))
-        final = start()
-        try:
-            final.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            final.kill()
-            out.problems.append(f"the final --resume did not end in {timeout_s:.0f} s")
+        for _ in range(3):
+            final = start()
+            try:
+                final.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                final.kill()
+                out.problems.append(f"the final --resume did not end in {timeout_s:.0f} s")
+            if final.process.returncode == 0 or RAY_START_FAILED not in log.read_text(errors="replace")[-3000:]:
+                break
+            out.ray_retries += 1
         for ray_tmp, at in killed:  # the killed drivers' reapers had 15 s to end their Ray
             time.sleep(max(0.0, at + 15 - time.monotonic()))
             out.lingering += len(marked("RAY_TMPDIR", ray_tmp))
@@ -404,7 +410,8 @@ def line(label: str, out: Outcome) -> str:
     verdict = "clean" if not out.problems else f"{len(out.problems)} problems: " + "; ".join(out.problems[:4])
     return (f"{label}: kills {','.join(out.kills)} ({len(out.kills)}), {out.drivers} drivers, {out.wall_s:.0f} s; "
             f"trials {out.once}/{out.trials} exactly once; Ray processes left 15 s after a kill: {out.lingering}; "
-            f"{verdict}")
+            + (f"final driver rerun after Ray failed to start: {out.ray_retries}; " if out.ray_retries else "")
+            + verdict)
 
 
 def schedule(work: Path, i: int, seed0: int, trials: int, replicate_every: int, keep: bool,
