@@ -32,13 +32,13 @@ def finished(tmp_path_factory, mlflow_template):
 
 def test_a_kill_a_resume_a_kill_during_it_and_a_final_resume_account_for_every_trial_once(tmp_path, mlflow_template):
     out = chaos.sweep_schedule(tmp_path / "mid-mid", ["mid", "mid"], seed=1, trials=TRIALS, template=mlflow_template)
-    assert out.problems == [] and out.drivers == 3
+    assert out.problems == [] and out.drivers == 3 + out.ray_retries  # a Ray that did not start is retried
     assert out.once == out.trials == TRIALS
 
 
 def test_kills_during_start_up_and_shut_down_account_for_every_trial_once(finished):
     _, out = finished
-    assert out.problems == [] and out.drivers == 3
+    assert out.problems == [] and out.drivers == 3 + out.ray_retries  # a Ray that did not start is retried
     assert out.once == out.trials == TRIALS
 
 
@@ -46,5 +46,5 @@ def test_a_replication_killed_mid_run_and_during_its_resume_runs_each_seed_once(
     folder, sweep = finished
     assert sweep.problems == []
     out = chaos.replicate_schedule(folder, ["mid", "startup"], seed=3, top=1, seeds=2)
-    assert out.problems == [] and out.drivers == 3
+    assert out.problems == [] and out.drivers == 3 + out.ray_retries  # a Ray that did not start is retried
     assert out.once == out.trials == 2
