@@ -429,8 +429,6 @@ def schedule(work: Path, i: int, seed0: int, trials: int, replicate_every: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedules", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -440,26 +438,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="schedules run at once (default 1)")
     parser.add_argument("--workdir", help="where the schedules' folders go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the folders of clean schedules")
+    parser.add_argument("--only", type=int, metavar="I", help="run schedule I alone (one process per schedule)")
     args = parser.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mannstudy-chaos-"))
+    if args.only is not None:
+        seed, outs = schedule(work, args.only, args.seed, args.trials, args.replicate_every, args.keep,
+                              work / "template" / "mlflow.db")
+        for kind, out in outs:
+            print(line(f"schedule {args.only:02d} seed {seed} {kind}", out), flush=True)
+        record = [{"kind": kind, "clean": not out.problems, "trials": out.trials, "once": out.once}
+                  for kind, out in outs]
+        (work / f"schedule-{args.only:02d}.json").write_text(json.dumps(record))
+        return 0
     from mann import native
 
     native.prepare()  # once, before any driver (each driver checks; none then builds)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mannstudy-chaos-"))
-    template = mlflow_template(work)
+    mlflow_template(work)
     started = time.monotonic()
-    clean = asked = once = 0
-    with ProcessPoolExecutor(max_workers=args.parallel) as pool:
-        futures = [pool.submit(schedule, work, i, args.seed, args.trials, args.replicate_every, args.keep, template)
-                   for i in range(args.schedules)]
-        for future in as_completed(futures):
-            seed, outs = future.result()
-            for kind, out in outs:
-                print(line(f"schedule {seed - args.seed * 1000:02d} seed {seed} {kind}", out), flush=True)
-                asked += out.trials
-                once += out.once
-            clean += all(not out.problems for _, out in outs)
-    print(f"schedules {clean}/{args.schedules} clean, trials {once}/{asked} exactly once "
-          f"({time.monotonic() - started:.0f} s; folders in {work})", flush=True)
+    common = ["--seed", str(args.seed), "--trials", str(args.trials), "--replicate-every", str(args.replicate_every),
+              "--workdir", str(work)] + (["--keep"] if args.keep else [])
+    todo, running = list(range(args.schedules)), []
+    while todo or running:
+        running = [p for p in running if p.poll() is None]
+        while todo and len(running) < args.parallel:
+            running.append(subprocess.Popen([sys.executable, __file__, "--only", str(todo.pop(0)), *common]))
+        time.sleep(1)
+    clean = 0
+    counts = {"sweep": [0, 0], "replicate": [0, 0]}  # kind -> [accounted for once, asked for]
+    for i in range(args.schedules):
+        path = work / f"schedule-{i:02d}.json"
+        record = json.loads(path.read_text()) if path.is_file() else [
+            {"kind": "sweep", "clean": False, "trials": args.trials, "once": 0}]
+        clean += all(r["clean"] for r in record)
+        for r in record:
+            counts[r["kind"]][0] += r["once"]
+            counts[r["kind"]][1] += r["trials"]
+    (once, asked), (rep_once, rep_asked) = counts["sweep"], counts["replicate"]
+    print(f"schedules {clean}/{args.schedules} clean, trials {once}/{asked} exactly once, replicated runs "
+          f"{rep_once}/{rep_asked} exactly once ({time.monotonic() - started:.0f} s; folders in {work})", flush=True)
     return 0 if clean == args.schedules else 1
 
 
