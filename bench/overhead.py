@@ -228,7 +228,8 @@ def tune_report_times(label: str, measured: dict, checkpoint: Path, work: Path, 
 
     from study.search import TruthfulOptunaSearch
     from study.spec import load_spec, make_sampler
-    from study.sweep import ProgressCallback, StateBackupCallback, StudySpace
+    from study.state import StateBackupCallback
+    from study.sweep import ProgressCallback, StudySpace
 
     spec = load_spec(CASES[label][0])
     name = label.replace(" ", "_")

@@ -223,22 +223,16 @@ def run_replica(config: dict, context) -> None:
 
 
 def _recorded_ends(context, trial_ids: Mapping[int, str]) -> dict[int, tuple[str, dict]]:
-    """seed -> (status, metrics) of the seeds whose MLflow run an earlier attempt ended (completed, diverged)."""
-    from study.search import STEP_KEY
-    from study.tracking import TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client, _retry
+    """seed -> (status, metrics) of the seeds whose MLflow run an earlier attempt ended (the sweep's own reading,
+    :func:`study.trainable._recorded_end`, per seed)."""
+    from study.search import STATUS_KEY
+    from study.trainable import _recorded_end
 
-    uri, client = context.tracking_uri, _client(context.tracking_uri)
     ended = {}
     for seed, trial_id in trial_ids.items():
-        query = f"tags.`{TAG_PARENT}` = '{context.parent_run_id}' AND tags.`{TAG_TRIAL_ID}` = '{trial_id}'"
-        runs = _retry(lambda q=query: client.search_runs([context.experiment_id], filter_string=q, max_results=100),
-                      uri, f"reading the run of {trial_id}", 60.0)
-        if runs:
-            run = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))  # the one TrialTracker attaches to
-            status = run.data.tags.get(TAG_STATUS)
-            if status in ("completed", "diverged", "stopped_early"):
-                step = int(run.data.tags.get(TAG_STATUS_PREFIX + "step", 0))
-                ended[seed] = (status, {**run.data.metrics, STEP_KEY: step})
+        found = _recorded_end(context, trial_id)
+        if found is not None:
+            ended[seed] = (found[1][STATUS_KEY], found[1])
     return ended
 
 
@@ -277,7 +271,7 @@ def run_replica_seeds(replica: dict, context) -> None:
         model, overrides = trial_overrides(spec, {**replica["params"], "seed": s})
         configs[s] = make_train_config(model, spec.task, overrides)
     cfg = configs[seeds[0]]
-    ended = _recorded_ends(context, ids) if checkpoint else {}  # a fresh trial cannot have ended
+    ended = _recorded_ends(context, ids)  # a restored trial may have ended, with or without a checkpoint
     status = {s: ended[s][0] for s in ended}  # seed -> its end, once known
     steps = {s: int(ended[s][1].get(STEP_KEY, cfg.max_steps)) for s in ended}  # seed -> the step it ended at
     latest = {s: ended[s][1] for s in ended}  # seed -> its last metrics
@@ -401,26 +395,31 @@ def _make_tuner(spec: StudySpec, context, grid: list[dict], exp_dir: Path, resum
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
+    from study import state
     from study.sweep import MAX_FAILURES, ProgressCallback
 
     trainable = tune.with_resources(
         tune.with_parameters(run_replica, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    if resume:
+    if resume and state.prepare_restore(exp_dir, str(spec.source)):
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     tune_config = tune.TuneConfig(
         num_samples=1, max_concurrent_trials=spec.concurrency, reuse_actors=True,
         trial_dirname_creator=_trial_dirname,
     )
+    stall = state.NoProgress()
     run_config = tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[ProgressCallback(spec), JsonLoggerCallback()], verbose=0,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2), stop=stall,
+        callbacks=[ProgressCallback(spec), JsonLoggerCallback(), state.StateBackupCallback(exp_dir), stall],
+        verbose=0,
     )
-    return tune.Tuner(trainable, param_space={"replica": tune.grid_search(grid)}, tune_config=tune_config,
-                      run_config=run_config)
+    tuner = tune.Tuner(trainable, param_space={"replica": tune.grid_search(grid)}, tune_config=tune_config,
+                       run_config=run_config)
+    state.keep_tuner_copy(exp_dir)
+    return tuner
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -570,7 +569,7 @@ def run_replication(
     trial per (config, seed). A resumed replication keeps the layout it began with.
     """
     import study.sweep  # noqa: F401  (sets Ray's environment before ray is imported)
-    from study import tracking
+    from study import state, tracking
 
     started = time.monotonic()
     spec = load_spec(study_file)
@@ -578,11 +577,11 @@ def run_replication(
     grid = replication_grid(configs, seed_list)
     rep_id = check_name(name) if name else replication_id(grid)
     exp_dir = experiment_dir(spec, rep_id)
-    state_exists = exp_dir.is_dir() and any(exp_dir.glob("experiment_state*.json"))
-    if resume and not state_exists:
+    begun = state.has_begun(exp_dir) or state.has_tune_state(exp_dir)
+    if resume and not begun:
         raise ReplicationError(f"{study_file}: --resume: no replication state in {exp_dir} "
                                "(run without --resume to start it)")
-    if not resume and state_exists:
+    if not resume and begun:
         raise ReplicationError(f"{study_file}: replication {rep_id} already has results in {exp_dir} "
                                "(use --resume to finish it)")
 
@@ -593,11 +592,13 @@ def run_replication(
     study_run = tracking.find_study_run(uri, experiment_id, spec.name)
     if study_run is None:
         raise ReplicationError(f"{study_file}: study {spec.name!r} has no MLflow run at {uri} (run the sweep first)")
+    if not resume:
+        state.mark_begun(exp_dir)  # before anything is recorded: a --resume can finish what follows
     parent = start_replication_run(uri, experiment_id, spec, study_run, rep_id, configs, seed_list)
+    if resume and not state.has_tune_state(exp_dir):  # starts afresh: nothing recorded runs any more
+        _reconcile(uri, experiment_id, parent, "lost: the driver stopped before Tune saved its state")
 
-    import ray
-
-    from study.sweep import connect_ray
+    from study.sweep import connect_ray, disconnect_ray
     from study.trainable import TrialContext
 
     started_ray = connect_ray(address, num_cpus)
@@ -618,7 +619,7 @@ def run_replication(
         return ReplicationSummary(rep_id, parent, str(exp_dir), configs, seed_list, counts)
     finally:
         if started_ray:
-            ray.shutdown()
+            disconnect_ray()
 
 
 def cli_replicate(study_file: str, top_k: int = 3, seeds: int | str | Sequence[int] = 3,

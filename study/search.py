@@ -124,3 +124,23 @@ def fail_running_trials(study: optuna.Study, reason: str) -> list[int]:
         storage.set_trial_user_attr(trial_id, "status_message", reason)
         study.tell(number, state=TrialState.FAIL)
     return numbers
+
+
+def tell_recorded_end(study: optuna.Study, number: int, status: str, step: int, value: float | None) -> None:
+    """Tell the study's RUNNING trial ``number`` the end its MLflow run recorded (``completed``, ``stopped_early``,
+    ``diverged`` at ``step``; ``value`` the objective's last logged value), as the searcher would have.
+
+    Only for after a sweep: the driver died after the trial recorded its end and before the searcher was told.
+    """
+    if status == "completed" and (value is None or not math.isfinite(value)):
+        status = "diverged"  # as TruthfulOptunaSearch.verdict decides
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    storage.set_trial_user_attr(trial_id, "status", status)
+    storage.set_trial_user_attr(trial_id, "status_step", int(step))
+    if status == "completed":
+        study.tell(number, float(value), state=TrialState.COMPLETE)
+    elif status == "stopped_early":
+        study.tell(number, state=TrialState.PRUNED)
+    else:
+        study.tell(number, state=TrialState.FAIL)

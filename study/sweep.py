@@ -6,6 +6,7 @@ Results layout (``spec.results_dir``; local by default, shared storage on a clus
     <results_dir>/mlartifacts/    MLflow artifacts (study file, spec, reports)
     <results_dir>/optuna.db       the Optuna study (default; PostgreSQL on a cluster)
     <results_dir>/ray/tune/       Tune's experiment state and trial checkpoints (what --resume reads)
+    <results_dir>/ray/.mannstudy/ what --resume puts back before Tune reads its state (study/state.py)
 
 Every ask/tell happens here, in the driver (one writer), so SQLite serves a local study.
 """
@@ -13,10 +14,8 @@ Every ask/tell happens here, in the driver (one writer), so SQLite serves a loca
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -29,8 +28,6 @@ from study.redact import redact
 from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
-STATE_BACKUP = ".mannstudy-state-backup.pkl"  # StateBackupCallback's bundle, in the experiment folder
-STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_state-*.json")  # Tune's names
 MAX_FAILURES = 2  # retries per trial (a lost node, a crash), each from the trial's last checkpoint
 
 # Set before Ray is imported (read at import / controller start).
@@ -126,6 +123,7 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from study import state
     from study.search import TruthfulOptunaSearch
     from study.trainable import run_trial
 
@@ -134,8 +132,7 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     exp_dir = experiment_dir(spec)
-    if resume:
-        restore_state_backup(exp_dir)
+    if resume and state.prepare_restore(exp_dir, str(spec.source)):
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
 
     metric, mode = spec.objective.metric, spec.objective.mode
@@ -160,86 +157,26 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
         time_budget_s=spec.budget.time_budget_s,
         reuse_actors=True,  # no process start + torch import per trial (NOTES.md: 21.4 s -> 6.5 s for 8 trials)
     )
+    stall = state.NoProgress()
     run_config = tune.RunConfig(
         name=EXPERIMENT_NAME, storage_path=str(exp_dir.parent),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[ProgressCallback(spec), JsonLoggerCallback(), StateBackupCallback(exp_dir), *callbacks],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2), stop=stall,
+        callbacks=[ProgressCallback(spec), JsonLoggerCallback(), state.StateBackupCallback(exp_dir), stall,
+                   *callbacks],
         verbose=0,
     )
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
-
-
-class StateBackupCallback(Callback):
-    """Keeps the last complete copy of Tune's experiment state in the results folder, for ``--resume``.
-
-    Tune (ray 2.60) writes ``experiment_state-*.json`` in place, in a staging folder that a background
-    thread copies to the results folder. A driver killed mid-write leaves a truncated file, and
-    ``Tuner.restore`` then logs the error and silently starts the experiment over (seen in
-    tests/test_faults.py). Tune calls each callback's ``get_state`` right after writing the experiment
-    state and the searcher's (``TuneController.save_to_dir``): then all of them are complete in the
-    staging folder, and they are bundled here into one file that is replaced atomically.
-    :func:`restore_state_backup` puts them back before a resume.
-    """
-
-    def __init__(self, exp_dir: Path):
-        self.exp_dir = Path(exp_dir)
-        self._staging: str | None = None  # Tune's staging folder, known once a trial exists
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._staging = trial.storage.experiment_driver_staging_path
-
-    def get_state(self) -> None:
-        if self._staging is not None:
-            files = {}
-            for pattern in STATE_FILES:
-                newest = max(Path(self._staging).glob(pattern), default=None)
-                if newest is not None:
-                    files[newest.name] = newest.read_bytes()
-            if files:
-                _write_atomically(self.exp_dir / STATE_BACKUP, pickle.dumps(files))
-        return None  # nothing of its own for Tune to save
-
-    def __getstate__(self):  # pickled into tuner.pkl before any trial: the staging folder is per session
-        return {**self.__dict__, "_staging": None}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def restore_state_backup(exp_dir: Path) -> list[str]:
-    """Before a resume: put back Tune's state files from the last complete bundle; return their names.
-
-    The bundle is never older than the results folder's copies (it is written before Tune starts
-    copying); an experiment state file named after the bundle's (a later session's) was written after
-    the last complete save, so it is set aside as ``*.stale`` rather than trusted. Then refuse (one
-    line) a state that still does not parse instead of letting Tune start the study over.
-    """
-    bundle = exp_dir / STATE_BACKUP
-    restored = []
-    if bundle.is_file():
-        files = pickle.loads(bundle.read_bytes())
-        for name, data in files.items():
-            _write_atomically(exp_dir / name, data)
-            restored.append(name)
-        newest = max((n for n in files if n.startswith("experiment_state-")), default=None)
-        for path in exp_dir.glob("experiment_state-*.json"):
-            if newest is not None and path.name > newest:
-                path.rename(path.with_name(path.name + ".stale"))
-    newest_state = max(exp_dir.glob("experiment_state-*.json"), default=None)
-    try:
-        json.loads(newest_state.read_text()) if newest_state else None
-    except ValueError as err:
-        raise SweepError(f"{newest_state}: Tune's experiment state is damaged ({err}) and there is no complete "
-                         f"copy ({STATE_BACKUP}); the study cannot be resumed") from None
-    return restored
+    tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    state.keep_tuner_copy(exp_dir)
+    return tuner
 
 
 class ProgressCallback(Callback):
-    """One line per finished trial: counts by status and the best completed trial so far."""
+    """One line per finished trial: counts by status and the best completed trial so far.
+
+    The counts and the best trial are part of Tune's saved state (``get_state``), so a resumed run goes on
+    counting where the saved state left off; the clock starts again with each driver.
+    """
 
     def __init__(self, spec: StudySpec, stream=None):
         self.spec = spec
@@ -274,59 +211,86 @@ class ProgressCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._emit(trials, trial, "failed", (trial.last_result or {}).get("step"))
 
+    def get_state(self) -> dict:
+        return {"counts": dict(self.counts), "best": self.best}
 
-def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: str) -> dict[str, int]:
-    """After the Tuner returns nothing runs: record the truth about what a crash or lost node left behind.
+    def set_state(self, state: dict) -> None:
+        self.counts, self.best = dict(state["counts"]), state["best"]
 
-    - Optuna trials still RUNNING were asked by a driver that died before Tune recorded them:
-      FAIL with status ``not_run``.
-    - MLflow child runs still RUNNING (status tag ``running``, or a status tag written but the run not
-      ended): the trial process ended before it could record its status
-      (Ray ends a stopped trial's process without waiting for the training thread when no other trial
-      reuses it; a lost node; a driver crash). The Optuna record says how the trial ended when the
-      searcher was told (``stopped_early``, ``completed``, ``diverged``, ``failed``, with its step);
-      otherwise the run is ``failed`` with ``reason``.
-    Returns how many of each were fixed.
+    def __setstate__(self, state: dict) -> None:  # unpickled by a new driver: its own clock
+        self.__dict__.update(state)
+        self.started = time.monotonic()
+
+
+def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: str,
+              lost: bool = True) -> dict[str, int]:
+    """Make MLflow and Optuna, the record of what has ended, agree; return how many of each were fixed.
+
+    ``lost`` (after the Tuner returned, or before a run started afresh: nothing runs):
+    - An Optuna trial still RUNNING whose MLflow run recorded an end (the driver died before the searcher
+      was told) is told that end. Any other was asked by a driver that died before its trial could end, or
+      before Tune recorded it: FAIL with status ``not_run``.
+    - An MLflow child run still RUNNING (status tag ``running``, or a status tag written but the run not
+      ended): its process ended before it could record its status (Ray ends a stopped trial's process
+      without waiting for the training thread when no other trial reuses it; a lost node; a driver crash).
+      The Optuna record says how the trial ended when the searcher was told (``stopped_early``,
+      ``completed``, ``diverged``, ``failed``, with its step); otherwise the run is ``failed`` with ``reason``.
+    Not ``lost`` (before a restore, when restored trials are about to run): only runs whose trial Optuna
+    records as ended get that end, so that the restored trial finds it and does not train again.
     """
     import optuna
-    from mlflow.entities import RunTag
 
-    from study.search import fail_running_trials
-    from study.tracking import (
-        STATUS_TO_RUN_STATUS,
-        TAG_KIND,
-        TAG_NOTE,
-        TAG_STATUS,
-        TAG_STATUS_PREFIX,
-        TAG_TRIAL_ID,
-        _client,
-        status_note,
-    )
+    from study.search import fail_running_trials, tell_recorded_end
+    from study.tracking import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client
+    from study.trainable import ENDED
 
     study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
-    fixed = {"optuna": len(fail_running_trials(study, reason)), "mlflow": 0}
-    verdicts = {t.user_attrs["tune_trial_id"]: t.user_attrs for t in study.get_trials(deepcopy=False)
-                if "tune_trial_id" in t.user_attrs and t.user_attrs.get("status") in STATUS_TO_RUN_STATUS}
     client = _client(tracking_uri)
     parent = client.get_run(parent_run_id)
-    stale = client.search_runs(
+    children = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial' "
-                      "and attributes.status = 'RUNNING'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial'",
         max_results=10_000,
     )
-    for run in stale:
-        verdict = verdicts.get(run.data.tags.get(TAG_TRIAL_ID), {})
-        status = verdict.get("status", "failed")
-        details = {"step": verdict["status_step"]} if "status_step" in verdict else {}
+    runs = {}  # trial id -> its run (the oldest, the one TrialTracker attaches to)
+    for run in sorted(children, key=lambda r: (r.info.start_time, r.info.run_id), reverse=True):
+        runs[run.data.tags.get(TAG_TRIAL_ID)] = run
+    fixed = {"optuna": 0, "mlflow": 0}
+    if lost:
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            run = runs.get(t.user_attrs.get("tune_trial_id"))
+            recorded = run.data.tags.get(TAG_STATUS) if run is not None else None
+            if recorded in ENDED:
+                step = int(run.data.tags.get(TAG_STATUS_PREFIX + "step", 0))
+                tell_recorded_end(study, t.number, recorded, step, run.data.metrics.get(spec.objective.metric))
+                fixed["optuna"] += 1
+        fixed["optuna"] += len(fail_running_trials(study, reason))
+    verdicts = {t.user_attrs["tune_trial_id"]: t.user_attrs for t in study.get_trials(deepcopy=False)
+                if "tune_trial_id" in t.user_attrs and t.user_attrs.get("status") in STATUS_TO_RUN_STATUS}
+    for run in runs.values():
+        if run.info.status != "RUNNING":
+            continue
+        verdict = verdicts.get(run.data.tags.get(TAG_TRIAL_ID))
+        if verdict is None and not lost:
+            continue
+        status = (verdict or {}).get("status", "failed")
+        details = {"step": verdict["status_step"]} if verdict and "status_step" in verdict else {}
         if status == "failed":
             details["message"] = reason
-        tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
-        tags += [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
-        client.log_batch(run.info.run_id, tags=tags, synchronous=True)
-        client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS[status])
+        _end_run(client, run.info.run_id, status, details)
         fixed["mlflow"] += 1
     return fixed
+
+
+def _end_run(client, run_id: str, status: str, details: dict) -> None:
+    from mlflow.entities import RunTag
+
+    from study.tracking import STATUS_TO_RUN_STATUS, TAG_NOTE, TAG_STATUS, TAG_STATUS_PREFIX, status_note
+
+    tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
+    tags += [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
+    client.log_batch(run_id, tags=tags, synchronous=True)
+    client.set_terminated(run_id, status=STATUS_TO_RUN_STATUS[status])
 
 
 def summarize(spec: StudySpec) -> SweepSummary:
@@ -349,11 +313,20 @@ def summarize(spec: StudySpec) -> SweepSummary:
     return summary
 
 
+REAPER_MARK = "MANNSTUDY_RAY_OF"  # in the environment of every process of a local Ray a driver started
+_reaper: dict[str, Any] = {}  # the reaper of this process's local Ray: its process and its mark
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Use this process's Ray if it has one, else start a local one (``address`` None) or join ``address``.
 
-    Returns True when this call connected (the caller then shuts Ray down when done).
+    Returns True when this call connected (the caller then calls :func:`disconnect_ray` when done). A local
+    Ray's processes carry a mark in their environment, and a reaper process (``study.reaper``) ends them
+    once this process has gone, however it went: Ray's agents outlive a SIGKILLed driver otherwise.
     """
+    import subprocess
+    import uuid
+
     import ray
 
     if ray.is_initialized():
@@ -363,6 +336,12 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     # WARNING: Ray's and Tune's INFO lines ("Started a local Ray instance", "Wrote the latest version of all
     # result files") stay out of the terminal; the sweep prints its own progress.
     if address is None:
+        mark = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        env = {k: v for k, v in os.environ.items() if k != REAPER_MARK}
+        reaper = subprocess.Popen([sys.executable, "-m", "study.reaper", REAPER_MARK, mark], stdin=subprocess.PIPE,
+                                  env=env, start_new_session=True)
+        _reaper.update(process=reaper, mark=mark)
+        os.environ[REAPER_MARK] = mark
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
     else:
@@ -420,6 +399,20 @@ def unshared_record(spec: StudySpec, nodes: Sequence[dict], driver_node_id: str,
             "(docs/cluster.md), or name shared ones in the study file")
 
 
+def disconnect_ray() -> None:
+    """Shut down the Ray :func:`connect_ray` started or joined; the reaper then ends what a local one left."""
+    import ray
+
+    ray.shutdown()
+    os.environ.pop(REAPER_MARK, None)
+    reaper = _reaper.pop("process", None)
+    _reaper.pop("mark", None)
+    if reaper is not None:
+        reaper.stdin.close()  # its signal: this process is done with Ray
+        with contextlib.suppress(Exception):
+            reaper.wait(timeout=30)
+
+
 def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool = False,
               num_cpus: int | None = None, callbacks: Sequence[Callback] = ()) -> SweepSummary:
     """Run (or ``resume``) the study in ``path`` to the end; return its summary.
@@ -432,13 +425,13 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     once Ray is joined (:func:`unshared_record`), before anything is written. An already-initialized Ray
     (e.g. a test cluster) is used as it is and left running. ``callbacks``: extra Tune callbacks (new sweeps only).
     """
-    from study import tracking
+    from study import state, tracking
 
     started = time.monotonic()
     spec = load_spec(path)
     exp_dir = experiment_dir(spec)
-    state_exists = exp_dir.is_dir() and any(exp_dir.glob("experiment_state*.json"))
-    if resume and not state_exists:
+    begun = state.has_begun(exp_dir) or state.has_tune_state(exp_dir)
+    if resume and not begun:
         raise SweepError(f"{path}: --resume: no sweep state in {exp_dir} (run without --resume to start the study)")
     if resume and callbacks:
         raise SweepError(f"{path}: --resume: a restored sweep keeps its own callbacks")
@@ -447,12 +440,11 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         tracking.check_reachable(uri)  # before anything is written, Optuna included
     except tracking.TrackingError as err:
         raise tracking.TrackingError(f"{path}: tracking_uri: {err}") from None
-    if not resume and (state_exists or _existing_trials(spec)):
+    if not resume and (begun or _existing_trials(spec)):
         raise SweepError(
             f"{path}: study {spec.name!r} already has results in {spec.results_dir} "
             "(use --resume to finish it, or give the study another name / results_dir)"
         )
-
     import ray
 
     from mann import native
@@ -466,18 +458,25 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         problem = unshared_record(spec, ray.nodes(), ray.get_runtime_context().get_node_id())
         if problem:
             raise SweepError(f"{path}: {problem}")
+        if not resume:
+            state.mark_begun(exp_dir)  # before anything is recorded: a --resume can finish what follows
         experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
                                                     if "://" not in spec.results_dir else None)
         parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
                                           extra_tags={"mannstudy.results_dir": spec.results_dir})
     except BaseException:
         if started_ray:
-            ray.shutdown()
+            disconnect_ray()
         raise
     try:
         context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                                threads=max(1, int(spec.resources.cpu)))
         os.environ[PENDING_ENV] = _PENDING_GIVEN or str(pending_trials(spec, ray.cluster_resources()))
+        if resume and _existing_trials(spec):
+            # A restore runs trials Tune's state left running: first give their runs the ends Optuna recorded.
+            # With no Tune state the study starts afresh and nothing recorded runs any more.
+            reconcile(spec, uri, parent, "lost: the driver stopped before Tune saved its state",
+                      lost=not state.has_tune_state(exp_dir))
         tuner = make_tuner(spec, context, resume, callbacks)
         print(f"sweep {spec.name}: {spec.budget.num_samples} trials of {', '.join(spec.models)} on {spec.task}; "
               f"MLflow {redact(uri)} (parent run {parent})", flush=True)
@@ -497,7 +496,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         raise
     finally:
         if started_ray:
-            ray.shutdown()
+            disconnect_ray()
 
 
 def _spec_dict(spec: StudySpec) -> dict[str, Any]:

@@ -24,10 +24,11 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 
 A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
 driver killed in between leaves a state in which that trial still runs, and ``--resume`` restarts it
-from its last checkpoint (NOTES.md). A restored attempt therefore first reads the trial's MLflow run:
-when an earlier attempt recorded ``completed``, ``stopped_early`` or ``diverged`` there (the status is
-written before the final report), it reports that end again and returns without training or touching
-the run. (An attempt restored from the final checkpoint whose run holds no status, e.g. after a
+from its last checkpoint, or from the start when it had none (NOTES.md). Every attempt therefore first
+reads the trial's MLflow run: when an earlier attempt recorded ``completed``, ``stopped_early`` or
+``diverged`` there (the status is written before the final report; ``--resume`` copies onto the run
+an end only Optuna recorded, study/state.py), it reports that end again and returns without training
+or touching the run. (An attempt restored from the final checkpoint whose run holds no status, e.g. after a
 tracking outage, trains no step either: ``fit`` returns at once and the end is recorded then.)
 
 Besides ``fit``'s metrics every report carries where and how the attempt ran (Tune's result.json keeps
@@ -199,7 +200,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
     trial_id = tune_context.get_trial_id()
     checkpoint = tune.get_checkpoint()
     node_id = ray.get_runtime_context().get_node_id()
-    ended = _recorded_end(context, trial_id) if checkpoint else None  # a fresh trial cannot have ended
+    # A restored trial may have ended in an earlier session, with or without a checkpoint: read the record first.
+    ended = _recorded_end(context, trial_id)
     if ended is not None:
         run_id, result = ended
         step = result[STEP_KEY]

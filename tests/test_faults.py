@@ -27,7 +27,8 @@ from conftest import end_ray_folder, kill_group, processes_with_env
 from mlflow_server import MlflowServer
 from optuna.trial import TrialState
 
-from study.sweep import STATE_BACKUP, run_sweep
+from study.state import STATE_BUNDLE, state_dir
+from study.sweep import run_sweep
 from study.tracking import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
 
 pytestmark = pytest.mark.slow
@@ -108,7 +109,7 @@ def test_resume_after_the_driver_is_killed_finishes_the_study_without_rerunning_
     # A kill often lands while Tune writes its state in place; make sure this run has a torn state file.
     state = max(rec.exp_dir.glob("experiment_state-*.json"))
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    assert (rec.exp_dir / STATE_BACKUP).is_file()
+    assert (state_dir(rec.exp_dir) / STATE_BUNDLE).is_file()
 
     before = {t.number: t for t in rec.trials()}
     attempts_before = {r.data.tags[TAG_TRIAL_ID]: r.data.tags[TAG_ATTEMPTS] for r in rec.children()}

@@ -26,7 +26,8 @@ from mlflow_server import free_port
 from optuna.trial import TrialState
 
 from study.spec import load_spec
-from study.sweep import STATE_BACKUP, SweepError, reconcile, restore_state_backup, run_sweep
+from study.state import STATE_BUNDLE, TUNER_COPY, TUNER_PKL, prepare_restore, repair_checkpoints, state_dir
+from study.sweep import SweepError, reconcile, run_sweep
 from study.tracking import (
     STATUS_TO_RUN_STATUS,
     TAG_ATTEMPTS,
@@ -284,27 +285,102 @@ def test_reconcile_ends_runs_left_running_as_optuna_recorded_them(study_file, tm
     assert orphan.state == optuna.trial.TrialState.FAIL and orphan.user_attrs["status"] == "not_run"
 
 
-def test_a_torn_tune_state_is_restored_from_the_last_complete_copy(tmp_path):
-    exp = tmp_path / "tune"
-    exp.mkdir()
+def test_a_torn_tune_state_is_restored_from_the_copies_kept_outside_tunes_folder(tmp_path):
+    exp = tmp_path / "ray" / "tune"
+    exp.mkdir(parents=True)
+    kept = state_dir(exp)
+    assert kept == tmp_path / "ray" / ".mannstudy" / "tune"  # beside Tune's folder, never inside what it copies
     state, searcher = "experiment_state-2026-01-01_00-00-00.json", "searcher-state-2026-01-01_00-00-00.pkl"
     complete = {state: b'{"trial_data": []}', searcher: pickle.dumps({"trials": 3})}
-    (exp / STATE_BACKUP).write_bytes(pickle.dumps(complete))
+    kept.mkdir(parents=True)
+    (kept / STATE_BUNDLE).write_bytes(pickle.dumps(complete))
+    (kept / TUNER_COPY).write_bytes(pickle.dumps({"tuner": 1}))
+    (exp / TUNER_PKL).write_bytes(b"")  # a kill while Tune copied its staging folder back
     (exp / state).write_text('{"trial_da')  # a kill mid-write
     (exp / searcher).write_bytes(complete[searcher][:5])
-    later = exp / "experiment_state-2026-01-02_00-00-00.json"  # written after the last complete save
+    later = exp / "experiment_state-2026-01-02_00-00-00.json"  # written after the newest complete save
     later.write_text('{"trial_data": [')
-    assert sorted(restore_state_backup(exp)) == sorted(complete)
+    later_searcher = exp / "searcher-state-2026-01-02_00-00-00.pkl"  # Tune would restore the searcher from it
+    later_searcher.write_bytes(pickle.dumps({"trials": 5}))
+    assert prepare_restore(exp, "study.yaml") is True
     for name, data in complete.items():
         assert (exp / name).read_bytes() == data
-    assert not later.exists() and later.with_name(later.name + ".stale").exists()
+    assert pickle.loads((exp / TUNER_PKL).read_bytes()) == {"tuner": 1}
+    for path in (later, later_searcher):
+        assert not path.exists() and path.with_name(path.name + ".stale").exists()
 
-    # no complete copy and a damaged state: refused in one line rather than Tune starting the study over
-    (exp / STATE_BACKUP).unlink()
+    # no complete copy and a damaged state, or a damaged tuner.pkl and no copy: refused in one line (rather than
+    # Tune starting the study over, or a traceback), naming what to do
+    (kept / STATE_BUNDLE).unlink()
     (exp / state).write_text("{")
-    with pytest.raises(SweepError) as info:
-        restore_state_backup(exp)
-    assert "\n" not in str(info.value) and "damaged" in str(info.value) and state in str(info.value)
+    for damaged in ("experiment state", "tuner.pkl"):
+        with pytest.raises(SweepError) as info:
+            prepare_restore(exp, "study.yaml")
+        message = str(info.value)
+        assert "\n" not in message and "study.yaml: --resume" in message and "cannot be resumed" in message
+        assert "another name or results_dir" in message and (state in message if damaged != "tuner.pkl" else
+                                                             TUNER_PKL in message)
+        (kept / TUNER_COPY).unlink(missing_ok=True)
+        (exp / TUNER_PKL).write_bytes(b"\x80")
+    # nothing saved by Tune yet (a kill during start-up): nothing to restore, the run starts afresh
+    assert prepare_restore(tmp_path / "ray" / "other", "study.yaml") is False
+
+
+def test_a_trial_whose_checkpoint_is_gone_resumes_from_its_newest_usable_one_or_restarts(tmp_path):
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint, CheckpointConfig
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    exp = tmp_path / "moved" / "tune"  # the results folder was moved: paths in the state still say /old/...
+    trials = {}
+    for name, folders in {"kept": ["checkpoint_000003"], "fallback": ["checkpoint_000000", "checkpoint_000001"],
+                          "restart": ["checkpoint_000001"]}.items():
+        manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+        results = [_TrainingResult(checkpoint=Checkpoint(path=f"/old/tune/trial_{name}/checkpoint_{index:06d}"),
+                                   metrics={"step": index}) for index in ((2, 3) if name == "kept" else (1, 2))]
+        manager._checkpoint_results, manager._latest_checkpoint_result = results, results[-1]  # as Tune keeps them
+        metadata = _TrainingRunMetadata()
+        metadata.checkpoint_manager = manager
+        trials[name] = metadata.get_json_state()
+        for folder in folders:
+            (exp / f"trial_{name}" / folder).mkdir(parents=True)
+            (exp / f"trial_{name}" / folder / "checkpoint.pt").write_bytes(b"weights")
+            (exp / f"trial_{name}" / folder / ".metadata.json").write_text('{"step": 10}')
+    (exp / "trial_fallback" / "checkpoint_000001" / "checkpoint.pt").write_bytes(b"")  # an upload cut short
+    (exp / "trial_restart" / "checkpoint_000001" / ".metadata.json").unlink()
+    state = {"trial_data": [["{}", trials[name]] for name in trials]}
+    assert repair_checkpoints(state, exp) == ["trial_kept", "trial_fallback", "trial_restart"]
+    latest = {}
+    for name, (_, metadata_json) in zip(trials, state["trial_data"], strict=True):
+        manager = _TrainingRunMetadata.from_json_state(metadata_json).checkpoint_manager
+        result = manager.latest_checkpoint_result
+        latest[name] = result.checkpoint.path if result else None
+        assert all(Path(exp, *Path(r.checkpoint.path).parts[-2:]).is_dir() for r in manager._checkpoint_results)
+    assert latest == {"kept": "/old/tune/trial_kept/checkpoint_000003",
+                      "fallback": "/old/tune/trial_fallback/checkpoint_000000", "restart": None}
+
+
+def test_a_run_that_can_make_no_progress_ends_with_a_message():
+    from ray.tune.experiment import Trial
+
+    from study.state import NoProgress
+
+    out = io.StringIO()
+    stall = NoProgress(stall_s=0.0, stream=out)
+    copy = pickle.loads(pickle.dumps(stall))  # Tune may hold its own copy as the stopper
+    trials = [Trial("run_trial", stub=True) for _ in range(3)]
+    trials[0].set_status(Trial.TERMINATED)
+    trials[1].set_status(Trial.ERROR)  # e.g. failed to restore
+    stall.on_step_end(0, trials)
+    stall.on_step_end(1, trials)
+    assert not stall.stop_all() and not copy.stop_all()  # one trial still pending: progress is possible
+    trials[2].set_status(Trial.ERROR)
+    stall.on_step_end(2, trials)
+    stall.on_step_end(3, trials)
+    assert stall.stop_all() and copy.stop_all()
+    (message,) = out.getvalue().splitlines()
+    assert message.startswith("no progress:") and "3 trials, 2 failed" in message
 
 
 @pytest.mark.slow
