@@ -55,18 +55,9 @@ def pytest_sessionstart(session):
 def processes_with_env(key: str, value: str) -> list[int]:
     """Pids of this user's processes whose environment has ``key=value`` (a private RAY_TMPDIR marks every
     process one Ray instance started, whichever process group or session it moved to)."""
-    needle = f"{key}={value}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+    from study.reaper import marked
+
+    return marked(key, value)
 
 
 def kill_pids(pids: list[int], timeout_s: float = 10.0) -> None:
