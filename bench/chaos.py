@@ -66,7 +66,6 @@ ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS":
        "RAY_memory_monitor_refresh_ms": "0"}
 STUDY_ENV = ("MLFLOW_TRACKING_URI", "MANNSTUDY_STORAGE", "MANNSTUDY_RESULTS_DIR")
 RAY_START_FAILED = "The current node timed out during startup"  # ray.init's error on an overloaded machine
-TERMINAL = {"completed": "FINISHED", "stopped_early": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 
 
 @dataclass
@@ -212,6 +211,9 @@ def _steps(client, run) -> dict[str, list[int]]:
     return {key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
 
 
+END_METRICS = ("final_", "converged_step")  # logged once, at the run's last step (mann.train's final evaluation)
+
+
 def _check_series(client, run, last: int, every: int, what: str, problems: list[str], exact: bool) -> None:
     """One point per evaluation step of each metric (no step logged twice, none after the end)."""
     for key, steps in _steps(client, run).items():
@@ -219,7 +221,9 @@ def _check_series(client, run, last: int, every: int, what: str, problems: list[
             problems.append(f"{what}: {key} has a step logged twice: {steps}")
         elif steps and steps[-1] > last:
             problems.append(f"{what}: {key} logged beyond its end at step {last}: {steps}")
-        elif exact and steps != list(range(every, last + 1, every)):
+        elif exact and key.startswith(END_METRICS) and steps != [last]:
+            problems.append(f"{what}: {key} steps {steps}, expected once, at the end ({last})")
+        elif exact and not key.startswith(END_METRICS) and steps != list(range(every, last + 1, every)):
             problems.append(f"{what}: {key} steps {steps}, expected every {every} to {last}")
 
 
@@ -230,7 +234,7 @@ def check_sweep(study_file: Path) -> tuple[list[str], int, int]:
 
     from study.spec import load_spec
     from study.sweep import experiment_dir
-    from study.tracking import TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STUDY, TAG_TRIAL_ID
+    from study.tracking import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STUDY, TAG_TRIAL_ID
 
     spec = load_spec(study_file)
     total, every = spec.budget.num_samples, spec.budget.eval_every
@@ -270,7 +274,7 @@ def check_sweep(study_file: Path) -> tuple[list[str], int, int]:
             problems.append(f"{what}: {tune_ids[tune_id]} Optuna trials, {runs_per_id[tune_id]} MLflow runs")
             continue
         tags = run.data.tags
-        if tags.get(TAG_STATUS) != status or run.info.status != TERMINAL.get(status):
+        if tags.get(TAG_STATUS) != status or run.info.status != STATUS_TO_RUN_STATUS.get(status):
             problems.append(f"{what}: MLflow says {tags.get(TAG_STATUS)} / {run.info.status}")
             continue
         step = t.user_attrs.get("status_step")
@@ -308,7 +312,7 @@ def check_replication(study_file: Path, seeds: int, top: int) -> tuple[list[str]
 
     from study.replicate import KIND_REPLICATION
     from study.spec import load_spec
-    from study.tracking import TAG_KIND, TAG_PARENT, TAG_SEED, TAG_STATUS, TAG_STATUS_PREFIX
+    from study.tracking import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_PARENT, TAG_SEED, TAG_STATUS, TAG_STATUS_PREFIX
 
     spec = load_spec(study_file)
     client = mlflow.MlflowClient(spec.tracking_uri)
@@ -329,7 +333,7 @@ def check_replication(study_file: Path, seeds: int, top: int) -> tuple[list[str]
         status = run.data.tags.get(TAG_STATUS)
         if pairs[pair] != 1:
             problems.append(f"{what}: {pairs[pair]} runs")
-        elif run.info.status != TERMINAL.get(status):
+        elif run.info.status != STATUS_TO_RUN_STATUS.get(status):
             problems.append(f"{what}: {status} / {run.info.status}")
         elif status == "completed":
             step = int(run.data.tags.get(TAG_STATUS_PREFIX + "step", -1))

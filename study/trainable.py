@@ -17,9 +17,8 @@ How the trial ended is decided here, where it is known, and written both to MLfl
   objective at its worst value (so ASHA ranks it last) and ``trial_status=diverged``.
 - Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray ends the
   training thread with ``SystemExit``. The trial is recorded ``stopped_early`` at its last reported
-  step at once; then ``fit`` is told to stop, runs its final evaluation, and its ``final_*`` are logged
-  at that step before the ``SystemExit`` goes on. Ray does not wait for this thread, so these
-  ``final_*`` are best effort: a worker that Ray ends first leaves the trial without them.
+  step and the thread ends at once, with no final evaluation (Ray reuses the worker for the next trial
+  only once this thread has ended); the analysis censors it at that step.
 - any exception: ``failed`` with the message, then re-raised so Tune's FailureConfig retries it.
 
 A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
@@ -221,7 +220,6 @@ def run_trial(config: dict, context: TrialContext) -> None:
     attempt = {"node_id": node_id, "start_step": int(restored_from.get("step", 0)),
                "mlflow_run_id": tracker.run_id}
     last = {"step": 0, "final": None}  # the last reported step; the terminal status it carried, if any
-    stopped_by_tune = False
     evaluations = 0
 
     def report(metrics: dict, status: str, save_checkpoint=None) -> None:
@@ -237,7 +235,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
             tune.report(result, checkpoint=saved)
 
     def on_eval(metrics: dict, save_checkpoint) -> bool:
-        nonlocal evaluations, stopped_by_tune
+        nonlocal evaluations
         evaluations += 1
         clock.evaluation(float(metrics.get("wall_time", 0.0)))
         step = int(metrics[STEP_KEY])
@@ -250,12 +248,13 @@ def run_trial(config: dict, context: TrialContext) -> None:
         try:
             report(metrics, "completed" if final else "running", save_checkpoint if keep else None)
         except SystemExit:
-            # Tune stopped the trial: record it now, then let fit stop with its final evaluation.
+            # Tune stopped the trial: record it and end the thread now. Ray reuses this worker for the next trial
+            # only once the thread has ended (reset_config fails otherwise, and that trial errors), so a stopped
+            # trial gets no final evaluation: the analysis censors it at its last step.
             if last["final"] is None:
                 tracker.set_status("stopped_early", step=last["step"])
                 last["final"] = "stopped_early"
-            stopped_by_tune = True
-            return True
+            raise
         clock.resume()
         return False
 
@@ -270,9 +269,6 @@ def run_trial(config: dict, context: TrialContext) -> None:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
             resume_from = Path(restored) / CHECKPOINT_NAME if restored else None
             result = fit(cfg, on_eval=on_eval, resume_from=resume_from)
-        if stopped_by_tune:
-            log_final(result)
-            raise SystemExit(0)  # as tune.report raised it: Ray ends the training thread this way
         if result.status == "diverged":
             log_final(result)
             tracker.set_status("diverged", step=result.step, message=result.message)
