@@ -21,7 +21,7 @@ A trial's own last report carries ``trial_status`` ("completed" or "diverged", s
 trainable); a last result without it means Tune stopped the trial.
 
 ``tell`` is idempotent against the storage: after a driver crash the database can be ahead of the
-searcher state Ray restored (NOTES.md: ``UpdateFinishedTrialError``), so a trial already finished
+searcher state Ray restored (Optuna then raises ``UpdateFinishedTrialError``), so a trial already finished
 in storage is not told again.
 """
 

@@ -4,8 +4,8 @@ Plain MLflow, no Ray: this module runs in the Tune driver and in trial processes
 without Ray. Every call goes through ``mlflow.MlflowClient`` with an explicit run id, never the
 fluent ``mlflow.start_run`` state, because several trials may share one worker process.
 
-Why not Ray's ``MLflowLoggerCallback``: it makes no parent run and sends one request per metric
-(NOTES.md). Here a trial buffers its metrics and sends them with ``log_batch`` (at most 1,000 a
+Why not Ray's ``MLflowLoggerCallback``: it makes no parent run and sends one request per metric.
+Here a trial buffers its metrics and sends them with ``log_batch`` (at most 1,000 a
 request) every ``flush_every`` evaluations or ``flush_interval_s`` seconds.
 
 Layout in MLflow (tags are the contract the analysis reads)::
@@ -274,7 +274,7 @@ def prepare_experiment(uri: str, name: str, artifact_root: Path | str | None = N
     """Get or create experiment ``name``; return its id. Run on the driver before trials start.
 
     Creating the experiment (and, for SQLite, the database) here avoids the race of two trials
-    creating a fresh SQLite database at once (NOTES.md). ``artifact_root``: a folder or URI for
+    creating a fresh SQLite database at once (``duplicate column name``). ``artifact_root``: a folder or URI for
     the experiment's artifacts; None means ``<database folder>/artifacts`` for SQLite (otherwise
     MLflow would pick a folder relative to whichever process created it) and the server's own
     default (proxied ``mlflow-artifacts:``) for an http(s) server.

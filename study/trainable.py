@@ -23,7 +23,7 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 
 A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
 driver killed in between leaves a state in which that trial still runs, and ``--resume`` restarts it
-from its last checkpoint, or from the start when it had none (NOTES.md). Every attempt therefore first
+from its last checkpoint, or from the start when it had none. Every attempt therefore first
 reads the trial's MLflow run: when an earlier attempt recorded ``completed``, ``stopped_early`` or
 ``diverged`` there (the status is written before the final report; ``--resume`` copies onto the run
 an end only Optuna recorded, study/state.py), it reports that end again and returns without training

@@ -27,7 +27,7 @@ import yaml
 STUDIES = Path(__file__).resolve().parent / "studies"
 REPO = STUDIES.parent.parent
 
-# The same value in every process of a test cluster (NOTES.md: a head with token auth refuses a worker without).
+# The same value in every process of a test cluster (a head with token auth refuses a worker without).
 RAY_TEST_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

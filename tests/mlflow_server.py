@@ -1,6 +1,6 @@
 """A real ``mlflow server`` on loopback for tests: own process group, free port, clean stop.
 
-Lightweight settings from NOTES.md: ``--workers 1`` and ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``
+Lightweight settings: ``--workers 1`` and ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``
 (~5 s and ~0.5 GB to start instead of ~17 s and ~3 GB). Ready when ``GET /health`` answers 200.
 The same object can be stopped and started again on the same port and backend (a restart).
 """
