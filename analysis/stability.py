@@ -12,7 +12,7 @@ Unit of analysis: a run (one configuration, one seed). Every run that ended coun
   with the Wilson interval (:func:`analysis.stats.proportion_ci`): valid from one run on, never of
   zero width. ``divergence_rate`` likewise.
 - ``median_error``: the median final error of the completed runs with the exact distribution-free
-  interval of a median (:func:`median_ci`): the order statistics x_(j), x_(n-j+1) with the largest j
+  interval of a median (:func:`analysis.stats.median_ci`): the order statistics x_(j), x_(n-j+1) with the largest j
   whose binomial coverage 1 - 2 P(Bin(n, 1/2) <= j - 1) is at least the level. With fewer than 6
   runs no pair of order statistics reaches 95% (5 runs: 0.9375), so the median is given without
   an interval and ``median_error_why`` says "not estimated: 5 runs, needs at least 6".
@@ -35,9 +35,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from analysis import stats
+from analysis.stats import median_ci
 from analysis.tidy import final_rows, final_values, param_columns, validate_tidy
 
 LEVEL = 0.95
@@ -51,28 +51,6 @@ def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(values, [alpha, 1.0 - alpha], method="inverted_cdf", axis=0)
     return float(lo), float(hi)
-
-
-def median_ci(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float, str | None]:
-    """Median of ``values`` [n] with its exact distribution-free interval: (median, lo, hi, why).
-
-    Interval: (x_(j), x_(n-j+1)) of the sorted values, j the largest with coverage
-    1 - 2 P(Bin(n, 1/2) <= j - 1) >= level (any continuous distribution; with ties it covers at least
-    as often). ``why`` is None, or "not estimated: <n> runs, needs at least <m>" when no j reaches the
-    level (lo and hi then NaN); (NaN, NaN, NaN, why) for no values.
-    """
-    x = np.sort(np.asarray(values, dtype=float))
-    n = len(x)
-    need = next(m for m in range(1, 200) if 1.0 - 2.0 * sps.binom.cdf(0, m, 0.5) >= level)
-    if n == 0:
-        return math.nan, math.nan, math.nan, f"not estimated: 0 runs, needs at least {need}"
-    median = float(np.median(x))
-    if n < need:
-        return median, math.nan, math.nan, f"not estimated: {n} runs, needs at least {need}"
-    j = np.arange(1, n // 2 + 1)
-    coverage = 1.0 - 2.0 * sps.binom.cdf(j - 1, n, 0.5)
-    best = int(j[coverage >= level].max())
-    return median, float(x[best - 1]), float(x[n - best]), None
 
 
 def steps_to_target(df: pd.DataFrame, target: float, metric: str = "error") -> pd.DataFrame:

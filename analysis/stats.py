@@ -421,6 +421,28 @@ def logrank(times1, reached1, times2, reached2) -> float:
 
 # ----------------------------------------------------------------------------- multiplicity
 
+def median_ci(values: np.ndarray | list[float], level: float = LEVEL) -> tuple[float, float, float, str | None]:
+    """Median of ``values`` [n] with its exact distribution-free interval: (median, lo, hi, why).
+
+    Interval: (x_(j), x_(n-j+1)) of the sorted values, j the largest with coverage
+    1 - 2 P(Bin(n, 1/2) <= j - 1) >= level (any continuous distribution; with ties it covers at least
+    as often). ``why`` is None, or "not estimated: <n> runs, needs at least <m>" when no j reaches the
+    level (lo and hi then NaN); (NaN, NaN, NaN, why) for no values.
+    """
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    need = next(m for m in range(1, 200) if 1.0 - 2.0 * stats.binom.cdf(0, m, 0.5) >= level)
+    if n == 0:
+        return math.nan, math.nan, math.nan, f"not estimated: 0 runs, needs at least {need}"
+    median = float(np.median(x))
+    if n < need:
+        return median, math.nan, math.nan, f"not estimated: {n} runs, needs at least {need}"
+    j = np.arange(1, n // 2 + 1)
+    coverage = 1.0 - 2.0 * stats.binom.cdf(j - 1, n, 0.5)
+    best = int(j[coverage >= level].max())
+    return median, float(x[best - 1]), float(x[n - best]), None
+
+
 def holm(pvalues) -> np.ndarray:
     """Holm-Bonferroni step-down adjusted p-values, in the input order.
 
