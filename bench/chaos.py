@@ -211,11 +211,11 @@ def _steps(client, run) -> dict[str, list[int]]:
     return {key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
 
 
-END_METRICS = ("final_", "converged_step")  # logged once, at the run's last step (mann.train's final evaluation)
-
-
 def _check_series(client, run, last: int, every: int, what: str, problems: list[str], exact: bool) -> None:
-    """One point per evaluation step of each metric (no step logged twice, none after the end)."""
+    """One point per evaluation step of each metric (no step logged twice, none after the end); the final
+    evaluation's metrics once, at the end."""
+    from mann.train import END_METRICS
+
     for key, steps in _steps(client, run).items():
         if len(steps) != len(set(steps)):
             problems.append(f"{what}: {key} has a step logged twice: {steps}")

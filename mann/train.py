@@ -58,6 +58,8 @@ from mann.tasks import Score, build_task, make_task_config
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mannstudy-checkpoint-1"  # bump when the checkpoint layout changes
+FINAL_PREFIX = "final_"  # the final evaluation's metrics: final_error, final_cost_bits, final_gen2x_error, ...
+END_METRICS = (FINAL_PREFIX, "converged_step")  # name prefixes of the metrics a run logs once, at its end
 _NESTED = ("model_cfg", "task_cfg")  # set through model.* / task.* keys, never directly
 
 
@@ -327,7 +329,7 @@ class _Run:
         """final_* metrics on final_eval_sequences held-out sequences per scale (once; {} if a weight is not finite)."""
         if self.final is None:
             finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-            self.final = self.evaluate_held_out(self.cfg.final_eval_sequences, "final_") if finite else {}
+            self.final = self.evaluate_held_out(self.cfg.final_eval_sequences, FINAL_PREFIX) if finite else {}
         return self.final
 
     def result(self, status: str, checkpoint: Path | None, message: str | None = None) -> FitResult:
@@ -341,7 +343,7 @@ class _Run:
     def end_message(self, status: str) -> str:
         """"<status> at step <n> [(converged at step <m>)]: <final error, cost, accuracy>" for a FitResult."""
         metrics = {**self.metrics, **(self.final or {})}
-        prefix = "final_" if self.final else ""
+        prefix = FINAL_PREFIX if self.final else ""
         summary = ", ".join(f"{prefix}{k} {metrics[prefix + k]:.4g}" for k in ("error", "cost_bits", "accuracy")
                             if prefix + k in metrics)
         converged = f" (converged at step {self.converged_step})" if self.converged_step is not None else ""

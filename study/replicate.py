@@ -253,7 +253,7 @@ def run_replica_seeds(replica: dict, context) -> None:
     from ray import tune
 
     from mann.multiseed import SEED_DIR, fit_seeds
-    from mann.train import config_to_flat_dict, make_train_config
+    from mann.train import FINAL_PREFIX, config_to_flat_dict, make_train_config
     from study.search import STATUS_KEY, STEP_KEY
     from study.tracking import TrialTracker, trial_run_name
     from study.trainable import _worst
@@ -343,7 +343,7 @@ def run_replica_seeds(replica: dict, context) -> None:
             results = fit_seeds(cfg, group, on_eval=on_eval, resume_from=resume)
             for s, result in zip(group, results, strict=True):
                 latest[s] = {**latest.get(s, {}), **result.metrics}
-                final = {k: v for k, v in result.metrics.items() if k.startswith("final_")}
+                final = {k: v for k, v in result.metrics.items() if k.startswith(FINAL_PREFIX)}
                 if result.status == "diverged":
                     trackers[s].log_metrics(final, result.step)  # the final evaluation of its last good weights
                     trackers[s].set_status("diverged", step=result.step, message=result.message)

@@ -189,7 +189,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     import torch
     from ray import tune
 
-    from mann.train import CHECKPOINT_NAME, config_to_flat_dict, fit, make_train_config
+    from mann.train import CHECKPOINT_NAME, FINAL_PREFIX, config_to_flat_dict, fit, make_train_config
     from study.tracking import TrialTracker, trial_run_name
 
     torch.set_num_threads(max(1, context.threads))
@@ -260,7 +260,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
 
     def log_final(result) -> None:
         """The final evaluation's metrics (not in an on_eval call when the run diverged or was stopped)."""
-        final = {k: v for k, v in result.metrics.items() if k.startswith("final_")}
+        final = {k: v for k, v in result.metrics.items() if k.startswith(FINAL_PREFIX)}
         if final:
             tracker.log_metrics(final, result.step)
             tracker.flush()

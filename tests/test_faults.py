@@ -27,6 +27,7 @@ from conftest import end_ray_folder, kill_group, processes_with_env
 from mlflow_server import MlflowServer
 from optuna.trial import TrialState
 
+from mann.train import END_METRICS
 from study.state import STATE_BUNDLE, state_dir
 from study.sweep import run_sweep
 from study.tracking import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
@@ -60,7 +61,7 @@ def assert_one_point_per_evaluation(rec, run, last_step: int) -> None:
     the end."""
     every = rec.spec.budget.eval_every
     for key in run.data.metrics:
-        once = key.startswith(("final_", "converged_step"))
+        once = key.startswith(END_METRICS)
         expected = [last_step] if once else list(range(every, last_step + 1, every))
         assert [s for s, _, _ in rec.history(run.info.run_id, key)] == expected, key
 
