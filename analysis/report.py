@@ -48,12 +48,14 @@ from analysis.load import (
     export,
     find_study_runs,
     load_optuna,
+    recorded_spec,
     study_space,
     tidy_from_runs,
 )
 from analysis.tidy import final_rows, params_of
 
 SECTIONS = (
+    ("paper", "Paper comparison"),  # only for a study whose file has a ``paper`` block
     ("overview", "Overview"),
     ("best", "Best configurations"),
     ("status", "Status breakdown"),
@@ -198,6 +200,8 @@ class StudyContext:
     running: bool
     optuna_note: str | None = None  # why the Optuna record is not used, when it was asked for
     space: dict | None = None  # the search space as Optuna distributions: the study file's, else Optuna's
+    spec: dict | None = None  # the study as recorded (spec.json), when the record has it
+    paper: dict | None = None  # a replication's ``paper`` block (analysis/paper.py): the study file's, else spec's
 
     @property
     def search(self) -> pd.DataFrame:
@@ -275,6 +279,88 @@ def _interval(value: float, lo: float, hi: float, why: str | None = None, digits
 
 # ----------------------------------------------------------------------------------------------------------
 # Sections
+
+
+_OUTCOME_TEXT = {
+    "steps": ("steps to convergence", "ratio of median steps, {arm} / {against}"),
+    "success": ("runs converged within the budget", "difference of rates, {arm} - {against}"),
+}
+
+
+def _outcome_text(outcome: str) -> tuple[str, str]:
+    if outcome in _OUTCOME_TEXT:
+        return _OUTCOME_TEXT[outcome]
+    return (outcome.replace("_", " "), "Cliff's delta of " + outcome.replace("_", " ") + ", {arm} vs {against}")
+
+
+def study_cost(ctx: StudyContext) -> dict[str, float]:
+    """Trials, training steps, the sweep's wall time (hours) and the trials' CPU core-hours.
+
+    Wall: the study run's start to its end (to now while it runs). Core-hours: each trial run's wall
+    time times the CPUs it held (the study's ``resources.cpu``), summed: what a cluster would bill.
+    """
+    import time
+
+    cpu = float(((ctx.spec or {}).get("resources") or {}).get("cpu") or 1.0)
+    info = ctx.runs.parent.info
+    end = info.end_time or time.time() * 1000
+    trial_s = sum(((r.info.end_time or end) - r.info.start_time) / 1000 for r in ctx.runs.trials if r.info.start_time)
+    steps = float(final_rows(ctx.df)["step"].sum()) if len(ctx.df) else 0.0
+    return {"trials": len(ctx.runs.trials), "steps": steps, "wall_hours": (end - info.start_time) / 3.6e6,
+            "core_hours": cpu * trial_s / 3600}
+
+
+def paper_section(ctx: StudyContext) -> Section:
+    from analysis.paper import arm_summary, compare_claims, paper_verdict, survival_by_arm
+
+    paper = ctx.paper or {}
+    s = Section("paper", "Paper comparison")
+    verdicts = compare_claims(ctx.df, paper)
+    s.text(f"{paper.get('cite', '')}. Verdict: **{paper_verdict(verdicts)}**" + (
+        " (the study is still running: a provisional verdict)." if ctx.running else "."))
+    rows = []
+    for v in verdicts:
+        what, scale = _outcome_text(v.outcome)
+        claim = next((c for c in paper.get("claims", ()) if c["claim"] == v.claim), {})
+        ours = _interval(v.estimate, v.lo, v.hi) if math.isfinite(v.estimate) else "not estimated"
+        rows.append({"claim": v.claim, "paper": claim.get("reported", ""),
+                     "expected": "" if v.expected is None else f"{v.expected:g}",
+                     "ours": f"{ours}: {scale.format(arm=v.arm, against=v.against)} ({what}; n = {v.n_arm} and "
+                             f"{v.n_against})",
+                     "p (Holm)": _fmt(v.p_holm), "verdict": v.verdict, "because": v.why})
+    s.table(pd.DataFrame(rows))
+    s.text("How to read it: a claim is reproduced when our difference is significant in the paper's direction "
+           "(Holm-adjusted p < 0.05 over the claims) and the paper's figure, where it gives one, lies inside our "
+           "95% interval; partly reproduced when the direction holds but the size does not; inconclusive when "
+           "the direction holds without significance at this n; not reproduced otherwise. Steps to convergence: "
+           "the first of the consecutive evaluations at or below the study's stop_at_error; a run that never "
+           "converged is censored at its last step (Kaplan-Meier, log-rank test, ratio of medians with a "
+           "bootstrap interval). The arm a claim is set against is the best of those it names.")
+    batch = ((ctx.spec or {}).get("fixed") or {}).get("batch_size")
+    summary = arm_summary(ctx.df, paper)
+    shown = pd.DataFrame({
+        "arm": summary["arm"], "runs": summary["runs"],
+        "converged [95% CI of the rate]": [
+            f"{int(k)}/{n} [{lo:.2f}, {hi:.2f}]" if n else "no runs"
+            for k, n, lo, hi in zip(summary["converged"].fillna(0), summary["runs"], summary["rate lo"],
+                                    summary["rate hi"], strict=True)],
+        "median steps to convergence [95% CI]": [
+            _interval(m, lo, hi) if n else "" for m, lo, hi, n in zip(
+                summary["median steps"], summary["steps lo"], summary["steps hi"], summary["runs"], strict=True)],
+    })
+    if batch:
+        shown[f"median sequences (x {int(batch)})"] = [
+            f"{m * int(batch):,.0f}" if math.isfinite(m) else "not reached" if n else ""
+            for m, n in zip(summary["median steps"].fillna(math.inf), summary["runs"], strict=True)]
+    s.table(shown)
+    curves = survival_by_arm(ctx.df, paper)
+    if curves:
+        s.figure("paper_convergence", plots.survival_figure(curves, ctx.name, "training steps"),
+                 "steps to convergence per arm: Kaplan-Meier curves with 95% bands")
+    cost = study_cost(ctx)
+    s.text(f"Cost: {cost['trials']} trials, {cost['steps']:,.0f} training steps, {cost['wall_hours']:.2f} h wall, "
+           f"{cost['core_hours']:.2f} CPU core-hours (trial wall time x CPUs per trial).")
+    return s
 
 
 def overview_section(ctx: StudyContext) -> Section:
@@ -790,8 +876,9 @@ def _guarded(key: str, title: str, make) -> Section:
 
 
 def build_context(tracking_uri: str, study_name: str, optuna_storage: str | None = None,
-                  results_dir: str | os.PathLike | None = None) -> StudyContext:
-    """Load the study (MLflow runs, Optuna record when given) and the facts every section needs."""
+                  results_dir: str | os.PathLike | None = None, paper: dict | None = None) -> StudyContext:
+    """Load the study (MLflow runs, Optuna record when given) and the facts every section needs; ``paper``
+    (a study file's ``paper`` block) overrides the recorded one."""
     runs = find_study_runs(tracking_uri, study_name, include_replications=True)
     optuna_info, optuna_note = None, None
     if optuna_storage:
@@ -808,9 +895,11 @@ def build_context(tracking_uri: str, study_name: str, optuna_storage: str | None
         df["error"] = np.nan
     results = results_dir if results_dir is not None else runs.parent.data.tags.get("mannstudy.results_dir")
     running = runs.running or bool(optuna_info and optuna_info.running) or bool((df["status"] == "running").any())
-    space = study_space(runs) or (dict(optuna_info.distributions) if optuna_info else None)
+    spec = recorded_spec(runs)
+    space = study_space(runs, spec) or (dict(optuna_info.distributions) if optuna_info else None)
     return StudyContext(study_name, df, runs, optuna_info, metric, "minimize" if mode == "min" else "maximize",
-                        str(results) if results else None, running, optuna_note, space)
+                        str(results) if results else None, running, optuna_note, space, spec,
+                        paper if paper is not None else (spec or {}).get("paper"))
 
 
 def make_report(
@@ -821,6 +910,7 @@ def make_report(
     results_dir: str | os.PathLike | None = None,
     log_artifacts: bool = True,
     generalization: dict | None = None,
+    paper: dict | None = None,
 ) -> dict[str, Path]:
     """Write the report of ``study_name`` into ``out_dir``; return ``{"html", "markdown", "parquet", "csv",
     "figures"}`` paths. ``results_dir`` (default: the study run's ``mannstudy.results_dir`` tag) holds the
@@ -828,12 +918,13 @@ def make_report(
     :func:`analysis.generalization.evaluate_study` (scales, noises, memory_factors, max_seeds, device, ...).
     With ``log_artifacts`` the files are also logged to the study's MLflow parent run under ``report/``.
     """
-    ctx = build_context(tracking_uri, study_name, optuna_storage, results_dir)
+    ctx = build_context(tracking_uri, study_name, optuna_storage, results_dir, paper)
     out = Path(out_dir)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     sens = _sensitivity(ctx)
     makers = {
+        "paper": lambda: paper_section(ctx),
         "overview": lambda: overview_section(ctx),
         "best": lambda: best_section(ctx),
         "status": lambda: status_section(ctx),
@@ -846,7 +937,7 @@ def make_report(
         "generalization": lambda: generalization_section(ctx, **(generalization or {})),
         "replication": lambda: replication_section(ctx),
     }
-    sections = [_guarded(key, title, makers[key]) for key, title in SECTIONS]
+    sections = [_guarded(key, title, makers[key]) for key, title in SECTIONS if key != "paper" or ctx.paper]
     banner = None
     if ctx.running:
         n_running = int((final_rows(ctx.df)["status"] == "running").sum()) if len(ctx.df) else 0
@@ -900,6 +991,15 @@ def _locate(study_file_or_name: str, results_dir: str | None) -> tuple[str, str,
     return uri, name, storage, str(root)
 
 
+def _study_file_paper(study_file_or_name: str) -> dict | None:
+    """The ``paper`` block of the study file, when a study file was named (it wins over the recorded one: a
+    paper block added to the file after the sweep started still reaches the report)."""
+    from study.spec import load_spec
+
+    path = Path(study_file_or_name)
+    return load_spec(path).paper if path.is_file() else None
+
+
 def _existing(storage: str) -> str | None:
     """The Optuna storage URL, or None for a SQLite file that does not exist (opening it would create one)."""
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
@@ -913,7 +1013,7 @@ def cli_report(study_file_or_name: str, results_dir: str | None = None, out: str
     try:
         uri, name, storage, results = _locate(study_file_or_name, results_dir)
         out_dir = Path(out) if out else Path(results) / "report"
-        paths = make_report(uri, name, out_dir, storage, results)
+        paths = make_report(uri, name, out_dir, storage, results, paper=_study_file_paper(study_file_or_name))
     except LoadError as err:
         print(f"mannstudy: {err}", file=sys.stderr)
         return 2
