@@ -296,11 +296,14 @@ def _interval(value: float, lo: float, hi: float, why: str | None = None, digits
     """"v [lo, hi]"; "v (interval not estimated: ...)" when ``why``; "" for no value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return why or ""
+    def num(x: float) -> str:  # a count of steps as the integer it is (1500, not 1.5e+03)
+        return "inf" if x == math.inf else str(int(x)) if float(x).is_integer() and abs(x) < 1e9 else f"{x:.{digits}g}"
+
     if value == math.inf:
-        return "not reached" + (f" [{lo:.{digits}g}, inf]" if math.isfinite(lo) else "")
+        return "not reached" + (f" [{num(lo)}, inf]" if math.isfinite(lo) else "")
     if why:
-        return f"{value:.{digits}g} (interval {why})"
-    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+        return f"{num(value)} (interval {why})"
+    return f"{num(value)} [{num(lo)}, {num(hi)}]"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -755,15 +758,22 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
         s.text("No completed run to evaluate for: " + ", ".join(absent) + ".")
     s.figure("generalization", generalization_figure(result.table, ctx.target, metric_unit("error", ctx.task)),
              "error against length, noise, memory")
-    summary = result.table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"],
-                                       values=["error", "noise_floor"], aggfunc="median", dropna=False).reset_index()
     unit = metric_unit("error", ctx.task)
     s.text(f"Error in {unit}, median over the evaluated seeds. Input noise: noise floor = the error that copying "
            "the noise would give (flip probability x scored bits per sequence), beside the model's error; a model "
            "at its floor reproduces its corrupted input faithfully. Gaussian noise (class tasks) has no such floor.")
+    summary = generalization_summary(result.table)
     summary = summary.rename(columns={"error": f"median error ({unit})", "noise_floor": f"noise floor ({unit})"})
     s.table(summary, max_rows=60)
     return s
+
+
+def generalization_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model and evaluated condition (axis, scale, noise, memory factor): the median error and noise floor
+    over seeds. Only the conditions evaluated: not every combination of the values the three axes took."""
+    summary = table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"],
+                                values=["error", "noise_floor"], aggfunc="median", dropna=False).reset_index()
+    return summary[summary["error"].notna()].reset_index(drop=True)
 
 
 def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric: str, target: float,

@@ -27,7 +27,9 @@ from analysis.plots import marginals_figure
 from analysis.report import (
     ESTIMATES,
     SECTIONS,
+    _interval,
     cli_report,
+    generalization_summary,
     interaction_table,
     make_report,
     markdown_table,
@@ -400,6 +402,27 @@ def test_interaction_table_holds_the_median_of_each_cell_and_its_runs():
         for column, in_bin in ((low, runs["param.lr"] < 10 ** -2.5), (high, runs["param.lr"] >= 10 ** -2.5)):
             cell = runs.loc[in_bin, "error"]
             assert row[column] == (f"{cell.median():.4g} (n={len(cell)})" if len(cell) else "")
+
+
+def test_generalization_summary_lists_the_evaluated_conditions_only():
+    rows = [("ntm", "length", scale, 0.0, scale, seed, 0.5 * scale + seed, math.nan)
+            for scale in (1.0, 2.0) for seed in (0, 1)]
+    rows += [("ntm", "noise", 1.0, noise, 1.0, seed, 1.0 + noise, 0.1 * noise)
+             for noise in (0.0, 0.1) for seed in (0, 1)]
+    table = pd.DataFrame(rows, columns=["model", "axis", "scale", "noise", "memory_factor", "seed", "error",
+                                        "noise_floor"])
+    summary = generalization_summary(table)
+    assert len(summary) == 4  # length x2 and noise x2, not the 2 x 2 x 2 x 2 product of the axes' values
+    assert summary.loc[(summary["axis"] == "length") & (summary["scale"] == 2.0), "error"].item() == 1.5
+    assert summary.loc[(summary["axis"] == "noise") & (summary["noise"] == 0.1), "noise_floor"].item() == \
+        pytest.approx(0.01)
+
+
+def test_intervals_print_step_counts_as_integers():
+    assert _interval(1500.0, 1500.0, math.inf) == "1500 [1500, inf]"
+    assert _interval(0.08697, 0.01, 0.2) == "0.087 [0.01, 0.2]"
+    assert _interval(math.inf, 900.0, math.inf) == "not reached [900, inf]"
+    assert _interval(0.5, math.nan, math.nan, "not estimated: 2 runs") == "0.5 (interval not estimated: 2 runs)"
 
 
 def test_markdown_table_escapes_and_formats():
