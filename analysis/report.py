@@ -129,6 +129,18 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def html_table(frame: pd.DataFrame) -> str:
+    """An HTML table of ``frame`` (index not shown): one header row; numbers right-aligned, text left; no value
+    (None, NaN) an empty cell."""
+    def cell(value) -> str:
+        number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+        return f'<td class="num">{_fmt(value)}</td>' if number else f"<td>{html.escape(_fmt(value))}</td>"
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of ``frame`` (index not shown)."""
     cols = [str(c) for c in frame.columns]
@@ -153,9 +165,9 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width:
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 .table { overflow-x: auto; max-width: 100%; margin: 0.8em 0; }
 table { border-collapse: collapse; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-td { white-space: nowrap; } th { background: #f3f3f3; vertical-align: bottom; min-width: 4em; max-width: 14em; }
-td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; }
+td { white-space: nowrap; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; vertical-align: bottom; min-width: 4em; max-width: 14em; }
 img { max-width: 100%; height: auto; display: block; margin: 0.8em 0; }
 .banner { background: #fff3cd; border: 1px solid #e0c36a; padding: 0.6em 1em; border-radius: 4px; }
 nav ol { columns: 2; } .muted { color: #666; font-size: 0.9em; }
@@ -177,9 +189,7 @@ def render_html(title: str, sections: Sequence[Section], banner: str | None, sub
                 out.append(f"<p>{html.escape(part[1])}</p>")
             elif part[0] == "table":
                 frame, total = part[1], part[2]
-                body = frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0,
-                                     escape=True)
-                out.append(f'<div class="table">{body}</div>')  # a wide table scrolls in its own box
+                out.append(f'<div class="table">{html_table(frame)}</div>')  # a wide table scrolls in its own box
                 if total > len(frame):
                     out.append(f'<p class="muted">first {len(frame)} of {total} rows (all in tidy data)</p>')
             else:
@@ -716,6 +726,7 @@ def generalization_figure(table: pd.DataFrame, target: float | None = None, unit
         if axis == "noise" and rows["noise_floor"].notna().any():
             floor = rows.groupby(x)["noise_floor"].median()
             ax.plot(floor.index, floor.to_numpy(), color="grey", linestyle=":", label="noise floor (copying the noise)")
+            ax.legend(handles=ax.get_lines()[-1:], fontsize="small")
         if target is not None:
             ax.axhline(target, color="black", linestyle="--", linewidth=1)
         ax.set(xlabel=label, ylabel=f"error ({unit})" if unit else "error")

@@ -324,6 +324,7 @@ def test_tables_scroll_have_one_header_row_and_headers_a_reader_says(recorded, r
         header = [cell for _, cell in table["head"][0]]
         for row in table["body"]:
             assert [kind for kind, _ in row] == ["td"] * len(header), "no header cell over an empty column"
+            assert not {text for _, text in row} & {"None", "nan", "NaN"}, "no value is an empty cell"
         snake = [h for h in header if SNAKE.match(h)]
         assert not snake, f"raw column names {snake} in {header}"
     # the status tables: per status, and per model with one column per status present
