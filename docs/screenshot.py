@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5077)
     parser.add_argument("--size", default="1600,1000", help="window width,height in pixels")
     parser.add_argument("--render-ms", type=int, default=15000, help="virtual time the page gets to render")
+    parser.add_argument("--start-s", type=float, default=600, help="how long the MLflow server may take to answer")
     args = parser.parse_args(argv)
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         url = first.removeprefix("MLflow UI: ").split()[0]
         base = f"http://127.0.0.1:{args.port}"
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + args.start_s
         while not healthy(base):
             if ui.poll() is not None or time.monotonic() > deadline:
                 print("screenshot: the MLflow server did not come up", file=sys.stderr)
