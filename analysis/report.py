@@ -645,7 +645,7 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
     from analysis.generalization import evaluate_study
 
     s = Section("generalization", "Generalization")
-    if not ctx.results_dir or not Path(ctx.results_dir).is_dir():
+    if not ctx.results_dir or ("://" not in ctx.results_dir and not Path(ctx.results_dir).is_dir()):
         where = f" ({ctx.results_dir} does not exist here)" if ctx.results_dir else ""
         s.text(f"Not evaluated: the results folder with the trials' checkpoints is not available{where}; "
                "pass --results-dir.")
@@ -912,7 +912,8 @@ def cli_report(study_file_or_name: str, results_dir: str | None = None, out: str
     with one line for a study that cannot be found."""
     try:
         uri, name, storage, results = _locate(study_file_or_name, results_dir)
-        out_dir = Path(out) if out else Path(results) / "report"
+        # a results_dir in object storage: the report is written here, in ./<name>-report (and logged to MLflow)
+        out_dir = Path(out) if out else Path(f"{name}-report") if "://" in results else Path(results) / "report"
         paths = make_report(uri, name, out_dir, storage, results)
     except LoadError as err:
         print(f"mannstudy: {err}", file=sys.stderr)

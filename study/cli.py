@@ -182,7 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
     path = _quick_demo_file(args.results_dir or tempfile.mkdtemp(prefix="mannstudy-demo-")) if args.quick \
         else DEMO_STUDY
     spec = load_spec(path)
-    resume = experiment_dir(spec).is_dir()
+    resume = Path(experiment_dir(spec)).is_dir()
     if resume:
         print(f"demo: {spec.results_dir} already holds the demo study: finishing what is missing "
               f"(delete that folder for a fresh run)")
@@ -268,7 +268,8 @@ def _replicate(args: argparse.Namespace) -> int:
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="a study file, or a study's name (with --results-dir)")
     p.add_argument("--results-dir", help="the study's results folder (default: the study file's, or results/<name>)")
-    p.add_argument("--out", help="where to write the report (default: <results_dir>/report)")
+    p.add_argument("--out", help="where to write the report (default: <results_dir>/report; ./<name>-report when "
+                   "results_dir is in object storage)")
 
 
 def _report(args: argparse.Namespace) -> int:
