@@ -8,6 +8,10 @@ Results layout (``spec.results_dir``; local by default, shared storage on a clus
     <results_dir>/ray/tune/       Tune's experiment state and trial checkpoints (what --resume reads)
     <results_dir>/ray/.mannstudy/ what --resume puts back before Tune reads its state (study/state.py)
 
+``results_dir`` may be a URI (``s3://bucket/prefix``): Tune's folders and ``.mannstudy`` are then in the
+bucket, read and written through pyarrow; the databases cannot be (the study names ``storage`` and
+``tracking_uri``), and the MLflow artifacts go where the tracking server puts them.
+
 Every ask/tell happens here, in the driver (one writer), so SQLite serves a local study.
 """
 

@@ -120,34 +120,43 @@ def _bucket_files(url: str) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def cluster_sweep(postgres, ray_env, record, tmp_path_factory):
+def s3(tmp_path_factory):
+    """One local S3-protocol server for this module (each test its own bucket), its endpoint in this process's
+    environment and so in every process started from here: the variables a real bucket does not need, read by
+    boto3 (the MLflow server's artifacts) and pyarrow (Tune, mannstudy, the report)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra has it)")
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start(timeout_s=300)
+    print(f"\nmoto S3 server answering after {server.start_s:.2f} s")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**server.env(), "MLFLOW_S3_ENDPOINT_URL": server.url}.items():
+            mp.setenv(key, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_sweep(postgres, s3, ray_env, record, tmp_path_factory):
     """The cluster path on one machine, end to end: ``results_dir`` in a local S3 server's bucket (Tune's state,
     checkpoints, mannstudy's kept state), the MLflow server's artifacts in the same bucket, Optuna's study and
     MLflow's backend store in PostgreSQL. ``mannstudy sweep`` (its own local Ray, as on a head node) is SIGKILLed
     mid-sweep, ``mannstudy sweep --resume`` finishes the study, ``mannstudy report`` reads it back (checkpoints
     included) from the bucket. Returns what they printed and left behind."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra has it)")
     import boto3
     from conftest import end_ray_folder, kill_group, write_study
-    from s3_server import S3Server
 
     from analysis.report import cli_report
 
     folder = tmp_path_factory.mktemp("cluster")
     pgpass = postgres.write_pgpass(folder / "pgpass")
-    s3 = S3Server(folder / "s3").start()
-    mp = pytest.MonkeyPatch()
-    # The endpoint, which a real bucket does not need: boto3 (the MLflow server's artifacts) and pyarrow (Tune,
-    # mannstudy, the report) read it from the standard variables.
-    for key, value in {**s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.url}.items():
-        mp.setenv(key, value)
     boto3.client("s3").create_bucket(Bucket="results")
     # The MLflow server's command line names no password: libpq reads it from the password file.
     server = MlflowServer(folder / "mlflow", backend_uri=postgres.url("mlflow", with_password=False),
                           artifacts="s3://results/mlflow-artifacts")
     with pytest.MonkeyPatch.context() as server_env:
         server_env.setenv("PGPASSFILE", str(pgpass))
-        server.start(timeout_s=180)
+        server.start(timeout_s=600)  # its first start also creates MLflow's tables in PostgreSQL
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:
         path = write_study("fifo", folder, name="pg", tracking_uri=server.url, storage=postgres.url("optuna"),
@@ -184,8 +193,6 @@ def cluster_sweep(postgres, ray_env, record, tmp_path_factory):
     finally:
         end_ray_folder(ray_tmp)
         server.stop()
-        s3.stop()
-        mp.undo()
 
 
 @pytest.mark.slow
@@ -410,29 +417,56 @@ def test_a_node_without_a_compiler_finishes_its_setup(tmp_path):
 # ------------------------------------------------------------------------------------------------ object storage
 
 
-def test_a_local_s3_server_serves_boto3_and_pyarrow(tmp_path, monkeypatch):
+def test_a_local_s3_server_serves_boto3_and_pyarrow(s3):
     """The fixture object-storage tests build on: moto's standalone S3 server on 127.0.0.1, reached by boto3
     and by pyarrow's S3 filesystem (the one Ray Tune uses for an s3:// storage path) through the standard
     endpoint variables, as a real bucket is."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra has it)")
     import boto3
     import pyarrow.fs as pafs
-    from s3_server import S3Server
 
-    with S3Server(tmp_path / "s3") as s3:
-        print(f"\nmoto S3 server answering after {s3.start_s:.2f} s")
-        for key, value in s3.env().items():
-            monkeypatch.setenv(key, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="results")
-        client.put_object(Bucket="results", Key="study/by-boto3.txt", Body=b"boto3")
-        fs, path = pafs.FileSystem.from_uri("s3://results/study")
-        assert isinstance(fs, pafs.S3FileSystem) and path == "results/study"
-        with fs.open_output_stream("results/study/by-pyarrow.txt") as out:
-            out.write(b"pyarrow")
-        listed = sorted(info.path for info in fs.get_file_info(pafs.FileSelector("results/study")))
-        assert listed == ["results/study/by-boto3.txt", "results/study/by-pyarrow.txt"]
-        assert client.get_object(Bucket="results", Key="study/by-pyarrow.txt")["Body"].read() == b"pyarrow"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="probe")
+    client.put_object(Bucket="probe", Key="study/by-boto3.txt", Body=b"boto3")
+    fs, path = pafs.FileSystem.from_uri("s3://probe/study")
+    assert isinstance(fs, pafs.S3FileSystem) and path == "probe/study"
+    with fs.open_output_stream("probe/study/by-pyarrow.txt") as out:
+        out.write(b"pyarrow")
+    listed = sorted(info.path for info in fs.get_file_info(pafs.FileSelector("probe/study")))
+    assert listed == ["probe/study/by-boto3.txt", "probe/study/by-pyarrow.txt"]
+    assert client.get_object(Bucket="probe", Key="study/by-pyarrow.txt")["Body"].read() == b"pyarrow"
+
+
+def test_resume_puts_back_the_kept_state_in_a_bucket(s3):
+    """study/state.py on object storage: the kept copies replace a torn tuner.pkl and experiment state in the
+    bucket, and a later session's state file is set aside, as on a local folder (tests/test_sweep.py)."""
+    import pickle
+
+    import boto3
+
+    from study import state
+
+    boto3.client("s3").create_bucket(Bucket="kept")
+    exp = "s3://kept/study/ray/tune"
+    kept = state.state_dir(exp)
+    assert kept == "s3://kept/study/ray/.mannstudy/tune" and not state.has_tune_state(exp)
+    complete = {"experiment_state-2026-01-01_00-00-00.json": b'{"trial_data": []}',
+                "searcher-state-2026-01-01_00-00-00.pkl": pickle.dumps({"trials": 3})}
+    state.write_atomically(state.join(kept, state.STATE_BUNDLE), pickle.dumps(complete))
+    state.write_atomically(state.join(kept, state.TUNER_COPY), pickle.dumps({"tuner": 1}))
+    state.write_atomically(state.join(exp, state.TUNER_PKL), b"")  # torn
+    state.write_atomically(state.join(exp, "experiment_state-2026-01-01_00-00-00.json"), b'{"trial_da')
+    state.write_atomically(state.join(exp, "experiment_state-2026-01-02_00-00-00.json"), b'{"trial_data": [')
+    assert state.has_tune_state(exp)
+    assert state.prepare_restore(exp, "study.yaml") is True
+    client = boto3.client("s3")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="kept", Prefix="study/ray/tune/")["Contents"]
+            if not o["Key"].endswith("/")}  # pyarrow's move leaves a folder marker
+    assert keys == {"study/ray/tune/tuner.pkl", "study/ray/tune/experiment_state-2026-01-01_00-00-00.json",
+                    "study/ray/tune/searcher-state-2026-01-01_00-00-00.pkl",
+                    "study/ray/tune/experiment_state-2026-01-02_00-00-00.json.stale"}
+    for name, data in complete.items():
+        assert state.read_bytes(state.join(exp, name)) == data
+    assert pickle.loads(state.read_bytes(state.join(exp, state.TUNER_PKL))) == {"tuner": 1}
 
 
 # ---------------------------------------------------------------------------------------------- the driver as a Ray Job
