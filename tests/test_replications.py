@@ -95,7 +95,8 @@ def test_each_study_file_runs_end_to_end_cut_to_a_few_steps(name, ray_cluster, m
         assert float(params["stop_at_error"]) > 0  # the convergence stop is on
         assert "final_error" in metrics and "converged_step" not in metrics  # four steps converge nothing
     assert seen == arms
-    if name.endswith("_small"):  # the report opens with the paper comparison: each arm found, none converged
+    if name == "csordas2019_recall_small":  # the report opens with the paper comparison: each arm found (arms
+        # told apart by model and by a parameter some models lack), none converged; one study suffices
         with contextlib.redirect_stdout(io.StringIO()):
             assert cli_main(["report", str(path), "--out", str(tmp_path / "report")]) == 0
         summary_md = (tmp_path / "report" / "summary.md").read_text()
