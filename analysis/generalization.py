@@ -32,14 +32,18 @@ Pure PyTorch and pandas: no Ray, no MLflow.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import math
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import torch
 
 from analysis.tidy import final_rows, validate_tidy
@@ -112,24 +116,45 @@ def find_checkpoint(results_dir: str | Path, trial_id: str) -> Path:
     Trial folders carry the trial id (``run_trial_<id>_...`` for a sweep, ``replica_<id>_...`` for a
     replication); inside, ``checkpoint_<n>/checkpoint.pt`` with the largest n wins. A seed of a batched
     replication has the run id ``<tune trial id>-s<seed>`` and its checkpoints in its trial's
-    ``checkpoint_<n>/seed-<seed>/checkpoint.pt`` (study/replicate.py).
+    ``checkpoint_<n>/seed-<seed>/checkpoint.pt`` (study/replicate.py). ``results_dir`` may be a URI
+    (``s3://bucket/…``, read through pyarrow as Tune wrote it): the checkpoint is then downloaded once into
+    a local cache (:data:`CHECKPOINT_CACHE`) and that copy returned.
     """
-    root = Path(results_dir) / "ray"
+    remote = "://" in str(results_dir)
+    root = f"{str(results_dir).rstrip('/')}/ray" if remote else str(Path(results_dir) / "ray")
+    fs, root_path = pafs.FileSystem.from_uri(root) if remote else (pafs.LocalFileSystem(), root)
     base, inner = trial_id, CHECKPOINT_NAME
     if seeded := _SEED_TRIAL.fullmatch(trial_id):
         base, inner = seeded["trial"], f"seed-{seeded['seed']}/{CHECKPOINT_NAME}"
-    folders = [p for p in root.glob(f"*/*_{base}_*") if p.is_dir()]
+
+    def folders_in(path: str, pattern: str) -> list[str]:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return [i.path for i in infos
+                if i.type == pafs.FileType.Directory and fnmatch.fnmatchcase(i.base_name, pattern)]
+
+    folders = [f for experiment in folders_in(root_path, "*") for f in folders_in(experiment, f"*_{base}_*")]
     found = []
     for folder in folders:
-        for checkpoint_dir in folder.glob("checkpoint_*"):
-            number = checkpoint_dir.name.rpartition("_")[2]
-            if number.isdigit() and (checkpoint_dir / inner).is_file():
-                found.append((int(number), checkpoint_dir / inner))
+        for checkpoint_dir in folders_in(folder, "checkpoint_*"):
+            number = checkpoint_dir.rpartition("_")[2]
+            if number.isdigit() and fs.get_file_info(f"{checkpoint_dir}/{inner}").type == pafs.FileType.File:
+                found.append((int(number), f"{checkpoint_dir}/{inner}"))
     found.sort()
     if not found:
         where = f"{len(folders)} trial folder(s)" if folders else "no trial folder"
         raise GeneralizationError(f"trial {trial_id}: no {inner} under {root}/*/*_{base}_* ({where})")
-    return found[-1][1]
+    if not remote:
+        return Path(found[-1][1])
+    local = CHECKPOINT_CACHE / hashlib.sha256(f"{root}/{found[-1][1]}".encode()).hexdigest()[:20] / CHECKPOINT_NAME
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(found[-1][1], str(local.with_suffix(".part")), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        local.with_suffix(".part").replace(local)
+    return local
+
+
+CHECKPOINT_CACHE = Path(tempfile.gettempdir()) / "mannstudy-checkpoints"  # checkpoints read from object storage
 
 
 _SEED_TRIAL = re.compile(r"(?P<trial>.+)-s(?P<seed>\d+)")

@@ -827,7 +827,7 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
     from analysis.generalization import evaluate_study
 
     s = Section("generalization", "Generalization")
-    if not ctx.results_dir or not Path(ctx.results_dir).is_dir():
+    if not ctx.results_dir or ("://" not in ctx.results_dir and not Path(ctx.results_dir).is_dir()):
         where = " (the folder recorded with the study is not on this machine)" if ctx.results_dir else ""
         s.text(f"Not evaluated: the results folder with the trials' checkpoints is not available{where}; "
                "pass --results-dir.")
@@ -1127,7 +1127,8 @@ def cli_report(study_file_or_name: str, results_dir: str | None = None, out: str
     with one line for a study that cannot be found."""
     try:
         uri, name, storage, results = _locate(study_file_or_name, results_dir)
-        out_dir = Path(out) if out else Path(results) / "report"
+        # a results_dir in object storage: the report is written here, in ./<name>-report (and logged to MLflow)
+        out_dir = Path(out) if out else Path(f"{name}-report") if "://" in results else Path(results) / "report"
         paths = make_report(uri, name, out_dir, storage, results, paper=_study_file_paper(study_file_or_name))
     except LoadError as err:
         print(f"mannstudy: {err}", file=sys.stderr)

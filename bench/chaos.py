@@ -288,14 +288,14 @@ def check_sweep(study_file: Path) -> tuple[list[str], int, int]:
             once += 1
     # Tune's results: after a trial reported its end, no attempt trained it again (an attempt that finds the
     # recorded end reports it once, from the step it ended at: start_step == step)
-    for result in experiment_dir(spec).glob("*/result.json"):
+    for result in Path(experiment_dir(spec)).glob("*/result.json"):
         rows = [json.loads(row) for row in result.read_text().splitlines() if row.strip()]
         ends = [i for i, r in enumerate(rows) if r.get("trial_status") in ("completed", "diverged")]
         again = [r["step"] for r in rows[ends[0] + 1:] if r.get("start_step") != r.get("step")] if ends else []
         if again:
             problems.append(f"trial {rows[0]['trial_id']}: trained again after it ended (steps {again})")
     # Tune's state: every trial of its newest experiment state ended
-    states = sorted(experiment_dir(spec).glob("experiment_state-*.json"))
+    states = sorted(Path(experiment_dir(spec)).glob("experiment_state-*.json"))
     if not states:
         problems.append("no Tune experiment state")
     else:

@@ -39,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 # Raised for user mistakes by modules that handlers import lazily (matched by name so that importing this
 # module never imports them).
 _USER_ERRORS = {"SweepError", "TrackingError", "CheckpointError", "SpecError", "TidyError", "ReportError",
-                "ReplicationError", "SensitivityError"}
+                "ReplicationError", "SensitivityError", "SubmitError"}
 
 
 class Command(NamedTuple):
@@ -182,7 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
     path = _quick_demo_file(args.results_dir or tempfile.mkdtemp(prefix="mannstudy-demo-")) if args.quick \
         else DEMO_STUDY
     spec = load_spec(path)
-    resume = experiment_dir(spec).is_dir()
+    resume = Path(experiment_dir(spec)).is_dir()
     if resume:
         print(f"demo: {spec.results_dir} already holds the demo study: finishing what is missing "
               f"(delete that folder for a fresh run)")
@@ -214,12 +214,19 @@ def _validate(args: argparse.Namespace) -> int:
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a study file (search_spaces/*.yaml)")
     p.add_argument("--address", help="join a Ray cluster ('auto' on a cluster head, or host:port); "
-                                     "default: a local Ray on this machine")
+                                     "default: a local Ray on this machine. With --submit: the cluster's dashboard "
+                                     "(default $RAY_ADDRESS, else http://127.0.0.1:8265)")
     p.add_argument("--resume", action="store_true",
                    help="finish a study whose driver stopped (completed trials are kept, running ones resume)")
+    p.add_argument("--submit", action="store_true",
+                   help="run the driver on the cluster as a Ray Job (it outlives this shell) and return")
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if args.submit:
+        from study.submit import cli_submit
+
+        return cli_submit(args.file, address=args.address, resume=args.resume)
     from study.sweep import cli_sweep
 
     _quiet_optuna()
@@ -268,7 +275,8 @@ def _replicate(args: argparse.Namespace) -> int:
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="a study file, or a study's name (with --results-dir)")
     p.add_argument("--results-dir", help="the study's results folder (default: the study file's, or results/<name>)")
-    p.add_argument("--out", help="where to write the report (default: <results_dir>/report)")
+    p.add_argument("--out", help="where to write the report (default: <results_dir>/report; ./<name>-report when "
+                   "results_dir is in object storage)")
 
 
 def _report(args: argparse.Namespace) -> int:

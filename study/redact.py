@@ -6,6 +6,11 @@ study run's MLflow params, tags and ``spec.json`` (``study.tracking.start_study_
 progress lines, and the one-line errors of the ``mannstudy`` command. The password becomes ``***``;
 the user, host and database stay, so the record still says which database a study used.
 
+Tune pickles the searcher, with its Optuna storage, into its state files (``tuner.pkl``,
+``searcher-state-*.pkl``) in ``results_dir``: the storage there is :class:`study.search.StudyStorage`,
+which pickles its URL redacted and gets the password back, on unpickling, from the URL this process
+was given (:func:`keep_secret`, :func:`recall_secret`).
+
 The password is better never written into a study at all: the cluster gives it to PostgreSQL's
 client library through a password file (``~/.pgpass``, or ``$PGPASSFILE``) or ``$PGPASSWORD``, and
 the URLs name only the user (docs/cluster.md).
@@ -48,3 +53,20 @@ def redact_values(data: Any) -> Any:
     if isinstance(data, list | tuple):
         return type(data)(redact_values(v) for v in data)
     return data
+
+
+_GIVEN: dict[str, str] = {}  # redacted URL -> the URL as given, in this process only (never written anywhere)
+
+
+def keep_secret(url: str) -> str:
+    """Remember ``url`` for this process; return its redacted form (what may be written)."""
+    public = redact(url)
+    if public != url:
+        _GIVEN[public] = url
+    return public
+
+
+def recall_secret(public: str) -> str:
+    """The URL :func:`keep_secret` was given for ``public``; ``public`` itself when this process was given none (the
+    password then comes from PostgreSQL's password file or ``$PGPASSWORD``, as on a cluster)."""
+    return _GIVEN.get(public, public)

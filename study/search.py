@@ -36,10 +36,30 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from study.redact import keep_secret, recall_secret, redact
+
 log = logging.getLogger(__name__)
 
 STEP_KEY = "step"  # the training step reported by mann.train.fit
 STATUS_KEY = "trial_status"
+
+
+class StudyStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose pickle holds its URL without the password (study/redact.py).
+
+    Tune pickles the searcher, and the storage with it, into results_dir; unpickled by the driver that
+    restores the sweep, the storage connects with the URL that driver was given for the same database.
+    """
+
+    def __init__(self, url: str, **kwargs):
+        keep_secret(url)
+        super().__init__(url, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "url": redact(self.url)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({**state, "url": recall_secret(state["url"])})
 
 
 class TruthfulOptunaSearch(OptunaSearch):

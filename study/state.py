@@ -20,20 +20,30 @@ Three stores, three roles:
       tuner.pkl   Tune's tuner.pkl as written when the run started (Tune's copy can be torn later)
       state.pkl   Tune's experiment, searcher and callback state files of the newest complete save
 
-  Every write is atomic (temporary file, fsync, rename, fsync of the folder): a reader sees the old
-  file or the new one, whole. :func:`prepare_restore` puts them back before ``Tuner.restore``.
+  Every write is atomic: a reader sees the old file or the new one, whole. On a local or shared
+  (NFS) folder that is a temporary file, fsync, rename, fsync of the folder; in object storage
+  (``s3://…``) one PUT, which replaces an object whole. :func:`prepare_restore` puts them back before
+  ``Tuner.restore``.
+
+A location is a local path or a URI (``s3://bucket/prefix``, any filesystem pyarrow resolves, as Tune
+does for its ``storage_path``); every file operation here goes through :func:`filesystem`, so a
+results folder in a bucket is read and written by the same code as a local one.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pickle
+import posixpath
 import re
 import sys
 import time
 import uuid
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 # isort: off
 import study.sweep  # noqa: F401  (sets Ray's environment before ray is imported)
@@ -49,15 +59,80 @@ STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_st
 STALL_S = 30.0  # nothing live and nothing new for this long: the driver can make no progress
 
 
-def state_dir(exp_dir: Path) -> Path:
+Location = str | os.PathLike  # a local path or a URI such as s3://bucket/prefix
+
+
+def is_uri(location: Location) -> bool:
+    return "://" in str(location)
+
+
+def join(location: Location, *names: str) -> str:
+    """``location/name/...`` for a path or a URI (``Path`` would turn ``s3://b`` into ``s3:/b``)."""
+    return posixpath.join(str(location), *names)
+
+
+_FILESYSTEMS: dict[str, pafs.FileSystem] = {}  # scheme://bucket -> its filesystem (resolving one asks the server)
+
+
+def filesystem(location: Location) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path on it) for a local path or a URI, resolved as Tune resolves its storage_path.
+
+    An object store's path is ``bucket/key``; its filesystem is resolved once per bucket (pyarrow asks the
+    server for the bucket's region)."""
+    location = str(location)
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    scheme, _, rest = location.partition("://")
+    if scheme not in ("s3", "gs"):
+        return pafs.FileSystem.from_uri(location)
+    root = f"{scheme}://{rest.split('/', 1)[0]}"
+    if root not in _FILESYSTEMS:
+        _FILESYSTEMS[root] = pafs.FileSystem.from_uri(root)[0]
+    return _FILESYSTEMS[root], rest.rstrip("/")
+
+
+def is_file(location: Location) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(location: Location) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(location: Location) -> bytes:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.readall()
+
+
+def names(folder: Location, pattern: str = "*") -> list[str]:
+    """Names of the entries of ``folder`` that match ``pattern`` (fnmatch), sorted; none when it does not exist."""
+    fs, path = filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.base_name for info in infos if fnmatch.fnmatchcase(info.base_name, pattern))
+
+
+def move(source: Location, target: Location) -> None:
+    fs, path = filesystem(source)
+    fs.move(path, filesystem(target)[1])
+
+
+def state_dir(exp_dir: Location) -> str:
     """``<results_dir>/ray/.mannstudy/<experiment>`` for Tune's ``<results_dir>/ray/<experiment>``."""
-    exp_dir = Path(exp_dir)
-    return exp_dir.parent / STATE_FOLDER / exp_dir.name
+    exp_dir = str(exp_dir).rstrip("/")
+    return join(posixpath.dirname(exp_dir), STATE_FOLDER, posixpath.basename(exp_dir))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a reader, or a kill at any moment, sees the old file or the new one."""
-    path = Path(path)
+def write_atomically(location: Location, data: bytes) -> None:
+    """Replace ``location`` by ``data`` so that a reader, or a kill at any moment, sees the old file or the new one."""
+    if is_uri(location):  # an object is replaced whole by one PUT
+        fs, path = filesystem(location)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -72,24 +147,23 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def mark_begun(exp_dir: Path) -> None:
+def mark_begun(exp_dir: Location) -> None:
     """Before the run records anything (Optuna, MLflow, Tune): from now on ``--resume`` can finish it."""
-    write_atomically(state_dir(exp_dir) / BEGUN, b"")
+    write_atomically(join(state_dir(exp_dir), BEGUN), b"")
 
 
-def has_begun(exp_dir: Path) -> bool:
-    return (state_dir(exp_dir) / BEGUN).is_file()
+def has_begun(exp_dir: Location) -> bool:
+    return is_file(join(state_dir(exp_dir), BEGUN))
 
 
-def has_tune_state(exp_dir: Path) -> bool:
+def has_tune_state(exp_dir: Location) -> bool:
     """True when Tune saved an experiment state (the bundle here, or a file in its folder)."""
-    exp_dir = Path(exp_dir)
-    return (state_dir(exp_dir) / STATE_BUNDLE).is_file() or any(exp_dir.glob("experiment_state-*.json"))
+    return is_file(join(state_dir(exp_dir), STATE_BUNDLE)) or bool(names(exp_dir, "experiment_state-*.json"))
 
 
-def keep_tuner_copy(exp_dir: Path) -> None:
+def keep_tuner_copy(exp_dir: Location) -> None:
     """Right after ``tune.Tuner(...)`` wrote ``tuner.pkl``: keep a copy of it here."""
-    write_atomically(state_dir(exp_dir) / TUNER_COPY, (Path(exp_dir) / TUNER_PKL).read_bytes())
+    write_atomically(join(state_dir(exp_dir), TUNER_COPY), read_bytes(join(exp_dir, TUNER_PKL)))
 
 
 class StateBackupCallback(Callback):
@@ -102,8 +176,8 @@ class StateBackupCallback(Callback):
     (The callback states in the bundle are those of the save before: Tune writes them after this call.)
     """
 
-    def __init__(self, exp_dir: Path):
-        self.exp_dir = Path(exp_dir)
+    def __init__(self, exp_dir: Location):
+        self.exp_dir = str(exp_dir)
         self._staging: str | None = None  # Tune's staging folder, known once a trial exists
 
     def on_step_begin(self, iteration, trials, **info):
@@ -121,7 +195,7 @@ class StateBackupCallback(Callback):
                 if newest is not None:
                     files[newest.name] = newest.read_bytes()
             if any(name.startswith("experiment_state-") for name in files):
-                write_atomically(state_dir(self.exp_dir) / STATE_BUNDLE, pickle.dumps(files))
+                write_atomically(join(state_dir(self.exp_dir), STATE_BUNDLE), pickle.dumps(files))
         return None  # nothing of its own for Tune to save
 
     def __getstate__(self):  # pickled into tuner.pkl before any trial: the staging folder is per session
@@ -136,7 +210,7 @@ def _loads(data: bytes) -> bool:
     return True
 
 
-def prepare_restore(exp_dir: Path, what: str) -> bool:
+def prepare_restore(exp_dir: Location, what: str) -> bool:
     """Before ``Tuner.restore``: put back the state kept here; False when there is no Tune state to restore.
 
     - ``tuner.pkl``: the kept copy replaces Tune's when they differ (Tune's may be torn).
@@ -146,30 +220,30 @@ def prepare_restore(exp_dir: Path, what: str) -> bool:
     - A trial whose newest checkpoint has gone resumes from its newest checkpoint that exists, or restarts.
     Raises SweepError (one line naming ``what`` and what to do) for a state that cannot be restored.
     """
-    exp_dir = Path(exp_dir)
+    exp_dir = str(exp_dir)
     kept = state_dir(exp_dir)
     if not has_tune_state(exp_dir):
         return False
-    live = exp_dir / TUNER_PKL
-    if (kept / TUNER_COPY).is_file():
-        good = (kept / TUNER_COPY).read_bytes()
-        if not live.is_file() or live.read_bytes() != good:
+    live = join(exp_dir, TUNER_PKL)
+    if is_file(join(kept, TUNER_COPY)):
+        good = read_bytes(join(kept, TUNER_COPY))
+        if not is_file(live) or read_bytes(live) != good:
             write_atomically(live, good)
-    elif not live.is_file() or not _loads(live.read_bytes()):
+    elif not is_file(live) or not _loads(read_bytes(live)):
         raise SweepError(f"{what}: --resume: {live} is damaged and there is no copy in {kept}; the run cannot be "
                          f"resumed (start it again under another name or results_dir)")
-    if (kept / STATE_BUNDLE).is_file():
-        files = pickle.loads((kept / STATE_BUNDLE).read_bytes())
+    if is_file(join(kept, STATE_BUNDLE)):
+        files = pickle.loads(read_bytes(join(kept, STATE_BUNDLE)))
         for name, data in files.items():
-            write_atomically(exp_dir / name, data)
+            write_atomically(join(exp_dir, name), data)
         session = _session(max(n for n in files if n.startswith("experiment_state-")))
         for pattern in STATE_FILES:  # Tune restores each kind from its newest name: none may be newer than these
-            for path in exp_dir.glob(pattern):
-                if _session(path.name) > session:
-                    path.rename(path.with_name(path.name + ".stale"))
-    newest_state = max(exp_dir.glob("experiment_state-*.json"))
+            for name in names(exp_dir, pattern):
+                if _session(name) > session:
+                    move(join(exp_dir, name), join(exp_dir, name + ".stale"))
+    newest_state = join(exp_dir, max(names(exp_dir, "experiment_state-*.json")))
     try:
-        state = json.loads(newest_state.read_text())
+        state = json.loads(read_bytes(newest_state))
     except ValueError as err:
         raise SweepError(f"{what}: --resume: Tune's experiment state {newest_state} is damaged ({err}) and there is "
                          f"no complete copy in {kept}; the run cannot be resumed (start it again under another "
@@ -185,17 +259,19 @@ def _session(name: str) -> str:
     return found.group(0) if found else ""
 
 
-def _usable_checkpoint(path: Path) -> bool:
+def _usable_checkpoint(path: Location) -> bool:
     """A checkpoint folder whose upload finished: its metadata (written before the upload) parses, and no file
     in it is empty."""
     try:
-        json.loads((path / ".metadata.json").read_text())
+        json.loads(read_bytes(join(path, ".metadata.json")))
     except (OSError, ValueError):
         return False
-    return all(f.stat().st_size > 0 for f in path.rglob("*") if f.is_file())
+    fs, folder = filesystem(path)
+    files = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    return all(f.size > 0 for f in files if f.type == pafs.FileType.File)
 
 
-def repair_checkpoints(state: dict, exp_dir: Path) -> list[str]:
+def repair_checkpoints(state: dict, exp_dir: Location) -> list[str]:
     """Point each trial of Tune's experiment ``state`` (parsed JSON, changed in place) whose newest checkpoint
     is gone at its newest usable checkpoint folder, or at none (the trial restarts); return the trial folders
     changed. Paths are matched by trial folder and checkpoint name, so a moved results folder still matches.
@@ -204,8 +280,8 @@ def repair_checkpoints(state: dict, exp_dir: Path) -> list[str]:
     from ray.tune import Checkpoint
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
-    def here(path: str) -> Path:
-        return Path(exp_dir) / Path(path).parent.name / Path(path).name
+    def here(path: str) -> str:
+        return join(exp_dir, posixpath.basename(posixpath.dirname(path)), posixpath.basename(path))
 
     changed = []
     for i, (trial_json, metadata_json) in enumerate(state.get("trial_data", [])):
@@ -215,24 +291,27 @@ def repair_checkpoints(state: dict, exp_dir: Path) -> list[str]:
             continue
         latest = manager.latest_checkpoint_result
         # Tune deletes a trial's older checkpoints by these entries, and fails when one is gone already
-        kept = [r for r in manager._checkpoint_results if here(r.checkpoint.path).is_dir()]
-        if here(latest.checkpoint.path).is_dir():
+        kept = [r for r in manager._checkpoint_results if is_dir(here(r.checkpoint.path))]
+        if is_dir(here(latest.checkpoint.path)):
             if len(kept) == len(manager._checkpoint_results):
                 continue
         else:
             old = latest.checkpoint
-            folders = sorted(here(old.path).parent.glob("checkpoint_*"), reverse=True)
-            usable = next((p for p in folders if _usable_checkpoint(p)), None)
+            trial_dir = posixpath.dirname(here(old.path))
+            usable = next((name for name in reversed(names(trial_dir, "checkpoint_*"))
+                           if _usable_checkpoint(join(trial_dir, name))), None)
             manager._latest_checkpoint_result = None  # none usable: the trial restarts
             if usable is not None:
                 manager._latest_checkpoint_result = _TrainingResult(
-                    checkpoint=Checkpoint(path=str(Path(old.path).parent / usable.name), filesystem=old.filesystem),
+                    checkpoint=Checkpoint(path=posixpath.join(posixpath.dirname(old.path), usable),
+                                          filesystem=old.filesystem),
                     metrics={})
-                kept = [r for r in kept if here(r.checkpoint.path) != usable] + [manager._latest_checkpoint_result]
+                usable_here = join(trial_dir, usable)
+                kept = [r for r in kept if here(r.checkpoint.path) != usable_here] + [manager._latest_checkpoint_result]
         manager._checkpoint_results = kept
         metadata.invalidate_cache()
         state["trial_data"][i] = [trial_json, metadata.get_json_state()]
-        changed.append(here(latest.checkpoint.path).parent.name)
+        changed.append(posixpath.basename(posixpath.dirname(here(latest.checkpoint.path))))
     return changed
 
 

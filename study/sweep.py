@@ -8,6 +8,10 @@ Results layout (``spec.results_dir``; local by default, shared storage on a clus
     <results_dir>/ray/tune/       Tune's experiment state and trial checkpoints (what --resume reads)
     <results_dir>/ray/.mannstudy/ what --resume puts back before Tune reads its state (study/state.py)
 
+``results_dir`` may be a URI (``s3://bucket/prefix``): Tune's folders and ``.mannstudy`` are then in the
+bucket, read and written through pyarrow; the databases cannot be (the study names ``storage`` and
+``tracking_uri``), and the MLflow artifacts go where the tracking server puts them.
+
 Every ask/tell happens here, in the driver (one writer), so SQLite serves a local study.
 """
 
@@ -16,15 +20,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import posixpath
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mann.config import to_dict
-from study.redact import redact
+from study.redact import keep_secret, redact
 from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
@@ -89,16 +94,24 @@ class StudySpace:
         return define_by_run(self.spec)(trial)
 
 
-def experiment_dir(spec: StudySpec) -> Path:
-    return Path(spec.results_dir) / "ray" / EXPERIMENT_NAME
+def experiment_dir(spec: StudySpec) -> str:
+    """Tune's experiment folder: a local path, or a URI (``s3://bucket/…``) when ``results_dir`` is one."""
+    return posixpath.join(spec.results_dir, "ray", EXPERIMENT_NAME)
 
 
 def _optuna_storage(spec: StudySpec):
-    import optuna
+    """The study's Optuna storage; pickled (into Tune's state by the searcher) without a password in its URL."""
+    from study.search import StudyStorage
 
     if spec.storage.startswith("sqlite:///"):
         Path(spec.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(spec.storage)
+    return StudyStorage(spec.storage)
+
+
+def public_spec(spec: StudySpec) -> StudySpec:
+    """``spec`` with the passwords of its connection strings masked: what Tune may pickle into results_dir (the
+    searcher's space, the progress callback, the trials' context; none of them connects with these URLs)."""
+    return replace(spec, storage=redact(spec.storage), tracking_uri=redact(spec.tracking_uri))
 
 
 def _existing_trials(spec: StudySpec) -> int:
@@ -133,13 +146,14 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     )
     exp_dir = experiment_dir(spec)
     if resume and state.prepare_restore(exp_dir, str(spec.source)):
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        keep_secret(spec.storage)  # the restored searcher's storage, pickled without its password, gets it here
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
 
     metric, mode = spec.objective.metric, spec.objective.mode
     # A new study only (run_sweep refuses to start one over existing trials; --resume restores the
     # searcher instead): Ray enqueues points_to_evaluate every time it sets up the study.
     searcher = TruthfulOptunaSearch(
-        space=StudySpace(spec), metric=metric, mode=mode, sampler=make_sampler(spec),
+        space=StudySpace(public_spec(spec)), metric=metric, mode=mode, sampler=make_sampler(spec),
         points_to_evaluate=grid_points(spec) if spec.sampler == "grid" else None,
         storage=_optuna_storage(spec), study_name=spec.name,
     )
@@ -159,10 +173,10 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     )
     stall = state.NoProgress()
     run_config = tune.RunConfig(
-        name=EXPERIMENT_NAME, storage_path=str(exp_dir.parent),
+        name=EXPERIMENT_NAME, storage_path=posixpath.dirname(exp_dir),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2), stop=stall,
-        callbacks=[ProgressCallback(spec), JsonLoggerCallback(), state.StateBackupCallback(exp_dir), stall,
+        callbacks=[ProgressCallback(public_spec(spec)), JsonLoggerCallback(), state.StateBackupCallback(exp_dir), stall,
                    *callbacks],
         verbose=0,
     )
@@ -472,8 +486,8 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
             disconnect_ray()
         raise
     try:
-        context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
-                               threads=max(1, int(spec.resources.cpu)))
+        context = TrialContext(spec=public_spec(spec), tracking_uri=uri, experiment_id=experiment_id,
+                               parent_run_id=parent, threads=max(1, int(spec.resources.cpu)))
         os.environ[PENDING_ENV] = _PENDING_GIVEN or str(pending_trials(spec, ray.cluster_resources()))
         if resume and _existing_trials(spec):
             # A restore runs trials Tune's state left running: first give their runs the ends Optuna recorded.
@@ -511,5 +525,9 @@ def _spec_dict(spec: StudySpec) -> dict[str, Any]:
 def cli_sweep(path: str, address: str | None, resume: bool) -> int:
     summary = run_sweep(path, address=address, resume=resume)
     print(f"done: {summary.line()}")
-    print(f"MLflow UI: mannstudy ui {Path(load_spec(path).results_dir)}")
+    spec = load_spec(path)
+    if spec.tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: {redact(spec.tracking_uri)}")
+    else:
+        print(f"MLflow UI: mannstudy ui {spec.results_dir}")
     return 0

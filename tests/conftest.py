@@ -197,7 +197,7 @@ class StudyRecord:
         from study.sweep import experiment_dir
 
         self.spec = load_spec(path)
-        self.exp_dir = experiment_dir(self.spec)
+        self.exp_dir = Path(experiment_dir(self.spec))  # a local results_dir
 
     # Optuna
     def trials(self):

@@ -27,13 +27,16 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` with a SQLite backend in ``workdir``; artifacts proxied into ``workdir/artifacts``."""
+    """``mlflow server`` with a SQLite backend in ``workdir``; artifacts proxied into ``workdir/artifacts`` (or
+    ``artifacts``, a URI such as ``s3://bucket/prefix``)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, backend_uri: str | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, backend_uri: str | None = None,
+                 artifacts: str | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.backend_uri = backend_uri or f"sqlite:///{(self.workdir / 'server.db').resolve()}"
+        self.artifacts = artifacts or str((self.workdir / "artifacts").resolve())
         self.log_path = self.workdir / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -45,7 +48,7 @@ class MlflowServer:
         return [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", self.backend_uri,
-            "--artifacts-destination", str((self.workdir / "artifacts").resolve()),
+            "--artifacts-destination", self.artifacts,
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
 

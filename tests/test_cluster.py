@@ -14,6 +14,8 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -88,59 +90,161 @@ def postgres():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def pg_sweep(postgres, ray_cluster, study_file, record, tmp_path_factory):
-    """A tiny sweep with Optuna and MLflow on PostgreSQL; returns what it printed and left behind."""
-    from study.sweep import run_sweep
+def _mid_sweep(postgres) -> bool:
+    """A completed trial and a running one that has reported (so has a checkpoint in the bucket), read from the
+    Optuna database in PostgreSQL."""
+    import psycopg
 
-    folder = tmp_path_factory.mktemp("pg")
-    pgpass = postgres.write_pgpass(folder / "pgpass")
-    # The MLflow server's command line names no password: libpq reads it from the password file.
-    server = MlflowServer(folder / "mlflow", backend_uri=postgres.url("mlflow", with_password=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PGPASSFILE", str(pgpass))
-        server.start(timeout_s=180)
     try:
-        path = study_file("fifo", folder, fresh=True, name="pg", tracking_uri=server.url,
-                          storage=postgres.url("optuna"), budget={"num_samples": 2, "max_steps": 20})
+        with psycopg.connect(postgres.url("optuna"), connect_timeout=5) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'")
+            completed = cur.fetchone()[0]
+            cur.execute("SELECT count(*) FROM trials t WHERE t.state = 'RUNNING' AND EXISTS "
+                        "(SELECT 1 FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id)")
+            return completed > 0 and cur.fetchone()[0] > 0
+    except psycopg.Error:  # the tables are not there yet
+        return False
+
+
+def _bucket_files(url: str) -> dict[str, bytes]:
+    """Every object under ``url`` (s3://bucket/prefix), by key, read through pyarrow as Tune reads them."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(url)
+    files = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                files[info.path] = f.readall()
+    return files
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """One local S3-protocol server for this module (each test its own bucket), its endpoint in this process's
+    environment and so in every process started from here: the variables a real bucket does not need, read by
+    boto3 (the MLflow server's artifacts) and pyarrow (Tune, mannstudy, the report)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra has it)")
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start(timeout_s=300)
+    print(f"\nmoto S3 server answering after {server.start_s:.2f} s")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**server.env(), "MLFLOW_S3_ENDPOINT_URL": server.url}.items():
+            mp.setenv(key, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_sweep(postgres, s3, ray_env, record, tmp_path_factory):
+    """The cluster path on one machine, end to end: ``results_dir`` in a local S3 server's bucket (Tune's state,
+    checkpoints, mannstudy's kept state), the MLflow server's artifacts in the same bucket, Optuna's study and
+    MLflow's backend store in PostgreSQL. ``mannstudy sweep`` (its own local Ray, as on a head node) is SIGKILLed
+    mid-sweep, ``mannstudy sweep --resume`` finishes the study, ``mannstudy report`` reads it back (checkpoints
+    included) from the bucket. Returns what they printed and left behind."""
+    import boto3
+    from conftest import end_ray_folder, kill_group, write_study
+
+    from analysis.report import cli_report
+
+    folder = tmp_path_factory.mktemp("cluster")
+    pgpass = postgres.write_pgpass(folder / "pgpass")
+    boto3.client("s3").create_bucket(Bucket="results")
+    # The MLflow server's command line names no password: libpq reads it from the password file.
+    server = MlflowServer(folder / "mlflow", backend_uri=postgres.url("mlflow", with_password=False),
+                          artifacts="s3://results/mlflow-artifacts")
+    with pytest.MonkeyPatch.context() as server_env:
+        server_env.setenv("PGPASSFILE", str(pgpass))
+        server.start(timeout_s=600)  # its first start also creates MLflow's tables in PostgreSQL
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        path = write_study("fifo", folder, name="pg", tracking_uri=server.url, storage=postgres.url("optuna"),
+                           results_dir="s3://results/pg", budget={"num_samples": 3, "max_steps": 20})
+        driver_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
+        sweep = [sys.executable, "-m", "study.cli", "sweep", str(path)]
+        logs = [folder / "killed.log", folder / "resumed.log"]
+        with open(logs[0], "wb") as out:
+            driver = subprocess.Popen(sweep, cwd=folder, stdout=out, stderr=subprocess.STDOUT, env=driver_env,
+                                      start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not _mid_sweep(postgres) and driver.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert driver.poll() is None, f"the driver ended before the kill:\n{logs[0].read_text()[-3000:]}"
+        finally:
+            kill_group(driver.pid)  # SIGKILL: nothing is flushed
+            driver.wait(timeout=30)
+            end_ray_folder(ray_tmp)  # Ray's processes that left the driver's group, then its folder
+        killed = _bucket_files("s3://results/pg")
+        ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        with open(logs[1], "wb") as out:
+            resumed = subprocess.run([*sweep, "--resume"], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                                     env={**driver_env, "RAY_TMPDIR": ray_tmp}, timeout=900)
+        assert resumed.returncode == 0, logs[1].read_text()[-3000:]
         out, err = io.StringIO(), io.StringIO()
+        report_dir = folder / "report"
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            summary = run_sweep(path)
+            assert cli_report(str(path), out=str(report_dir)) == 0, err.getvalue()
         cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        yield {"path": path, "summary": summary, "printed": out.getvalue() + err.getvalue(), "rec": record(path),
-               "server": server, "cmdline": cmdline}
+        printed = "".join(log.read_text(errors="replace") for log in logs) + out.getvalue() + err.getvalue()
+        yield {"path": path, "printed": printed, "rec": record(path), "server": server, "cmdline": cmdline,
+               "killed": killed, "bucket": _bucket_files("s3://results"), "report": report_dir, "folder": folder}
     finally:
+        end_ray_folder(ray_tmp)
         server.stop()
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_end_to_end_on_postgresql(pg_sweep, postgres):
-    rec = pg_sweep["rec"]
-    assert rec.spec.storage.startswith("postgresql://") and pg_sweep["server"].backend_uri.startswith("postgresql://")
-    trials = rec.trials()  # read back from PostgreSQL
-    assert len(trials) == 2 and all(t.user_attrs["status"] == "completed" for t in trials)
-    assert pg_sweep["summary"].counts == {"completed": 2}
-    children = rec.children()  # from the MLflow server, whose store is the mlflow database
-    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
-    assert all(len(rec.history(r.info.run_id, "error")) == 2 for r in children)  # steps 10 and 20
-    # the rows really are in PostgreSQL, not in a SQLite file beside the server
+def test_a_sweep_killed_and_resumed_runs_end_to_end_on_object_storage_and_postgresql(cluster_sweep, postgres):
     import psycopg
 
+    from study.state import BEGUN, STATE_BUNDLE, TUNER_COPY
+    from study.tracking import TAG_TRIAL_ID
+
+    rec = cluster_sweep["rec"]
+    assert rec.spec.results_dir == "s3://results/pg" and rec.spec.storage.startswith("postgresql://")
+    # killed mid-sweep: Tune's state, a checkpoint and mannstudy's kept state were in the bucket already
+    killed = set(cluster_sweep["killed"])
+    kept = "results/pg/ray/.mannstudy/tune/"
+    assert {kept + BEGUN, kept + TUNER_COPY, kept + STATE_BUNDLE} <= killed
+    assert "results/pg/ray/tune/tuner.pkl" in killed and any("/checkpoint_" in key for key in killed)
+    # resumed to the end: every trial accounted for once, in PostgreSQL (Optuna) and by the MLflow server
+    trials = rec.trials()
+    assert all(t.state.is_finished() for t in trials)
+    ran = [t for t in trials if t.user_attrs["status"] != "not_run"]  # not_run: asked by the killed driver only
+    assert len(ran) == 3 and {t.user_attrs["status"] for t in ran} == {"completed"}
+    children = rec.children()
+    by_trial = {r.data.tags[TAG_TRIAL_ID]: r for r in children}
+    assert len(by_trial) == len(children) and {t.user_attrs["tune_trial_id"] for t in ran} <= set(by_trial)
+    assert all(by_trial[t.user_attrs["tune_trial_id"]].info.status == "FINISHED" for t in ran)
+    assert all(r.info.status != "RUNNING" for r in children)
+    (parent,) = rec.parents()
+    assert parent.info.status == "FINISHED"
+    # the runs really are in PostgreSQL, not in a SQLite file beside the server, nor anything on local disk
     with psycopg.connect(postgres.url("mlflow")) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs")
-        assert cur.fetchone()[0] == 3  # the study run and its two trials
-    assert not list(Path(pg_sweep["server"].workdir).glob("*.db"))
+        assert cur.fetchone()[0] == 1 + len(children)
+    assert not list(Path(cluster_sweep["server"].workdir).glob("*.db"))
+    assert not (cluster_sweep["folder"] / "results").exists() and not (cluster_sweep["folder"] / "s3:").exists()
+    # the MLflow artifacts (study file, spec, report) are in the bucket, through the server's proxy
+    artifacts = [k for k in cluster_sweep["bucket"] if k.startswith("results/mlflow-artifacts/")]
+    assert any(k.endswith("/spec.json") for k in artifacts) and any("/report/" in k for k in artifacts)
+    # the report read the trials' checkpoints from the bucket: its generalization section was evaluated
+    summary = (cluster_sweep["report"] / "summary.md").read_text()
+    generalization = summary.split("## Generalization\n")[1].split("\n## ")[0]
+    assert "](figures/" in generalization and "Not evaluated" not in generalization, generalization
 
 
 @pytest.mark.slow
-def test_the_password_is_nowhere_in_the_record(pg_sweep, tmp_path):
+def test_the_password_is_nowhere_in_the_record(cluster_sweep, tmp_path):
     import mlflow
 
-    rec = pg_sweep["rec"]
+    rec = cluster_sweep["rec"]
     parent, = rec.parents()
     # recorded, but masked: the record still says which database held the study
     assert parent.data.params["storage"] == postgres_url_masked(rec.spec.storage)
-    texts = {"printed": pg_sweep["printed"], "mlflow server command line": pg_sweep["cmdline"]}
+    texts = {"printed": cluster_sweep["printed"], "mlflow server command line": cluster_sweep["cmdline"]}
     for run in [parent, *rec.children()]:
         texts[f"params of {run.info.run_id}"] = repr(run.data.params)
         texts[f"tags of {run.info.run_id}"] = repr(run.data.tags)
@@ -152,6 +256,16 @@ def test_the_password_is_nowhere_in_the_record(pg_sweep, tmp_path):
     artifacts = [k for k in texts if k.startswith("artifact")]
     assert any(k.endswith("spec.json") for k in artifacts) and any(k.endswith("pg.yaml") for k in artifacts)
     assert "***" in next(texts[k] for k in artifacts if k.endswith("pg.yaml"))  # the study file, masked
+    # every object in the bucket, after the kill and at the end: Tune's pickled tuner, searcher and callback state,
+    # its experiment state and trial results, mannstudy's kept copies of them; and the report's files
+    objects = {**{f"(killed) {k}": v for k, v in cluster_sweep["killed"].items()}, **cluster_sweep["bucket"]}
+    assert any("/searcher-state-" in k for k in objects) and any(k.endswith(".mannstudy/tune/state.pkl")
+                                                                  for k in objects)
+    for key, data in objects.items():
+        texts[f"object {key}"] = data.decode(errors="replace")
+    for file in cluster_sweep["report"].rglob("*"):
+        if file.is_file():
+            texts[f"report {file.name}"] = file.read_bytes().decode(errors="replace")
     leaks = [where for where, text in texts.items() if SECRET in text]
     assert not leaks, leaks
 
@@ -303,26 +417,83 @@ def test_a_node_without_a_compiler_finishes_its_setup(tmp_path):
 # ------------------------------------------------------------------------------------------------ object storage
 
 
-def test_a_local_s3_server_serves_boto3_and_pyarrow(tmp_path, monkeypatch):
+def test_a_local_s3_server_serves_boto3_and_pyarrow(s3):
     """The fixture object-storage tests build on: moto's standalone S3 server on 127.0.0.1, reached by boto3
     and by pyarrow's S3 filesystem (the one Ray Tune uses for an s3:// storage path) through the standard
     endpoint variables, as a real bucket is."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra has it)")
     import boto3
     import pyarrow.fs as pafs
-    from s3_server import S3Server
 
-    with S3Server(tmp_path / "s3") as s3:
-        print(f"\nmoto S3 server answering after {s3.start_s:.2f} s")
-        for key, value in s3.env().items():
-            monkeypatch.setenv(key, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="results")
-        client.put_object(Bucket="results", Key="study/by-boto3.txt", Body=b"boto3")
-        fs, path = pafs.FileSystem.from_uri("s3://results/study")
-        assert isinstance(fs, pafs.S3FileSystem) and path == "results/study"
-        with fs.open_output_stream("results/study/by-pyarrow.txt") as out:
-            out.write(b"pyarrow")
-        listed = sorted(info.path for info in fs.get_file_info(pafs.FileSelector("results/study")))
-        assert listed == ["results/study/by-boto3.txt", "results/study/by-pyarrow.txt"]
-        assert client.get_object(Bucket="results", Key="study/by-pyarrow.txt")["Body"].read() == b"pyarrow"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="probe")
+    client.put_object(Bucket="probe", Key="study/by-boto3.txt", Body=b"boto3")
+    fs, path = pafs.FileSystem.from_uri("s3://probe/study")
+    assert isinstance(fs, pafs.S3FileSystem) and path == "probe/study"
+    with fs.open_output_stream("probe/study/by-pyarrow.txt") as out:
+        out.write(b"pyarrow")
+    listed = sorted(info.path for info in fs.get_file_info(pafs.FileSelector("probe/study")))
+    assert listed == ["probe/study/by-boto3.txt", "probe/study/by-pyarrow.txt"]
+    assert client.get_object(Bucket="probe", Key="study/by-pyarrow.txt")["Body"].read() == b"pyarrow"
+
+
+def test_resume_puts_back_the_kept_state_in_a_bucket(s3):
+    """study/state.py on object storage: the kept copies replace a torn tuner.pkl and experiment state in the
+    bucket, and a later session's state file is set aside, as on a local folder (tests/test_sweep.py)."""
+    import pickle
+
+    import boto3
+
+    from study import state
+
+    boto3.client("s3").create_bucket(Bucket="kept")
+    exp = "s3://kept/study/ray/tune"
+    kept = state.state_dir(exp)
+    assert kept == "s3://kept/study/ray/.mannstudy/tune" and not state.has_tune_state(exp)
+    complete = {"experiment_state-2026-01-01_00-00-00.json": b'{"trial_data": []}',
+                "searcher-state-2026-01-01_00-00-00.pkl": pickle.dumps({"trials": 3})}
+    state.write_atomically(state.join(kept, state.STATE_BUNDLE), pickle.dumps(complete))
+    state.write_atomically(state.join(kept, state.TUNER_COPY), pickle.dumps({"tuner": 1}))
+    state.write_atomically(state.join(exp, state.TUNER_PKL), b"")  # torn
+    state.write_atomically(state.join(exp, "experiment_state-2026-01-01_00-00-00.json"), b'{"trial_da')
+    state.write_atomically(state.join(exp, "experiment_state-2026-01-02_00-00-00.json"), b'{"trial_data": [')
+    assert state.has_tune_state(exp)
+    assert state.prepare_restore(exp, "study.yaml") is True
+    client = boto3.client("s3")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="kept", Prefix="study/ray/tune/")["Contents"]
+            if not o["Key"].endswith("/")}  # pyarrow's move leaves a folder marker
+    assert keys == {"study/ray/tune/tuner.pkl", "study/ray/tune/experiment_state-2026-01-01_00-00-00.json",
+                    "study/ray/tune/searcher-state-2026-01-01_00-00-00.pkl",
+                    "study/ray/tune/experiment_state-2026-01-02_00-00-00.json.stale"}
+    for name, data in complete.items():
+        assert state.read_bytes(state.join(exp, name)) == data
+    assert pickle.loads(state.read_bytes(state.join(exp, state.TUNER_PKL))) == {"tuner": 1}
+
+
+# ---------------------------------------------------------------------------------------------- the driver as a Ray Job
+
+
+def test_submit_uploads_the_study_file_alone_and_runs_the_sweep_command_in_the_cluster(tmp_path):
+    from conftest import write_study
+
+    from study.submit import job_request
+
+    path = write_study("fifo", tmp_path / "here", name="my study")
+    (tmp_path / "here" / "results").mkdir()  # whatever else the folder holds stays here
+    request = job_request(path, resume=True, folder=tmp_path / "job")
+    assert request.entrypoint == "mannstudy sweep 'my study.yaml' --resume"
+    assert [p.name for p in request.working_dir.iterdir()] == ["my study.yaml"]
+    assert (request.working_dir / "my study.yaml").read_bytes() == path.read_bytes()
+    assert job_request(path, resume=False, folder=tmp_path / "job2").entrypoint == "mannstudy sweep 'my study.yaml'"
+
+
+def test_submit_to_an_unreachable_dashboard_says_so_in_one_line(tmp_path, capsys):
+    from conftest import write_study
+
+    from study.cli import main
+
+    path = write_study("fifo", tmp_path)
+    assert main(["sweep", str(path), "--submit", "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--submit" in err and "http://127.0.0.1:9" in err and "ray dashboard" in err
+    assert main(["sweep", str(tmp_path / "none.yaml"), "--submit"]) == 2
+    assert "no such study file" in capsys.readouterr().err

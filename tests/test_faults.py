@@ -114,7 +114,7 @@ def test_resume_after_the_driver_is_killed_finishes_the_study_without_rerunning_
     # A kill often lands while Tune writes its state in place; make sure this run has a torn state file.
     state = max(rec.exp_dir.glob("experiment_state-*.json"))
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    assert (state_dir(rec.exp_dir) / STATE_BUNDLE).is_file()
+    assert (Path(state_dir(rec.exp_dir)) / STATE_BUNDLE).is_file()
 
     before = {t.number: t for t in rec.trials()}
     attempts_before = {r.data.tags[TAG_TRIAL_ID]: r.data.tags[TAG_ATTEMPTS] for r in rec.children()}

@@ -288,8 +288,9 @@ def test_reconcile_ends_runs_left_running_as_optuna_recorded_them(study_file, tm
 def test_a_torn_tune_state_is_restored_from_the_copies_kept_outside_tunes_folder(tmp_path):
     exp = tmp_path / "ray" / "tune"
     exp.mkdir(parents=True)
-    kept = state_dir(exp)
+    kept = Path(state_dir(exp))
     assert kept == tmp_path / "ray" / ".mannstudy" / "tune"  # beside Tune's folder, never inside what it copies
+    assert state_dir("s3://bucket/study/ray/tune") == "s3://bucket/study/ray/.mannstudy/tune"
     state, searcher = "experiment_state-2026-01-01_00-00-00.json", "searcher-state-2026-01-01_00-00-00.pkl"
     complete = {state: b'{"trial_data": []}', searcher: pickle.dumps({"trials": 3})}
     kept.mkdir(parents=True)
