@@ -25,9 +25,9 @@ NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
 def test_step_prints_the_floor_and_each_implementation():
-    out = run("step.py", "--quick", "--configs", "ntm", "--impl", "fast", "fast-torchopt", "--threads", "1")
+    out = run("step.py", "--quick", "--configs", "ntm", "--impl", "fused", "fused-torchopt", "--threads", "1")
     impls = [r[1] for r in rows(out, "ntm")]
-    assert impls == ["floor", "fast", "fast-torchopt"]
+    assert impls == ["floor", "fused", "fused-torchopt"]
     for r in rows(out, "ntm")[1:]:
         assert NUMBER.match(r[2]) and NUMBER.match(r[5]), r  # ms and ratio to the floor
 
