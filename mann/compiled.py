@@ -17,32 +17,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# bounded recompiles per step function: batch sizes of training and evaluation, memory sizes of the generalization
-# scales; beyond this dynamo falls back to running the step uncompiled (correct, slower) rather than compiling on
-CACHE_LIMIT = 32
+# Graphs per step function: one per batch size (training, the last evaluation batch) and memory size (the
+# generalization scales), and two per shape (the first step's state is not the compiled graph's output). Past the
+# limit dynamo runs the step uncompiled (correct, slower) rather than compiling on.
+RECOMPILE_LIMIT = 32
 
 
-def compile_step(model: nn.Module):
-    """``model.step`` compiled for its parameters' device: CUDA graphs on CUDA, inductor's default elsewhere."""
-    device = next(model.parameters()).device
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, CACHE_LIMIT)
-    return torch.compile(model.step, mode=mode, dynamic=False)
+def compile_step(model: nn.Module, cuda_graphs: bool):
+    """``model.step`` compiled by inductor, replayed as CUDA graphs if ``cuda_graphs``."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(model.step, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
 
 
-def forward_fn(model: nn.Module):
-    """``model.forward`` with its step compiled: (x [B, T, I], state=None, memory_size=None) -> logits [B, T, O]."""
-    step = compile_step(model)
-    cuda = next(model.parameters()).device.type == "cuda"
+def forward_fn(model: nn.Module, cuda_graphs: bool | None = None):
+    """``model.forward`` with its step compiled: (x [B, T, I], state=None, memory_size=None) -> logits [B, T, O].
+    ``cuda_graphs``: None: where the model's parameters are on CUDA."""
+    graphs = next(model.parameters()).device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    step = compile_step(model, graphs)
 
     def forward(x: Tensor, state=None, memory_size: int | None = None) -> Tensor:
-        if cuda:  # a new sequence: CUDA graph trees may reuse the previous one's output buffers from here on
+        if graphs:  # a new sequence: CUDA graph trees may reuse the previous one's output buffers from here on
             torch.compiler.cudagraph_mark_step_begin()
         if state is None:
             state = model.initial_state(x.shape[0], memory_size)
+        # time-major and contiguous: every x_t is [B, I] with strides (I, 1) whatever T is (x[:, t] of [B, T, I]
+        # would have strides (T I, 1), and static shapes guard on strides: a recompile per sequence length)
         ys = []
-        for t in range(x.shape[1]):
-            y, state = step(x[:, t], state)
+        for x_t in x.transpose(0, 1).contiguous().unbind(0):
+            y, state = step(x_t, state)
             ys.append(y)
         return torch.stack(ys, dim=1)
 

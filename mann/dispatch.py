@@ -132,7 +132,7 @@ def choose(model: nn.Module, impl: str | None = None) -> Choice:
         return Choice("fused", "asked for")
     if why is None:
         return Choice("fused", "auto: the fastest measured on CPU")
-    if "not declared" in why and why not in _warned:  # a config the fused path does not implement: say so once
+    if why == undeclared(model, FUSED_IMPLEMENTS) and why not in _warned:  # a config it does not implement: say so
         _warned.add(why)
         warnings.warn(f"mann.dispatch: the reference runs: the fused path does not implement this model ({why})",
                       RuntimeWarning, stacklevel=3)
