@@ -501,11 +501,10 @@ def space_from_search(search: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def study_space(runs: StudyRuns) -> dict[str, Any] | None:
-    """The search space of the study file, from the ``spec.json`` artifact of the study's parent run.
+def recorded_spec(runs: StudyRuns) -> dict[str, Any] | None:
+    """The study as the sweep recorded it: the ``spec.json`` artifact of the study's parent run, parsed.
 
-    None when the run has no such artifact or it holds no ``search`` mapping (a study recorded
-    without it); the caller then says the space was inferred.
+    None when the run has no such artifact (a study recorded without it) or the store cannot serve it.
     """
     import tempfile
 
@@ -513,8 +512,18 @@ def study_space(runs: StudyRuns) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(runs.parent.info.run_id, "spec.json", tmp)
-        except Exception:  # no artifact, or a store that cannot serve it: the space is then unknown
+        except Exception:  # no artifact, or a store that cannot serve it: the spec is then unknown
             return None
         spec = json.loads(Path(path).read_text())
+    return spec if isinstance(spec, dict) else None
+
+
+def study_space(runs: StudyRuns, spec: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The search space of the study file, from its recorded spec (``spec``, else :func:`recorded_spec`).
+
+    None when there is no recorded spec or it holds no ``search`` mapping; the caller then says the
+    space was inferred.
+    """
+    spec = spec if spec is not None else recorded_spec(runs)
     search = spec.get("search") if isinstance(spec, Mapping) else None
     return space_from_search(search) if isinstance(search, Mapping) else None

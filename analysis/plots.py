@@ -20,8 +20,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
-from analysis.sensitivity import Importance, Interaction, Marginal, SeedNoise
+from analysis.sensitivity import MODEL_PARAM, Importance, Interaction, Marginal, SeedNoise
 from analysis.stats import Survival
 
 STATUS_COLORS = {
@@ -179,9 +181,44 @@ def importance_figure(analyses: Sequence[Importance], seed_noise: SeedNoise | No
     return fig
 
 
+def readable_log_ticks(ax, axis: str = "x", min_gap: float = 0.2) -> None:
+    """A log axis labelled with a few plain numbers, minor ticks unlabelled: over less than a decade matplotlib
+    labels its minor ticks, and labels such as "6x10^-3" then run together.
+
+    Ticks: the roundest of 10^k, then {1, 2, 5} x 10^k, then {1, ..., 9} x 10^k inside the axis limits that
+    gives three ticks, each at least ``min_gap`` of the axis length from the one before.
+    """
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    if not (lo > 0 and hi > lo and np.isfinite(hi)):
+        return
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    gap = min_gap * math.log10(hi / lo)
+    ticks: list[float] = []
+    for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
+        spaced: list[float] = []
+        for t in sorted(float(f"{m}e{k}") for k in decades for m in mantissas):
+            if lo <= t <= hi and (not spaced or math.log10(t / spaced[-1]) >= gap):
+                spaced.append(t)
+        if len(spaced) > len(ticks):
+            ticks = spaced
+        if len(ticks) >= 3:
+            break
+    if len(ticks) < 2:  # a range too narrow for round numbers: its two ends, to two significant digits
+        ticks = [t for t in (float(f"{lo:.2g}"), float(f"{hi:.2g}")) if lo <= t <= hi] or [math.sqrt(lo * hi)]
+    which.set_major_locator(FixedLocator(ticks))
+    which.set_major_formatter(FixedFormatter([f"{t:.2g}" for t in ticks]))
+    which.set_minor_formatter(NullFormatter())
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
+
+
 def marginals_figure(marginals: Sequence[Marginal], metric: str = "error", max_params: int = 6,
                      ncols: int = 3) -> Figure:
-    """Objective against each hyperparameter: every trial as a dot, the binned median as a line (or per category)."""
+    """Objective against each hyperparameter, one colour per model: every trial as a dot and, per model, the
+    median of each bin (a line for a numeric parameter; a point with its interquartile whisker per choice).
+
+    Models are drawn apart: one line through the runs of several models would mix their different levels.
+    """
     if not all(isinstance(m, Marginal) for m in marginals):
         raise PlotError("marginals: expected a list of analysis.sensitivity.Marginal")
     shown = [m for m in marginals if not m.points.empty][:max_params]
@@ -191,27 +228,46 @@ def marginals_figure(marginals: Sequence[Marginal], metric: str = "error", max_p
         return fig
     ncols = min(ncols, len(shown))
     nrows = math.ceil(len(shown) / ncols)
-    fig = _figure(3.4 * ncols, 2.9 * nrows)
+    fig = _figure(3.6 * ncols, 3.0 * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, m in zip(axes, shown, strict=False):
+    panels = [m.points.assign(model=m.points["model"].astype(str) if "model" in m.points else "") for m in shown]
+    models = sorted({x for points in panels for x in points["model"]})
+    colors = dict(zip(models, sns.color_palette("colorblind", len(models)), strict=True))
+    rng = np.random.default_rng(0)
+    for ax, m, points in zip(axes, shown, panels, strict=False):
+        present = [x for x in models if (points["model"] == x).any()]
+        dodge = m.kind == "categorical" and m.param != MODEL_PARAM and len(present) > 1
+        for k, model in enumerate(present):
+            pts = points[points["model"] == model]
+            color = colors[model]
+            per_bin = pts.groupby("bin")["objective"].agg(
+                median="median", q25=lambda v: v.quantile(0.25), q75=lambda v: v.quantile(0.75))
+            if m.kind == "categorical":
+                offset = (k - (len(present) - 1) / 2) * 0.25 if dodge else 0.0
+                x = pts["bin"].to_numpy(dtype=float) + offset
+                ax.scatter(x + rng.uniform(-0.06, 0.06, len(x)), pts["objective"], s=12, alpha=0.45, color=color)
+                centre = per_bin.index.to_numpy(dtype=float) + offset
+                ax.errorbar(centre, per_bin["median"], yerr=[per_bin["median"] - per_bin["q25"],
+                                                             per_bin["q75"] - per_bin["median"]],
+                            fmt="o", color=color, markeredgecolor="black", capsize=3)
+            else:
+                ax.scatter(pts["value"].astype(float), pts["objective"], s=12, alpha=0.45, color=color)
+                centre = m.summary["centre"].to_numpy(dtype=float)[per_bin.index.to_numpy(dtype=int)]
+                ax.plot(centre, per_bin["median"], color=color, marker="o", markersize=3)
         if m.kind == "categorical":
-            x = m.points["bin"].to_numpy(dtype=float)
-            jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(x))
-            ax.scatter(x + jitter, m.points["objective"], s=10, alpha=0.5)
-            ax.errorbar(np.arange(len(m.summary)), m.summary["median"],
-                        yerr=[m.summary["median"] - m.summary["q25"], m.summary["q75"] - m.summary["median"]],
-                        fmt="o", color="black", capsize=3)
             ax.set_xticks(np.arange(len(m.summary)), m.summary["label"])
-        else:
-            ax.scatter(m.points["value"].astype(float), m.points["objective"], s=10, alpha=0.5)
-            ax.plot(m.summary["centre"], m.summary["median"], color="black", marker="o", markersize=3)
-            ax.fill_between(m.summary["centre"], m.summary["q25"], m.summary["q75"], color="black", alpha=0.1,
-                            linewidth=0)
-            if m.log:
-                ax.set_xscale("log")
-        ax.set(xlabel=m.param, ylabel=metric)
+            ax.set_xlim(-0.6, len(m.summary) - 0.4)
+        elif m.log:
+            ax.set_xscale("log")
+            readable_log_ticks(ax, "x")
+        ax.set(xlabel=m.param + (" (log scale)" if m.log else ""), ylabel=metric)
     for ax in axes[len(shown):]:
         ax.set_axis_off()
+    if models != [""]:
+        runs = pd.concat(panels)[["model", "config_id", "seed"]].drop_duplicates()["model"].value_counts()
+        handles = [Line2D([], [], color=colors[x], marker="o", label=f"{x} (n={runs[x]})") for x in models]
+        fig.legend(handles=handles, loc="outside upper center", ncols=len(models), fontsize="small",
+                   title="model: runs (dots) and median per bin (line)", title_fontsize="small")
     return fig
 
 

@@ -48,12 +48,14 @@ from analysis.load import (
     export,
     find_study_runs,
     load_optuna,
+    recorded_spec,
     study_space,
     tidy_from_runs,
 )
 from analysis.tidy import final_rows, params_of
 
 SECTIONS = (
+    ("paper", "Paper comparison"),  # only for a study whose file has a ``paper`` block
     ("overview", "Overview"),
     ("best", "Best configurations"),
     ("status", "Status breakdown"),
@@ -68,6 +70,31 @@ SECTIONS = (
 )
 DPI = 100
 
+# Table headers as a reader says them (the analysis functions' snake_case columns), units where they have one.
+COLUMN_NAMES = {
+    "label": "configuration",
+    "param": "parameter",
+    "kind": "kind",
+    "log": "log scale",
+    "n_runs": "runs (n)",
+    "n_used": "used by full-budget importance (n)",
+    "n_used_at_rung": "used at the common rung (n)",
+    "stopped_early": "stopped early",
+    "low": "low bound",
+    "high": "high bound",
+    "bounds": "range from",
+    "best_value": "best run's value",
+    "best_position": "best run's position (0 = low, 1 = high)",
+    "n_top": "top runs (n)",
+    "top_median_position": "top runs' median position (0 = low, 1 = high)",
+    "at_boundary": "at a bound",
+    "axis": "axis",
+    "scale": "length (x training difficulty)",
+    "noise": "input noise (flip prob. / std)",
+    "memory_factor": "memory (x trained slots)",
+    "p_holm": "p (Holm-adjusted)",
+}
+
 
 @dataclass
 class Section:
@@ -81,7 +108,10 @@ class Section:
         self.parts.append(("p", text))
 
     def table(self, frame: pd.DataFrame, max_rows: int = 30) -> None:
-        self.parts.append(("table", frame.head(max_rows), len(frame)))
+        """Add ``frame`` (index not shown) with readable headers: one header row, one name per column."""
+        shown = frame.head(max_rows).copy()
+        shown.columns = [COLUMN_NAMES.get(str(c), str(c)) for c in shown.columns]  # drops a columns' name too
+        self.parts.append(("table", shown, len(frame)))
 
     def figure(self, name: str, fig: Figure, alt: str) -> None:
         self.parts.append(("figure", name, _png(fig), alt))
@@ -99,6 +129,18 @@ def _fmt(value) -> str:
             return ""
         return f"{value:.4g}"
     return str(value)
+
+
+def html_table(frame: pd.DataFrame) -> str:
+    """An HTML table of ``frame`` (index not shown): one header row; numbers right-aligned, text left; no value
+    (None, NaN) an empty cell."""
+    def cell(value) -> str:
+        number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+        return f'<td class="num">{_fmt(value)}</td>' if number else f"<td>{html.escape(_fmt(value))}</td>"
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -123,9 +165,11 @@ _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; display: block; overflow-x: auto; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.table { overflow-x: auto; max-width: 100%; margin: 0.8em 0; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; }
+td { white-space: nowrap; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; vertical-align: bottom; min-width: 4em; max-width: 14em; }
 img { max-width: 100%; height: auto; display: block; margin: 0.8em 0; }
 .banner { background: #fff3cd; border: 1px solid #e0c36a; padding: 0.6em 1em; border-radius: 4px; }
 nav ol { columns: 2; } .muted { color: #666; font-size: 0.9em; }
@@ -147,9 +191,7 @@ def render_html(title: str, sections: Sequence[Section], banner: str | None, sub
                 out.append(f"<p>{html.escape(part[1])}</p>")
             elif part[0] == "table":
                 frame, total = part[1], part[2]
-                body = frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0,
-                                     escape=True)
-                out.append(body)
+                out.append(f'<div class="table">{html_table(frame)}</div>')  # a wide table scrolls in its own box
                 if total > len(frame):
                     out.append(f'<p class="muted">first {len(frame)} of {total} rows (all in tidy data)</p>')
             else:
@@ -198,6 +240,8 @@ class StudyContext:
     running: bool
     optuna_note: str | None = None  # why the Optuna record is not used, when it was asked for
     space: dict | None = None  # the search space as Optuna distributions: the study file's, else Optuna's
+    spec: dict | None = None  # the study as recorded (spec.json), when the record has it
+    paper: dict | None = None  # a replication's ``paper`` block (analysis/paper.py): the study file's, else spec's
 
     @property
     def search(self) -> pd.DataFrame:
@@ -266,15 +310,100 @@ def _interval(value: float, lo: float, hi: float, why: str | None = None, digits
     """"v [lo, hi]"; "v (interval not estimated: ...)" when ``why``; "" for no value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return why or ""
+    def num(x: float) -> str:  # a count of steps as the integer it is (1500, not 1.5e+03)
+        return "inf" if x == math.inf else str(int(x)) if float(x).is_integer() and abs(x) < 1e9 else f"{x:.{digits}g}"
+
     if value == math.inf:
-        return "not reached" + (f" [{lo:.{digits}g}, inf]" if math.isfinite(lo) else "")
+        return "not reached" + (f" [{num(lo)}, inf]" if math.isfinite(lo) else "")
     if why:
-        return f"{value:.{digits}g} (interval {why})"
-    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+        return f"{num(value)} (interval {why})"
+    return f"{num(value)} [{num(lo)}, {num(hi)}]"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Sections
+
+
+_OUTCOME_TEXT = {
+    "steps": ("steps to convergence", "ratio of median steps, {arm} / {against}"),
+    "success": ("runs converged within the budget", "difference of rates, {arm} - {against}"),
+}
+
+
+def _outcome_text(outcome: str) -> tuple[str, str]:
+    if outcome in _OUTCOME_TEXT:
+        return _OUTCOME_TEXT[outcome]
+    return (outcome.replace("_", " "), "Cliff's delta of " + outcome.replace("_", " ") + ", {arm} vs {against}")
+
+
+def study_cost(ctx: StudyContext) -> dict[str, float]:
+    """Trials, training steps, the sweep's wall time (hours) and the trials' CPU core-hours.
+
+    Wall: the study run's start to its end (to now while it runs). Core-hours: each trial run's wall
+    time times the CPUs it held (the study's ``resources.cpu``), summed: what a cluster would bill.
+    """
+    import time
+
+    cpu = float(((ctx.spec or {}).get("resources") or {}).get("cpu") or 1.0)
+    info = ctx.runs.parent.info
+    end = info.end_time or time.time() * 1000
+    trial_s = sum(((r.info.end_time or end) - r.info.start_time) / 1000 for r in ctx.runs.trials if r.info.start_time)
+    steps = float(final_rows(ctx.df)["step"].sum()) if len(ctx.df) else 0.0
+    return {"trials": len(ctx.runs.trials), "steps": steps, "wall_hours": (end - info.start_time) / 3.6e6,
+            "core_hours": cpu * trial_s / 3600}
+
+
+def paper_section(ctx: StudyContext) -> Section:
+    from analysis.paper import arm_summary, compare_claims, paper_verdict, survival_by_arm
+
+    paper = ctx.paper or {}
+    s = Section("paper", "Paper comparison")
+    verdicts = compare_claims(ctx.df, paper)
+    s.text(f"{paper.get('cite', '')}. Verdict: **{paper_verdict(verdicts)}**" + (
+        " (the study is still running: a provisional verdict)." if ctx.running else "."))
+    rows = []
+    for v in verdicts:
+        what, scale = _outcome_text(v.outcome)
+        claim = next((c for c in paper.get("claims", ()) if c["claim"] == v.claim), {})
+        ours = _interval(v.estimate, v.lo, v.hi) if math.isfinite(v.estimate) else "not estimated"
+        rows.append({"claim": v.claim, "paper": claim.get("reported", ""),
+                     "expected": "" if v.expected is None else f"{v.expected:g}",
+                     "ours": f"{ours}: {scale.format(arm=v.arm, against=v.against)} ({what}; n = {v.n_arm} and "
+                             f"{v.n_against})",
+                     "p (Holm)": _fmt(v.p_holm), "verdict": v.verdict, "because": v.why})
+    s.table(pd.DataFrame(rows))
+    s.text("How to read it: a claim is reproduced when our difference is significant in the paper's direction "
+           "(Holm-adjusted p < 0.05 over the claims) and the paper's figure, where it gives one, lies inside our "
+           "95% interval; partly reproduced when the direction holds but the size does not; inconclusive when "
+           "the direction holds without significance at this n; not reproduced otherwise. Steps to convergence: "
+           "the first of the consecutive evaluations at or below the study's stop_at_error; a run that never "
+           "converged is censored at its last step (Kaplan-Meier, log-rank test, ratio of medians with a "
+           "bootstrap interval). The arm a claim is set against is the best of those it names.")
+    batch = ((ctx.spec or {}).get("fixed") or {}).get("batch_size")
+    summary = arm_summary(ctx.df, paper)
+    shown = pd.DataFrame({
+        "arm": summary["arm"], "runs": summary["runs"],
+        "converged [95% CI of the rate]": [
+            f"{int(k)}/{n} [{lo:.2f}, {hi:.2f}]" if n else "no runs"
+            for k, n, lo, hi in zip(summary["converged"].fillna(0), summary["runs"], summary["rate lo"],
+                                    summary["rate hi"], strict=True)],
+        "median steps to convergence [95% CI]": [
+            _interval(m, lo, hi) if n else "" for m, lo, hi, n in zip(
+                summary["median steps"], summary["steps lo"], summary["steps hi"], summary["runs"], strict=True)],
+    })
+    if batch:
+        shown[f"median sequences (x {int(batch)})"] = [
+            f"{m * int(batch):,.0f}" if math.isfinite(m) else "not reached" if n else ""
+            for m, n in zip(summary["median steps"].fillna(math.inf), summary["runs"], strict=True)]
+    s.table(shown)
+    curves = survival_by_arm(ctx.df, paper)
+    if curves:
+        s.figure("paper_convergence", plots.survival_figure(curves, ctx.name, "training steps"),
+                 "steps to convergence per arm: Kaplan-Meier curves with 95% bands")
+    cost = study_cost(ctx)
+    s.text(f"Cost: {cost['trials']} trials, {cost['steps']:,.0f} training steps, {cost['wall_hours']:.2f} h wall, "
+           f"{cost['core_hours']:.2f} CPU core-hours (trial wall time x CPUs per trial).")
+    return s
 
 
 def overview_section(ctx: StudyContext) -> Section:
@@ -300,9 +429,40 @@ def overview_section(ctx: StudyContext) -> Section:
         s.text(f"Optuna record: {states or 'no trials'}.")
     elif ctx.optuna_note:
         s.text(f"Optuna record not used ({ctx.optuna_note}).")
-    s.text(f"MLflow: {ctx.runs.tracking_uri}, study run {ctx.runs.parent.info.run_id}. "
-           f"Results folder: {ctx.results_dir or 'unknown (generalization needs it)'}.")
+    where = (f"Results folder: {Path(ctx.results_dir).name}/ (paths below are relative to it). "
+             if ctx.results_dir else "Results folder: unknown (generalization needs it). ")
+    s.text(where + f"MLflow: {shown_location(ctx.runs.tracking_uri, ctx.results_dir)}, study run "
+           f"{ctx.runs.parent.info.run_id}.")
     return s
+
+
+def shown_location(uri_or_path: str, results_dir: str | None) -> str:
+    """A tracking URI or path as the report prints it: relative to the results folder, never the absolute path of
+    the machine the report was made on. A SQLite file elsewhere shows its name; a server's URI, its password
+    masked."""
+    from study.redact import redact
+
+    text = str(uri_or_path)
+    path = text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text if "://" not in text else None
+    if path is None:
+        return redact(text)
+    scheme = "sqlite: " if text.startswith("sqlite:///") else ""
+    if results_dir and "://" not in results_dir:
+        try:
+            return scheme + Path(os.path.abspath(path)).relative_to(os.path.abspath(results_dir)).as_posix()
+        except ValueError:
+            pass
+    return scheme + Path(path).name + (" (outside the results folder)" if results_dir else "")
+
+
+def relative_paths(text: str, results_dir: str | None) -> str:
+    """``text`` with the results folder's absolute path (as given and as resolved) cut from every path in it."""
+    if not results_dir or "://" in results_dir:
+        return text
+    for root in dict.fromkeys((os.path.abspath(results_dir), str(Path(results_dir).resolve()))):
+        text = text.replace("sqlite:///" + root + os.sep, "sqlite: ").replace(root + os.sep, "")
+        text = text.replace(root, "the results folder")
+    return text
 
 
 def best_section(ctx: StudyContext) -> Section:
@@ -323,7 +483,8 @@ def best_section(ctx: StudyContext) -> Section:
     table = pd.DataFrame({
         "config": ranked["label"], "model": ranked["model"], "judged on": ranked["source"],
         "runs (n)": ranked["runs"], f"median {metric_label(ctx, ctx.metric, 'final')}": ranked["median"],
-        f"mean final {ctx.metric}": ranked["mean"], "success rate (fraction)": ranked["success_rate"],
+        f"mean {metric_label(ctx, ctx.metric, 'final')}": ranked["mean"],
+        "success rate (fraction)": ranked["success_rate"],
         "params": [_params_text(finals.loc[c]) for c in ranked["config_id"]],
     })
     best = table[ranked["rank"] == 0]
@@ -432,15 +593,17 @@ def arms_section(ctx: StudyContext) -> Section:
            "(P(a > b) - P(a < b); negative: arm a has lower errors) with its interval and the Mann-Whitney test; "
            "a diverged run ranks worst, a stopped one has no final error. Steps to target: ratio of the "
            "Kaplan-Meier medians and the log-rank test. All p-values of one table form one family, Holm-adjusted "
-           "(p_holm).")
+           "(p Holm-adjusted).")
     for column, what in arms:
         summary = seed_stability(runs, ctx.target, "error", by=(column,))
         s.text(f"Per {what}:")
         s.table(_stability_table(ctx, summary, column))
         table = compare_arms(runs, ctx.target, column, "error")
         if len(table):
-            shown = table.rename(columns={"arm_a": f"{what} a", "arm_b": f"{what} b", "n_a": "n a", "n_b": "n b",
-                                          "estimate": "estimate (a vs b)", "why": "not estimated"})
+            shown = table.rename(columns={"arm_a": f"{what} a", "arm_b": f"{what} b", "n_a": "runs a (n)",
+                                          "n_b": "runs b (n)", "estimate": "estimate (a vs b)",
+                                          "lo": "95% CI lo", "hi": "95% CI hi", "why": "not estimated"})
+            shown.insert(3, "estimate is", shown["outcome"].map(ESTIMATES).fillna(""))
             s.table(shown, max_rows=60)
             found = table[table["p_holm"] < 0.05]
             s.text(f"{len(found)} of {int(table['p'].notna().sum())} comparisons differ at Holm-adjusted p < 0.05"
@@ -450,6 +613,14 @@ def arms_section(ctx: StudyContext) -> Section:
             s.figure("time_to_target", plots.survival_figure(survival_curves(runs, ctx.target, column), ctx.name),
                      "time to target per model: Kaplan-Meier curves with 95% bands")
     return s
+
+
+# What compare_arms' estimate measures, per outcome (its unit).
+ESTIMATES = {
+    "success rate": "difference of rates a - b (fraction)",
+    "final error": "Cliff's delta (-1 to 1; < 0: a lower)",
+    "steps to target": "ratio of median steps a / b",
+}
 
 
 @dataclass
@@ -534,7 +705,7 @@ def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         if imp.estimated and len(imp.table):
             table = imp.table.reset_index().rename(columns={
                 "n": "trials with it (n)", "importance": "importance (fraction of variance)",
-                "importance_lo": "lo", "importance_hi": "hi", "above_noise": "above noise",
+                "importance_lo": "95% CI lo", "importance_hi": "95% CI hi", "above_noise": "above noise",
                 "fanova": "fANOVA (share)", "ped_anova": "PED-ANOVA (share)", "rank_corr": "rank corr.",
                 "abs_rank_corr": "|rank corr.|"})
             table.insert(0, "trials", imp.basis)
@@ -556,8 +727,10 @@ def marginals_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
     if not shown:
         s.text("Not drawn: no used trial has a searched hyperparameter.")
         return s
-    s.text(f"Final {ctx.metric} against each hyperparameter (most important first): every used run as a dot, "
-           "the binned median as a line.")
+    s.text(f"{metric_label(ctx, ctx.metric, 'final').capitalize()} against each hyperparameter (most important "
+           "first), one colour per model: every full-budget run as a dot; per model, the median of the runs in each "
+           "bin of the parameter's range as a line (a point with its interquartile whisker per choice). Models are "
+           "drawn apart: their levels differ, and one line through both would follow the mix of models in each bin.")
     s.figure("marginals", plots.marginals_figure(sens.result.marginals, metric_label(ctx, ctx.metric, "final")),
              "objective per hyperparameter")
     return s
@@ -574,13 +747,21 @@ def interaction_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
                "two with a positive importance).")
         return s
     a, b = table.params
-    s.text(f"Median final {ctx.metric} over bins of the two most important hyperparameters, {a} and {b} "
-           "(empty cells: no run).")
-    s.figure("interaction", plots.interaction_figure(table, metric_label(ctx, ctx.metric, "final")), f"{a} x {b}")
-    counts = table.count.reset_index()
-    counts.columns = [str(c) for c in counts.columns]
-    s.table(counts)
+    label = metric_label(ctx, ctx.metric, "final")
+    s.text(f"Median {label} over bins of the two most important hyperparameters, {a} (rows) and {b} (columns); "
+           "each bin is labelled by its centre. Empty cells: no run.")
+    s.figure("interaction", plots.interaction_figure(table, label), f"{a} x {b}")
+    s.text(f"The same cells as numbers: median {label} (runs in the cell).")
+    s.table(interaction_table(table))
     return s
+
+
+def interaction_table(table) -> pd.DataFrame:
+    """An Interaction as a table of "median (n=count)" cells: rows the bins of params[0], columns params[1]'s."""
+    a, b = table.params
+    cells = {str(col): [f"{_fmt(m)} (n={int(n)})" if n else "" for m, n in
+                        zip(table.median[col], table.count[col], strict=True)] for col in table.median.columns}
+    return pd.DataFrame({f"{a} \\ {b}": [str(i) for i in table.median.index], **cells})
 
 
 def boundary_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
@@ -631,6 +812,7 @@ def generalization_figure(table: pd.DataFrame, target: float | None = None, unit
         if axis == "noise" and rows["noise_floor"].notna().any():
             floor = rows.groupby(x)["noise_floor"].median()
             ax.plot(floor.index, floor.to_numpy(), color="grey", linestyle=":", label="noise floor (copying the noise)")
+            ax.legend(handles=ax.get_lines()[-1:], fontsize="small")
         if target is not None:
             ax.axhline(target, color="black", linestyle="--", linewidth=1)
         ax.set(xlabel=label, ylabel=f"error ({unit})" if unit else "error")
@@ -646,7 +828,7 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
 
     s = Section("generalization", "Generalization")
     if not ctx.results_dir or not Path(ctx.results_dir).is_dir():
-        where = f" ({ctx.results_dir} does not exist here)" if ctx.results_dir else ""
+        where = " (the folder recorded with the study is not on this machine)" if ctx.results_dir else ""
         s.text(f"Not evaluated: the results folder with the trials' checkpoints is not available{where}; "
                "pass --results-dir.")
         return s
@@ -673,15 +855,22 @@ def generalization_section(ctx: StudyContext, **kwargs) -> Section:
         s.text("No completed run to evaluate for: " + ", ".join(absent) + ".")
     s.figure("generalization", generalization_figure(result.table, ctx.target, metric_unit("error", ctx.task)),
              "error against length, noise, memory")
-    summary = result.table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"],
-                                       values=["error", "noise_floor"], aggfunc="median", dropna=False).reset_index()
     unit = metric_unit("error", ctx.task)
     s.text(f"Error in {unit}, median over the evaluated seeds. Input noise: noise floor = the error that copying "
            "the noise would give (flip probability x scored bits per sequence), beside the model's error; a model "
            "at its floor reproduces its corrupted input faithfully. Gaussian noise (class tasks) has no such floor.")
+    summary = generalization_summary(result.table)
     summary = summary.rename(columns={"error": f"median error ({unit})", "noise_floor": f"noise floor ({unit})"})
     s.table(summary, max_rows=60)
     return s
+
+
+def generalization_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model and evaluated condition (axis, scale, noise, memory factor): the median error and noise floor
+    over seeds. Only the conditions evaluated: not every combination of the values the three axes took."""
+    summary = table.pivot_table(index=["model", "axis", "scale", "noise", "memory_factor"],
+                                values=["error", "noise_floor"], aggfunc="median", dropna=False).reset_index()
+    return summary[summary["error"].notna()].reset_index(drop=True)
 
 
 def replication_figure(rep: pd.DataFrame, search_best: dict[str, float], metric: str, target: float,
@@ -779,6 +968,14 @@ def replication_section(ctx: StudyContext) -> Section:
 # Entry points
 
 
+def _relative_cells(frame: pd.DataFrame, results_dir: str | None) -> pd.DataFrame:
+    out = frame.copy()
+    for i in range(out.shape[1]):
+        if pd.api.types.is_object_dtype(out.iloc[:, i]):
+            out.iloc[:, i] = [relative_paths(v, results_dir) if isinstance(v, str) else v for v in out.iloc[:, i]]
+    return out
+
+
 def _guarded(key: str, title: str, make) -> Section:
     """The section, or one that says why it could not be made: one broken analysis must not sink the report."""
     try:
@@ -790,8 +987,9 @@ def _guarded(key: str, title: str, make) -> Section:
 
 
 def build_context(tracking_uri: str, study_name: str, optuna_storage: str | None = None,
-                  results_dir: str | os.PathLike | None = None) -> StudyContext:
-    """Load the study (MLflow runs, Optuna record when given) and the facts every section needs."""
+                  results_dir: str | os.PathLike | None = None, paper: dict | None = None) -> StudyContext:
+    """Load the study (MLflow runs, Optuna record when given) and the facts every section needs; ``paper``
+    (a study file's ``paper`` block) overrides the recorded one."""
     runs = find_study_runs(tracking_uri, study_name, include_replications=True)
     optuna_info, optuna_note = None, None
     if optuna_storage:
@@ -808,9 +1006,11 @@ def build_context(tracking_uri: str, study_name: str, optuna_storage: str | None
         df["error"] = np.nan
     results = results_dir if results_dir is not None else runs.parent.data.tags.get("mannstudy.results_dir")
     running = runs.running or bool(optuna_info and optuna_info.running) or bool((df["status"] == "running").any())
-    space = study_space(runs) or (dict(optuna_info.distributions) if optuna_info else None)
+    spec = recorded_spec(runs)
+    space = study_space(runs, spec) or (dict(optuna_info.distributions) if optuna_info else None)
     return StudyContext(study_name, df, runs, optuna_info, metric, "minimize" if mode == "min" else "maximize",
-                        str(results) if results else None, running, optuna_note, space)
+                        str(results) if results else None, running, optuna_note, space, spec,
+                        paper if paper is not None else (spec or {}).get("paper"))
 
 
 def make_report(
@@ -821,6 +1021,7 @@ def make_report(
     results_dir: str | os.PathLike | None = None,
     log_artifacts: bool = True,
     generalization: dict | None = None,
+    paper: dict | None = None,
 ) -> dict[str, Path]:
     """Write the report of ``study_name`` into ``out_dir``; return ``{"html", "markdown", "parquet", "csv",
     "figures"}`` paths. ``results_dir`` (default: the study run's ``mannstudy.results_dir`` tag) holds the
@@ -828,12 +1029,13 @@ def make_report(
     :func:`analysis.generalization.evaluate_study` (scales, noises, memory_factors, max_seeds, device, ...).
     With ``log_artifacts`` the files are also logged to the study's MLflow parent run under ``report/``.
     """
-    ctx = build_context(tracking_uri, study_name, optuna_storage, results_dir)
+    ctx = build_context(tracking_uri, study_name, optuna_storage, results_dir, paper)
     out = Path(out_dir)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     sens = _sensitivity(ctx)
     makers = {
+        "paper": lambda: paper_section(ctx),
         "overview": lambda: overview_section(ctx),
         "best": lambda: best_section(ctx),
         "status": lambda: status_section(ctx),
@@ -846,14 +1048,18 @@ def make_report(
         "generalization": lambda: generalization_section(ctx, **(generalization or {})),
         "replication": lambda: replication_section(ctx),
     }
-    sections = [_guarded(key, title, makers[key]) for key, title in SECTIONS]
+    sections = [_guarded(key, title, makers[key]) for key, title in SECTIONS if key != "paper" or ctx.paper]
     banner = None
     if ctx.running:
         n_running = int((final_rows(ctx.df)["status"] == "running").sum()) if len(ctx.df) else 0
         banner = (f"Study {study_name} is still running ({n_running} runs in progress): this report covers the "
                   "runs finished so far; running runs are counted, not analysed.")
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    subtitle = f"mannstudy report, generated {stamp} from {tracking_uri}"
+    subtitle = f"mannstudy report, generated {stamp} from {shown_location(tracking_uri, ctx.results_dir)}"
+    for s in sections:  # error messages and the like may quote a path: relative to the results folder too
+        s.parts = [("p", relative_paths(part[1], ctx.results_dir)) if part[0] == "p" else
+                   ("table", _relative_cells(part[1], ctx.results_dir), part[2]) if part[0] == "table" else part
+                   for part in s.parts]
     title = f"Study {study_name}"
 
     for s in sections:
@@ -900,6 +1106,15 @@ def _locate(study_file_or_name: str, results_dir: str | None) -> tuple[str, str,
     return uri, name, storage, str(root)
 
 
+def _study_file_paper(study_file_or_name: str) -> dict | None:
+    """The ``paper`` block of the study file, when a study file was named (it wins over the recorded one: a
+    paper block added to the file after the sweep started still reaches the report)."""
+    from study.spec import load_spec
+
+    path = Path(study_file_or_name)
+    return load_spec(path).paper if path.is_file() else None
+
+
 def _existing(storage: str) -> str | None:
     """The Optuna storage URL, or None for a SQLite file that does not exist (opening it would create one)."""
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
@@ -913,7 +1128,7 @@ def cli_report(study_file_or_name: str, results_dir: str | None = None, out: str
     try:
         uri, name, storage, results = _locate(study_file_or_name, results_dir)
         out_dir = Path(out) if out else Path(results) / "report"
-        paths = make_report(uri, name, out_dir, storage, results)
+        paths = make_report(uri, name, out_dir, storage, results, paper=_study_file_paper(study_file_or_name))
     except LoadError as err:
         print(f"mannstudy: {err}", file=sys.stderr)
         return 2

@@ -593,7 +593,8 @@ def _label(value) -> str:
 class Marginal:
     """One hyperparameter against the objective.
 
-    points: every used trial (``value``, ``objective``, ``bin`` (row of summary), ``config_id``, ``seed``);
+    points: every used trial (``value``, ``objective``, ``bin`` (row of summary), ``config_id``, ``seed``,
+    ``model``: the figure draws each model apart);
     summary: per bin (per value for categorical / few distinct values): ``label``, ``centre``
     (NaN for categorical), ``n``, ``median``, ``q25``, ``q75`` of the objective.
     """
@@ -619,7 +620,8 @@ def marginals(
         rows = used[used[column].notna()]
         points = pd.DataFrame(
             {"value": rows[column].to_numpy(), "objective": rows[metric].to_numpy(dtype=float),
-             "config_id": rows["config_id"].to_numpy(), "seed": rows["seed"].to_numpy()}
+             "config_id": rows["config_id"].to_numpy(), "seed": rows["seed"].to_numpy(),
+             "model": rows["model"].to_numpy() if "model" in rows else np.full(len(rows), "")}
         )
         index, labels, centres = _bins(rows[column], dist, n_bins)
         points.insert(2, "bin", index.to_numpy(dtype=int))

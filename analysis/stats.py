@@ -406,17 +406,23 @@ def logrank(times1, reached1, times2, reached2) -> float:
     Returns NaN when no run in either arm reached the target (no event, nothing to test);
     :func:`holm` passes NaN through. Raises NotEstimated when an arm is empty.
     """
+    return logrank_test(times1, reached1, times2, reached2)[1]
+
+
+def logrank_test(times1, reached1, times2, reached2) -> tuple[float, float]:
+    """(z, p) of the log-rank test: z > 0 when arm 1 reaches the target sooner than arm 2 would under no
+    difference (more events than expected), p two-sided as :func:`logrank`. (NaN, NaN) without events."""
     t1, r1 = _as_survival(times1, reached1, "logrank arm 1")
     t2, r2 = _as_survival(times2, reached2, "logrank arm 2")
     require(len(t1), MIN_RUNS, "runs in arm 1")
     require(len(t2), MIN_RUNS, "runs in arm 2")
     if not (r1.any() or r2.any()):
-        return math.nan
+        return math.nan, math.nan
     res = stats.logrank(
         stats.CensoredData(uncensored=t1[r1], right=t1[~r1]),
         stats.CensoredData(uncensored=t2[r2], right=t2[~r2]),
     )
-    return float(res.pvalue)
+    return float(res.statistic), float(res.pvalue)
 
 
 # ----------------------------------------------------------------------------- multiplicity

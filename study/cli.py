@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow logs its database set-up at INFO on stderr (read when mlflow is imported, here and in every trial
     # process); its warnings and errors still show. A value the user set wins.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Nor does its progress bar for each artifact read (the report reads the study's spec.json).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         args = build_parser().parse_args(argv)
         return _commands[args.command].run(args)

@@ -157,6 +157,9 @@ class StudySpec:
     results_dir: str = ""  # absolute path, or a URI (s3://...) for shared storage on a cluster
     tracking_uri: str = ""  # MLflow; default sqlite:///<results_dir>/mlflow.db
     storage: str = ""  # Optuna (SQLAlchemy URL); default sqlite:///<results_dir>/optuna.db
+    # A replication's published claims (cite, arms, claims), as the file wrote them once validated; the
+    # report sets them against the runs (analysis/paper.py documents the block). None: not a replication.
+    paper: Mapping[str, Any] | None = None
 
     def parameter_keys(self, model: str) -> list[str]:
         """The searched keys that apply to ``model``."""
@@ -482,7 +485,8 @@ class _Reader:
     # ---- top level
 
     TOP = {"name", "description", "models", "task", "fixed", "model_fixed", "search", "objective", "budget",
-           "seeds", "sampler", "search_seed", "resources", "concurrency", "tracking_uri", "storage", "results_dir"}
+           "seeds", "sampler", "search_seed", "resources", "concurrency", "tracking_uri", "storage", "results_dir",
+           "paper"}
 
     def spec(self, data: Any) -> StudySpec:
         if data is None:
@@ -522,9 +526,63 @@ class _Reader:
             results_dir=results_dir,
             tracking_uri=self.uri(data, "tracking_uri", TRACKING_ENV, results_dir, remote, "mlflow.db", defaults),
             storage=self.uri(data, "storage", STORAGE_ENV, results_dir, remote, "optuna.db", defaults),
+            paper=self.paper(data["paper"], models, search) if data.get("paper") is not None else None,
         )
         self.check_configs(spec)
         return spec
+
+    def paper(self, value: Any, models: tuple[str, ...], search: tuple[Param, ...]) -> dict[str, Any]:
+        """The ``paper`` block: ``cite``, named ``arms`` (selectors on ``model`` and searched keys), ``claims``."""
+        raw = self.mapping(value, "paper", {"cite", "arms", "claims"}, ("cite", "arms", "claims"))
+        cite = self.coerce(raw["cite"], str, "paper.cite")
+        arms = self.mapping(raw["arms"], "paper.arms", set(raw["arms"]) if isinstance(raw["arms"], dict) else set(),
+                            what="a mapping of arm names to selectors, e.g. {ntm: {model: ntm}}")
+        if len(arms) < 2:
+            self.fail("paper.arms", "at least two named arms", arms)
+        searched = {p.key: p for p in search}
+        for name, selector in arms.items():
+            where = f"paper.arms.{name}"
+            if not isinstance(name, str):
+                self.fail(where, "an arm name", name)
+            selector = self.mapping(selector, where, {"model", *searched},
+                                    what="a mapping of model / searched keys to values, e.g. {model: ntm}")
+            if not selector:
+                self.fail(where, "at least one key (model or a searched key)", selector)
+            for key, want in selector.items():
+                if key == "model" and want not in models:
+                    self.fail(f"{where}.model", "one of the study's models (" + ", ".join(models) + ")", want)
+                if key in searched and searched[key].choices is not None and want not in searched[key].choices:
+                    self.fail(f"{where}.{key}", "one of search." + key + "'s choices", want)
+        claims = raw["claims"]
+        if not isinstance(claims, list) or not claims:
+            self.fail("paper.claims", "a non-empty list of claims", claims)
+        checked = []
+        for i, claim in enumerate(claims):
+            where = f"paper.claims[{i}]"
+            claim = self.mapping(claim, where, {"claim", "reported", "outcome", "arm", "against", "expected"},
+                                 ("claim", "outcome", "arm", "against"))
+            outcome = self.coerce(claim["outcome"], str, f"{where}.outcome")
+            final = outcome.startswith("final_") and _METRIC.match(outcome[len("final_"):])
+            if outcome not in ("steps", "success") and not final:
+                self.fail(f"{where}.outcome", "steps, success or final_<metric> (e.g. final_gen2x_error)", outcome)
+            if outcome.startswith("final_") and outcome.endswith("accuracy"):
+                self.fail(f"{where}.outcome", "a lower-is-better metric (error, cost_bits)", outcome)
+            arm = claim["arm"]
+            if arm not in arms:
+                self.fail(f"{where}.arm", "a name in paper.arms (" + ", ".join(arms) + ")", arm)
+            against = self.names(claim["against"], f"{where}.against", "a non-empty list of arm names")
+            for other in against:
+                if other not in arms or other == arm:
+                    self.fail(f"{where}.against", f"names in paper.arms other than {arm}", other)
+            expected = claim.get("expected")
+            if expected is not None:
+                expected = self.coerce(expected, float, f"{where}.expected")
+                if not math.isfinite(expected):
+                    self.fail(f"{where}.expected", "a finite number (the paper's figure on our scale)", expected)
+            checked.append({"claim": self.coerce(claim["claim"], str, f"{where}.claim"),
+                            "reported": self.coerce(claim.get("reported", ""), str, f"{where}.reported"),
+                            "outcome": outcome, "arm": arm, "against": list(against), "expected": expected})
+        return {"cite": cite, "arms": {k: dict(v) for k, v in arms.items()}, "claims": checked}
 
     def models(self, value: Any) -> tuple[str, ...]:
         from mann.registry import MODELS

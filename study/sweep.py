@@ -342,6 +342,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
                                   env=env, start_new_session=True)
         _reaper.update(process=reaper, mark=mark)
         os.environ[REAPER_MARK] = mark
+        # Ray turns on token authentication for a new local instance and says so in a WARNING line each time:
+        # the setting stays as Ray chooses it, the line stays out of the terminal.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
     else:

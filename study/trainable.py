@@ -18,7 +18,7 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 - Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray ends the
   training thread with ``SystemExit``. The trial is recorded ``stopped_early`` at its last reported
   step and the thread ends at once, with no final evaluation (Ray reuses the worker for the next trial
-  only once this thread has ended); the analysis censors it at that step.
+  only once this thread has ended: see ``THREAD_END_TIMEOUT_S``); the analysis censors it at that step.
 - any exception: ``failed`` with the message, then re-raised so Tune's FailureConfig retries it.
 
 A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
@@ -152,6 +152,19 @@ def hide_gpus(gpus: float) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+# How long Ray waits for a stopped trial's thread to end before it gives its worker to the next trial
+# (``reuse_actors``). Ray's own default, 2 s, is shorter than recording the end: the thread still flushes the
+# trial's metrics and writes its status to MLflow, each retried for up to ``TrialTracker.retry_timeout_s`` (60 s)
+# and, on a loaded machine with SQLite, often longer than 2 s. Past the wait, Ray logs "Could not re-use actor
+# ... reset_config()" as an ERROR and errors the next trial, which Tune then retries on a new worker.
+THREAD_END_TIMEOUT_S = 150
+
+
+def _wait_for_thread_end() -> None:
+    """Ray reads ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` in this worker process at each reuse (a user's value stays)."""
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(THREAD_END_TIMEOUT_S))
+
+
 _process_prepared = False  # set by the first trial a worker process runs (reuse_actors: later trials share it)
 
 
@@ -184,6 +197,7 @@ def _prepare_process(tracking_uri: str) -> None:
 def run_trial(config: dict, context: TrialContext) -> None:
     """Tune function trainable. ``config``: the define-by-run parameters (``model``, ``seed``, searched keys)."""
     hide_gpus(context.spec.resources.gpu)
+    _wait_for_thread_end()
     _prepare_process(context.tracking_uri)
     import ray
     import torch

@@ -95,6 +95,15 @@ def test_each_study_file_runs_end_to_end_cut_to_a_few_steps(name, ray_cluster, m
         assert float(params["stop_at_error"]) > 0  # the convergence stop is on
         assert "final_error" in metrics and "converged_step" not in metrics  # four steps converge nothing
     assert seen == arms
+    if name == "csordas2019_recall_small":  # the report opens with the paper comparison: each arm found (arms
+        # told apart by model and by a parameter some models lack), none converged; one study suffices
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli_main(["report", str(path), "--out", str(tmp_path / "report")]) == 0
+        summary_md = (tmp_path / "report" / "summary.md").read_text()
+        assert summary_md.index("## Paper comparison") < summary_md.index("## Overview")
+        assert "Verdict: **not estimated**" in summary_md
+        arms_named = yaml.safe_load(path.read_text())["paper"]["arms"]
+        assert all(f"| {arm} | 1 | 0/1" in summary_md for arm in arms_named)
 
 
 def test_study_cost_prices_every_arm_and_adds_them_up():

@@ -9,6 +9,7 @@ import contextlib
 import html.parser
 import io
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,24 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from PIL import Image
 
 from analysis.load import load_study
-from analysis.report import SECTIONS, cli_report, make_report, markdown_table
+from analysis.plots import marginals_figure
+from analysis.report import (
+    ESTIMATES,
+    SECTIONS,
+    _interval,
+    cli_report,
+    generalization_summary,
+    interaction_table,
+    make_report,
+    markdown_table,
+    relative_paths,
+    shown_location,
+)
+from analysis.sensitivity import interaction, marginals
 from mann.train import config_to_flat_dict, make_train_config
 from study.replicate import (
     ReplicationError,
@@ -199,7 +214,7 @@ def test_report_has_every_section_real_figures_and_its_data(recorded, report):
     assert "median final error (wrong bits per sequence) [95% CI]" in words and "ended runs (n)" in words
     assert "not estimated: 2 runs, needs at least 6" in words  # two seeds per configuration: no median interval
     # arms: ntm vs lstm on the search runs, one Holm family, Kaplan-Meier figure
-    assert "Arms compared pairwise on the search runs (20 runs)" in words and "p_holm" in words
+    assert "Arms compared pairwise on the search runs (20 runs)" in words and "p (Holm-adjusted)" in words
     # the figures of the sections that have data
     names = {p.stem for p in report["figures"].glob("*.png")}
     assert {"status", "success_rate", "learning_curves", "importance", "marginals", "time_to_target"} <= names
@@ -263,6 +278,152 @@ def test_cli_report_finds_a_study_by_file_or_name(recorded, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mannstudy: ") and "no MLflow database for study 'nope'" in err and err.count("\n") == 1
     assert cli_report(str(tmp_path / "missing.yaml")) == 2
+
+
+class Tables(html.parser.HTMLParser):
+    """Every table of a report: whether it sits in a scrolling box, its header rows, and its body rows' cells."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tables, self._box, self._part = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div":
+            self._box.append(attrs.get("class") == "table")
+        elif tag == "table":
+            self.tables.append({"boxed": bool(self._box and self._box[-1]), "head": [], "body": []})
+        elif tag in ("thead", "tbody"):
+            self._part = "head" if tag == "thead" else "body"
+        elif tag == "tr" and self.tables:
+            self.tables[-1][self._part].append([])
+        elif tag in ("th", "td") and self.tables:
+            self.tables[-1][self._part][-1].append([tag, ""])
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self._box:
+            self._box.pop()
+
+    def handle_data(self, data):
+        rows = self.tables[-1][self._part] if self.tables and self._part else None
+        if rows and rows[-1]:
+            rows[-1][-1][1] += data.strip()
+
+
+SNAKE = re.compile(r"^[a-z0-9]+(_[a-z0-9]+)+$")
+
+
+def test_tables_scroll_have_one_header_row_and_headers_a_reader_says(recorded, report):
+    text = report["html"].read_text()
+    tables = Tables(text).tables
+    assert len(tables) >= 6
+    for table in tables:
+        assert table["boxed"], "a wide table must scroll in its own box, not run off the page"
+        assert len(table["head"]) == 1, "one header row (no stray row for a columns' name)"
+        header = [cell for _, cell in table["head"][0]]
+        for row in table["body"]:
+            assert [kind for kind, _ in row] == ["td"] * len(header), "no header cell over an empty column"
+            assert not {text for _, text in row} & {"None", "nan", "NaN"}, "no value is an empty cell"
+        snake = [h for h in header if SNAKE.match(h)]
+        assert not snake, f"raw column names {snake} in {header}"
+    # the status tables: per status, and per model with one column per status present
+    by_model = next(t for t in tables if [c for _, c in t["head"][0]][:2] == ["model", "completed"])
+    assert "stopped early" in [c for _, c in by_model["head"][0]]
+    # each compared outcome says what its estimate measures, in what unit
+    arms = next(t for t in tables if "estimate is" in [c for _, c in t["head"][0]])
+    column = [c for _, c in arms["head"][0]].index("estimate is")
+    assert {row[column][1] for row in arms["body"]} == set(ESTIMATES.values())
+    # the report's folders appear relative to the results folder, never as this machine's absolute paths
+    for written in (text, report["markdown"].read_text()):
+        assert str(recorded["folder"]) not in written and "sqlite:////" not in written
+
+
+def test_paths_are_shown_relative_to_the_results_folder(tmp_path):
+    results = tmp_path / "results" / "demo"
+    assert shown_location(f"sqlite:///{results}/mlflow.db", str(results)) == "sqlite: mlflow.db"
+    assert shown_location(f"sqlite:///{tmp_path}/other/mlflow.db", str(results)) == \
+        "sqlite: mlflow.db (outside the results folder)"
+    assert shown_location("postgresql://mann:secret@db:5432/mlflow", str(results)) == \
+        "postgresql://mann:***@db:5432/mlflow"
+    assert shown_location("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000"
+    message = f"{results}/trials/t0/checkpoint_000001: not a checkpoint; see {results}"
+    assert relative_paths(message, str(results)) == "trials/t0/checkpoint_000001: not a checkpoint; see the " \
+                                                    "results folder"
+
+
+def synthetic_used(lr_range: tuple[float, float]) -> pd.DataFrame:
+    """Final rows of NTM and DNC runs at log-uniform learning rates: the NTM near 0.5, the DNC near 0.1."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for model, level in (("ntm", 0.5), ("dnc", 0.1)):
+        for i in range(10):
+            lr = float(np.exp(rng.uniform(*np.log(lr_range))))
+            rows.append({"run_id": f"{model}{i}", "config_id": f"{model}{i // 2}", "seed": i % 2, "model": model,
+                         "param.lr": lr, "param.model.read_heads": (1 + i % 2) if model == "dnc" else np.nan,
+                         "error": level + 0.05 * rng.random()})
+    return pd.DataFrame(rows)
+
+
+SPACE = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "model.read_heads": CategoricalDistribution([1, 2]),
+         "model": CategoricalDistribution(["dnc", "ntm"])}
+
+
+@pytest.mark.parametrize("lr_range", [(6e-3, 8.5e-3), (1.2e-4, 9e-2)])
+def test_marginals_draw_each_model_apart_with_few_readable_log_ticks(lr_range):
+    used = synthetic_used(lr_range)
+    fig = marginals_figure(marginals(used, SPACE, "error"), "final error (wrong bits per sequence)")
+    fig.canvas.draw()
+    lr_axes = next(ax for ax in fig.axes if ax.get_xlabel().startswith("lr"))
+    # one colour of dots and one median line per model, each line at its own model's level
+    colours = {tuple(np.round(c.get_facecolors()[0], 3)) for c in lr_axes.collections}
+    assert len(colours) == 2 and len(lr_axes.lines) == 2
+    levels = sorted(float(np.median(line.get_ydata())) for line in lr_axes.lines)
+    assert levels[0] == pytest.approx(0.125, abs=0.03) and levels[1] == pytest.approx(0.525, abs=0.03)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["dnc (n=10)", "ntm (n=10)"]
+    # few plain-number tick labels that do not run into each other
+    renderer = fig.canvas.get_renderer()
+    shown = [t for t in lr_axes.get_xticklabels(minor=False) + lr_axes.get_xticklabels(minor=True)
+             if t.get_visible() and t.get_text()]
+    assert 2 <= len(shown) <= 6
+    for t in shown:
+        float(t.get_text())  # "0.006", not "6x10^-3"
+    boxes = sorted((t.get_window_extent(renderer) for t in shown), key=lambda b: b.x0)
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:], strict=False)), [t.get_text() for t in shown]
+
+
+def test_interaction_table_holds_the_median_of_each_cell_and_its_runs():
+    used = synthetic_used((1.2e-4, 9e-2))
+    table = interaction(used, SPACE, ("model", "lr"), "error", n_bins=2)  # lr bins split at 10^-2.5
+    shown = interaction_table(table)
+    low, high = (str(c) for c in table.median.columns)
+    assert list(shown.columns) == ["model \\ lr", low, high] and list(shown["model \\ lr"]) == ["dnc", "ntm"]
+    for _, row in shown.iterrows():
+        runs = used[used["model"] == row["model \\ lr"]]
+        for column, in_bin in ((low, runs["param.lr"] < 10 ** -2.5), (high, runs["param.lr"] >= 10 ** -2.5)):
+            cell = runs.loc[in_bin, "error"]
+            assert row[column] == (f"{cell.median():.4g} (n={len(cell)})" if len(cell) else "")
+
+
+def test_generalization_summary_lists_the_evaluated_conditions_only():
+    rows = [("ntm", "length", scale, 0.0, scale, seed, 0.5 * scale + seed, math.nan)
+            for scale in (1.0, 2.0) for seed in (0, 1)]
+    rows += [("ntm", "noise", 1.0, noise, 1.0, seed, 1.0 + noise, 0.1 * noise)
+             for noise in (0.0, 0.1) for seed in (0, 1)]
+    table = pd.DataFrame(rows, columns=["model", "axis", "scale", "noise", "memory_factor", "seed", "error",
+                                        "noise_floor"])
+    summary = generalization_summary(table)
+    assert len(summary) == 4  # length x2 and noise x2, not the 2 x 2 x 2 x 2 product of the axes' values
+    assert summary.loc[(summary["axis"] == "length") & (summary["scale"] == 2.0), "error"].item() == 1.5
+    assert summary.loc[(summary["axis"] == "noise") & (summary["noise"] == 0.1), "noise_floor"].item() == \
+        pytest.approx(0.01)
+
+
+def test_intervals_print_step_counts_as_integers():
+    assert _interval(1500.0, 1500.0, math.inf) == "1500 [1500, inf]"
+    assert _interval(0.08697, 0.01, 0.2) == "0.087 [0.01, 0.2]"
+    assert _interval(math.inf, 900.0, math.inf) == "not reached [900, inf]"
+    assert _interval(0.5, math.nan, math.nan, "not estimated: 2 runs") == "0.5 (interval not estimated: 2 runs)"
 
 
 def test_markdown_table_escapes_and_formats():
