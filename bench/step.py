@@ -4,13 +4,13 @@ A full step is what a trial pays per update: forward over the whole sequence, th
 optimizer step (RMSProp with mann.train's defaults, on one flat buffer as in a trial: mann.optim), on the copy
 task at length 20 (41 time steps with the delimiter and the recall phase), batch 16. Batches are drawn before
 timing; warm-up steps are not timed. The figure is the median over many steps, with the 10th-90th percentile
-beside it, because the machine this runs on is shared. The floor and the implementations of one configuration are
-timed in alternation, one step of each in turn, so that the machine's drift hits them alike and ``ratio``
-compares steps taken in the same seconds (timed one after the other, the floor and the fast NTM step of one run
-came from minutes whose speeds differed by up to 2x). ``cpu ms`` is the median CPU time of the process per step
-(all threads): with ``--threads 1`` on a busy machine it is the better estimate of the uncontended step (wall
-time then includes the time the scheduler gave to other processes). With 2 threads on a machine whose cores are
-busy, every parallel op waits for a descheduled thread: read such figures with care.
+beside it. The floor and the paths of one configuration are timed in alternation, one step of each in turn, so
+that a machine whose speed drifts hits them alike and ``ratio`` compares steps taken in the same seconds.
+``cpu ms`` is the median CPU time of the process per step (all threads): with ``--threads 1`` on a busy machine
+it is the better estimate of the uncontended step (wall time then includes the time the scheduler gave to other
+processes). With 2 threads on a machine whose cores are busy, every parallel op waits for a descheduled thread.
+``1st step s`` includes building or compiling (the fused kernels' build once per machine; torch.compile per
+process and shape).
 
 The floor is the controller alone: an ``nn.LSTMCell`` loop over the same time steps with the same input
 size (task input + read vectors, fed zeros), one output layer, the same loss, backward and optimizer.
@@ -25,13 +25,13 @@ Memory, two figures per configuration:
   optimizer state already exists). On CPU, glibc's count of bytes malloc has handed out (``mallinfo2``:
   in-use heap chunks + mmapped chunks, which is where large tensors go), sampled after every aten op of the
   step, forward and backward, by a ``TorchDispatchMode``: exact at op granularity (torch's CPU tensors come
-  straight from malloc, no cache hides them). ``getrusage`` peaks and RSS deltas were tried first and gave
-  nonsense (a bare LSTM "peaking" at 68 MB): the allocator keeps freed pages. On CUDA,
+  straight from malloc, no cache hides them; RSS and ``getrusage`` do not work here: the allocator keeps freed
+  pages). On CUDA,
   ``torch.cuda.max_memory_allocated`` over ``memory_allocated`` before the step.
 
-    .venv/bin/python bench/step.py                 # all configurations, reference and fast
+    .venv/bin/python bench/step.py                 # all configurations, reference and fused
     .venv/bin/python bench/step.py --quick         # a smoke run (CI)
-    .venv/bin/python bench/step.py --configs ntm dnc64 --impl fast --json /tmp/step.json
+    .venv/bin/python bench/step.py --configs ntm dnc64 --impl fused compiled --json /tmp/step.json
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mann import native  # noqa: E402
+from mann import dispatch  # noqa: E402
 from mann.registry import build_model, make_model_config  # noqa: E402
 from mann.tasks import build_task, make_task_config  # noqa: E402
 
@@ -82,7 +82,7 @@ def make_task():
 
 def make_optimizer(params, kind: str = "mann"):
     """RMSProp with mann.train's defaults: ``mann``, on one flat buffer as a trial runs it (mann.optim);
-    ``torch``: torch.optim.RMSprop, as trials ran it until the fifth session. Returns (optimizer, zero_grad)."""
+    ``torch``: torch.optim.RMSprop. Returns (optimizer, zero_grad)."""
     from mann.optim import FlatParams
     from mann.train import TrainConfig, build_optimizer
 
@@ -96,25 +96,14 @@ def make_optimizer(params, kind: str = "mann"):
 
 
 def build(label: str, impl: str, device: torch.device, dtype: torch.dtype):
-    """(model, forward(x) -> logits) of one configuration with one implementation."""
+    """(model, forward(x) -> logits) of one configuration on one path of mann.dispatch (reference, fused,
+    compiled): each is asked for by name, so a path that cannot run the model is an error, never the reference."""
     name, overrides = CONFIGS[label]
-    overrides = dict(overrides)
-    cfg = make_model_config(name, {})
-    if hasattr(cfg, "impl"):  # wired into the model: the config chooses (its default "auto" would pick fast)
-        overrides["impl"] = impl
-    elif impl != "reference" and name != "lstm":  # not wired: call the fast path directly
-            import mann.fast as fast
-
-            cfg = make_model_config(name, overrides)
-            task = make_task()
-            torch.manual_seed(0)
-            model = build_model(name, cfg, task.input_size, task.output_size).to(device=device, dtype=dtype)
-            return model, lambda x: fast.forward(model, x)
     cfg = make_model_config(name, overrides)
     task = make_task()
     torch.manual_seed(0)
     model = build_model(name, cfg, task.input_size, task.output_size).to(device=device, dtype=dtype)
-    return model, model
+    return model, dispatch.forward_fn(model, dispatch.choose(model, impl).path)
 
 
 class Floor(nn.Module):
@@ -294,22 +283,10 @@ class Variant:
 
 
 def prepare(label: str, impl: str, device: torch.device, dtype: torch.dtype, data, optimizer: str = "mann") -> Variant:
-    """Build ``impl`` of ``label`` and take its first step (which includes any compilation). ``fast-ops``: the
-    fast path with mann/csrc's kernels off (the PyTorch ops run instead), for every later call too;
-    ``fast-torchopt``: the fast path stepped by torch.optim.RMSprop instead of ``optimizer``."""
-    if impl == "fast-torchopt":
-        return dataclasses.replace(prepare(label, "fast", device, dtype, data, "torch"), impl=impl)
-    if impl == "fast-ops":
-        with native.disabled():
-            v = prepare(label, "fast", device, dtype, data, optimizer)
-
-        def off(fn):
-            def call(*args):
-                with native.disabled():
-                    return fn(*args)
-            return call
-
-        return Variant(impl, off(v.step), off(v.forward), v.task, v.first_step_s)
+    """Build ``impl`` of ``label`` and take its first step (which includes any compilation). ``fused-torchopt``: the
+    fused path stepped by torch.optim.RMSprop instead of ``optimizer``."""
+    if impl == "fused-torchopt":
+        return dataclasses.replace(prepare(label, "fused", device, dtype, data, "torch"), impl=impl)
     t0 = time.perf_counter()
     if impl == "floor":
         model, forward = build_floor(label, device, dtype)
@@ -348,9 +325,9 @@ def measure_config(label: str, impls: list[str], device: torch.device, dtype: to
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--impl", nargs="+", default=["reference", "fast"],
-                   choices=["reference", "fast", "fast-ops", "fast-torchopt"],
-                   help="fast-ops: the fast path with mann/csrc's kernels off; fast-torchopt: stepped by torch.optim")
+    p.add_argument("--impl", nargs="+", default=["reference", "fused"],
+                   choices=["reference", "fused", "compiled", "fused-torchopt"],
+                   help="paths of mann.dispatch; fused-torchopt: the fused path stepped by torch.optim")
     p.add_argument("--optimizer", default="mann", choices=["mann", "torch"],
                    help="RMSProp of every other variant and the floor: mann.optim's (default) or torch.optim's")
     p.add_argument("--quick", action="store_true", help="few iterations, no memory probes (CI smoke test)")

@@ -19,6 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The eps of each mechanism, as the papers' code has them; mann/csrc's kernels use the same values (tests/test_fast.py
+# checks them by name).
+CONTENT_EPS = 1e-6  # cosine similarity: k . M[i] / (|k| |M[i]| + eps)
+SHARPEN_EPS = 1e-12  # NTM sharpening: softmax(gamma log(w + eps))
+LINK_EPS = 1e-6  # link distribution sharpness: softmax(s log(d + eps))
+
 # ----------------------------------------------------------------------------------------------------------------
 # Content-based addressing (NTM §3.3.1; DNC Methods; masked form from Csordás & Schmidhuber §3.1)
 # ----------------------------------------------------------------------------------------------------------------
@@ -33,7 +39,7 @@ def _norm_from_squares(squares: Tensor) -> Tensor:
     return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
 
 
-def cosine_similarity(memory: Tensor, keys: Tensor, mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+def cosine_similarity(memory: Tensor, keys: Tensor, mask: Tensor | None = None, eps: float = CONTENT_EPS) -> Tensor:
     """D(k, M[i]) = k . M[i] / (|k| |M[i]| + eps), for every head and slot.
 
     memory: [B, N, W]; keys: [B, H, W]; mask: [B, H, W] in [0, 1] or None -> [B, H, N].
@@ -55,7 +61,7 @@ def cosine_similarity(memory: Tensor, keys: Tensor, mask: Tensor | None = None, 
 
 
 def content_weights(
-    memory: Tensor, keys: Tensor, strengths: Tensor, mask: Tensor | None = None, eps: float = 1e-6
+    memory: Tensor, keys: Tensor, strengths: Tensor, mask: Tensor | None = None, eps: float = CONTENT_EPS
 ) -> Tensor:
     """Content weighting w^c[i] = softmax_i(beta * D(k, M[i])) (NTM Eq. 5; DNC C(M, k, beta)).
 
@@ -96,7 +102,7 @@ def shift(w: Tensor, shift_weights: Tensor) -> Tensor:
     return (w[..., source] * shift_weights[..., None, :]).sum(-1)
 
 
-def sharpen(w: Tensor, gamma: Tensor, eps: float = 1e-12) -> Tensor:
+def sharpen(w: Tensor, gamma: Tensor, eps: float = SHARPEN_EPS) -> Tensor:
     """w[i]^gamma / sum_j w[j]^gamma (NTM Eq. 9), computed as softmax(gamma * log(w + eps)).
 
     w: [B, H, N] (a weighting, >= 0); gamma: [B, H] (>= 1) -> [B, H, N]; rows sum to 1.
@@ -203,7 +209,7 @@ def update_link(link: Tensor, precedence_prev: Tensor, write_weights: Tensor) ->
     return new_link * no_self_links
 
 
-def sharpen_link_distribution(d: Tensor, s: Tensor, eps: float = 1e-6) -> Tensor:
+def sharpen_link_distribution(d: Tensor, s: Tensor, eps: float = LINK_EPS) -> Tensor:
     """S(d, s)[i] = d[i]^s / sum_j d[j]^s, Csordás & Schmidhuber (2019), §3.3, Eq. 2.
 
     d: [..., N] (>= 0); s: d's shape without the last dim (>= 0) -> [..., N], rows sum to 1.
@@ -221,7 +227,7 @@ def directional_weights(
     sharpness: Tensor | None = None,
     *,
     backward_sharpness: Tensor | None = None,
-    eps: float = 1e-6,
+    eps: float = LINK_EPS,
 ) -> tuple[Tensor, Tensor]:
     """Forward f = L_t w^r_{t-1} and backward b = L_t^T w^r_{t-1} weightings, per read head and write head.
 

@@ -22,13 +22,13 @@ Memory, usage, link, weightings and reads all start at zero (content look-up is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mann import addressing, fast, memory
+from mann import addressing, memory
 from mann.config import ConfigError, check
 from mann.lstm import add_forget_bias
 
@@ -49,9 +49,6 @@ class DNCConfig:
     clip_value: float | None = 20.0  # clip ξ_t and the output logits to ±clip_value (DeepMind's default; None: off)
     # added to the LSTM controller's forget-gate bias at initialisation (Csordás & Schmidhuber's code sets it to 1)
     forget_bias: float = 0.0
-    # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
-    # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
-    impl: Literal["auto", "reference", "fast"] = "auto"
 
     def __post_init__(self):
         for key in ("controller_size", "memory_size", "word_size", "read_heads", "write_heads"):
@@ -186,8 +183,6 @@ class DNC(nn.Module):
 
     def forward(self, x: Tensor, state: DNCState | None = None, memory_size: int | None = None) -> Tensor:
         """x: [B, T, I] -> logits [B, T, O]. ``memory_size`` only applies when ``state`` is None."""
-        if fast.use_fast(self, x):
-            return fast.forward(self, x, state, memory_size)
         if state is None:
             state = self.initial_state(x.shape[0], memory_size)
         ys = []

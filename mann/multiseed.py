@@ -9,9 +9,9 @@ checks, evaluation and checkpoints are fit's own code; only the forward/backward
 
 How the seeds share one forward ("fold"): the seed axis is folded into the batch axis. Rows
 ``s*B .. (s+1)*B - 1`` of a [S*B, ...] batch belong to seed s; memory, addressing and state are per row anyway,
-so only the parametric layers need seed s's weights for seed s's rows. An NTM or DNC that would run its fast
-path (mann.fast: CPU, or ``impl: fast``) runs it with the stacked weights, which it applies block by block in
-one bmm (mann.fast.linear). Any other model runs its own code on S*B rows, its ``nn.Linear``/``nn.LSTMCell``/
+so only the parametric layers need seed s's weights for seed s's rows. An NTM or DNC whose run takes the fused CPU
+path (mann.dispatch) runs it with the stacked weights, which it applies block by block in one bmm
+(mann.fast.linear). Any other model runs its own code on S*B rows, its ``nn.Linear``/``nn.LSTMCell``/
 ``nn.LSTM`` layers swapped for per-seed versions (``nn.LSTM``: one fused call per seed, faster here than a
 step-by-step batched LSTM).
 ``torch.func.vmap`` over ``functional_call`` was the other candidate: it cannot batch ``nn.LSTMCell`` (no rule
@@ -300,7 +300,7 @@ class _FoldEngine:
             if not all(torch.equal(value, b[name]) for b in buffers[1:]):
                 raise NotFoldable(f"buffer {name} differs between seeds")
         self.stacked = _Stacked()
-        self.base, self.fast_names = base, _fast_names(base, self.names, seeds[0].run.device)
+        self.base, self.fast_names = base, _fast_names(base, self.names, seeds[0].run.path)
         # the layer-swapped copy only where the fast path does not run the seeds
         self.folded = fold_model(base, self.stacked) if self.fast_names is None else None
         self.axes = _batch_axes(base)
@@ -380,10 +380,10 @@ class _FoldEngine:
         return out
 
 
-def _fast_names(model: nn.Module, trainable: list[str], device: torch.device) -> tuple[str, ...] | None:
-    """The parameters to hand the model's fast path (mann.fast), stacked per seed, if the model would run its fast
-    path on ``device`` and every weight it takes is trained; else None (the folded model's layers run instead)."""
-    if not fast.use_fast(model, torch.empty(0, device=device)):
+def _fast_names(model: nn.Module, trainable: list[str], path: str) -> tuple[str, ...] | None:
+    """The parameters to hand the model's fused path (mann.fast), stacked per seed, if the runs take that ``path``
+    and every weight it takes is trained; else None (the folded model's layers run instead)."""
+    if path != "fused":
         return None
     names = fast.param_names(model)
     return names if set(names) <= set(trainable) else None
@@ -404,11 +404,12 @@ def _make_engine(engine: Engine, seeds: list[_Seed]) -> _FoldEngine | _LoopEngin
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _start(config: TrainConfig, seeds: list[int], resume_from: str | os.PathLike | None = None) -> list[_Seed]:
+def _start(config: TrainConfig, seeds: list[int], resume_from: str | os.PathLike | None = None,
+           impl: str | None = None) -> list[_Seed]:
     """One _Run per seed, built as fit builds it (torch.manual_seed(seed), then the model), optionally resumed."""
     states = []
     for seed in seeds:
-        run = _Run(_seed_config(config, seed))
+        run = _Run(_seed_config(config, seed), impl)
         state = _Seed(seed, run, run._rng_state(), torch.zeros((), device=run.device, dtype=torch.float64))
         if resume_from is not None:
             with _seed_rng(state):  # the checkpoint's RNG stream becomes this seed's
@@ -423,6 +424,7 @@ def fit_seeds(
     on_eval: OnSeedEval | None = None,
     resume_from: str | os.PathLike | None = None,
     engine: Engine = "auto",
+    impl: str | None = None,
 ) -> list[FitResult]:
     """Train ``config`` under each of ``seeds`` at once; result i is what ``fit(replace(config, seed=seeds[i]))`` gives.
 
@@ -433,6 +435,7 @@ def fit_seeds(
     ``seed-<s>`` checkpoint, which ``fit`` can also resume from, and vice versa). A seed that diverges or stops
     leaves the batch; the others go on. ``engine``: "fold" (one batched model), "loop" (one seed after the
     other), "auto" (fold when the model passes the fold check, else loop with a warning; loop for one seed).
+    ``impl``: as fit's (mann.dispatch).
     """
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
@@ -440,7 +443,7 @@ def fit_seeds(
     if engine not in ("auto", "fold", "loop"):
         raise ConfigError("engine", "one of 'auto', 'fold', 'loop'", engine)
 
-    states = _start(config, seeds, resume_from)
+    states = _start(config, seeds, resume_from, impl)
     cfg = config
     clock = 0.0  # training time shared by all seeds (evaluation and checkpointing excluded, as in fit)
 

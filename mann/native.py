@@ -1,15 +1,15 @@
 """The fused CPU kernels in ``mann/csrc``: built once per machine with the local C++ compiler, then loaded.
 
-Why not ATen ops from C++: on a CPU each small ATen op costs ~3-7 us whoever calls it (a 12-op chain took 86 us
-from Python, 101 us from C++ here), so the kernels are plain loops over one batch row (see ntm_heads.cpp).
+Why plain loops and not ATen ops called from C++: on a CPU each small ATen op costs ~3-7 us whoever calls it (a
+12-op chain took 86 us from Python, 101 us from C++), so the kernels loop over one batch row (see ntm_heads.cpp).
 
-Building uses torch.utils.cpp_extension (g++ and ninja; ~30 s on 2 cores) into a folder named by a hash of the
-source, torch's version and the flags, under ``$MANN_NATIVE_DIR`` (default ``~/.cache/mannstudy/native``). A
-later process that finds the built library there imports it directly (milliseconds), so a sweep's workers pay
+Building uses torch.utils.cpp_extension (g++ and ninja; ~30 s per kernel on 2 cores) into a folder named by a hash
+of the source, torch's version and the flags, under ``$MANN_NATIVE_DIR`` (default ``~/.cache/mannstudy/native``).
+A later process that finds the built library there imports it directly (milliseconds), so a sweep's workers pay
 the build once per machine, and only if ``python -m mann.native`` (cluster.yaml's setup runs it) has not.
 
-``MANN_NATIVE=0`` turns the kernels off; where they cannot be built the fast paths run their PyTorch ops instead
-and a warning says why, once per process.
+``MANN_NATIVE=0`` turns the kernels off; then, and where they cannot be built (a warning says why, once per
+process), mann.dispatch runs the reference models.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ SOURCES = {"ntm_heads": Path(__file__).parent / "csrc" / "ntm_heads.cpp",
 
 
 # at::parallel_for is a header template: compiled without -fopenmp it runs its loop on the calling thread, whatever
-# torch.get_num_threads() says (the kernels' batch rows ran serially until this flag). Linking -fopenmp asks for
-# libgomp.so.1, which the loader resolves to the copy torch already loaded (same soname): one thread pool.
+# torch.get_num_threads() says. Linking -fopenmp asks for libgomp.so.1, which the loader resolves to the copy torch
+# already loaded (same soname): one thread pool.
 OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
 
 
@@ -54,22 +54,10 @@ OPENMP_FAILED = "openmp-failed"  # written into the OpenMP build's folder when t
 
 _loaded: dict[str, ModuleType | None] = {}
 _why_not: dict[str, str] = {}
-_switched_off = False
 
 
 def enabled() -> bool:
-    return not _switched_off and os.environ.get("MANN_NATIVE", "1") not in ("0", "false", "no", "off")
-
-
-@contextlib.contextmanager
-def disabled():
-    """Within: the fast paths run their PyTorch ops, as where the kernels cannot be built (tests, benchmarks)."""
-    global _switched_off
-    before, _switched_off = _switched_off, True
-    try:
-        yield
-    finally:
-        _switched_off = before
+    return os.environ.get("MANN_NATIVE", "1") not in ("0", "false", "no", "off")
 
 
 def build_dir(name: str, flags: list[str] | None = None) -> Path:
@@ -166,11 +154,11 @@ def kernels(name: str) -> ModuleType | None:
     if name not in _loaded:
         try:
             _loaded[name] = build(name)
-        except Exception as exc:  # a missing compiler, ninja or header: the PyTorch ops still run
+        except Exception as exc:  # a missing compiler, ninja or header: the reference models still run
             _loaded[name] = None
             _why_not[name] = _last_line(exc)
-            warnings.warn(f"mann.native: the {name} kernels could not be built, the slower PyTorch ops run instead "
-                          f"({_why_not[name]})", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"mann.native: the {name} kernels could not be built, the slower reference models run "
+                          f"instead ({_why_not[name]})", RuntimeWarning, stacklevel=2)
     return _loaded[name]
 
 
@@ -183,7 +171,7 @@ def prepare() -> dict[str, ModuleType | None]:
 def main() -> int:
     """``python -m mann.native``: build every kernel now (e.g. in a cluster node's setup), print where.
 
-    Exit code 0 even where a kernel cannot be built (no C++ compiler): the package runs the PyTorch ops
+    Exit code 0 even where a kernel cannot be built (no C++ compiler): the package runs the reference models
     instead, so a node without a compiler is slower, not broken; a warning on stderr says which and why.
     """
     for name in SOURCES:
@@ -191,7 +179,7 @@ def main() -> int:
             module = build(name)
         except Exception as exc:
             print(f"mann.native: warning: the {name} kernels could not be built ({_last_line(exc)}); trials on this "
-                  "machine run the slower PyTorch ops instead", file=sys.stderr, flush=True)
+                  "machine run the slower reference models instead", file=sys.stderr, flush=True)
             continue
         print(f"{name}: {Path(module.__file__).parent}")
     return 0

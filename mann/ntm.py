@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mann import addressing, fast, memory
+from mann import addressing, memory
 from mann.config import ConfigError, check
 from mann.lstm import add_forget_bias
 
@@ -60,9 +60,6 @@ class NTMConfig:
     # added to the LSTM controller's forget-gate bias at initialisation (mann.lstm.add_forget_bias); Collier &
     # Beel's code runs TensorFlow's BasicLSTMCell(forget_bias=1.0), which this reproduces exactly
     forget_bias: float = 0.0
-    # how forward runs: "fast" = mann.fast (the same maths with a hand-written backward, ~2x faster on CPU, see
-    # docs/performance.md), "reference" = the step loop below; "auto" = fast where it was measured faster (CPU)
-    impl: Literal["auto", "reference", "fast"] = "auto"
 
     def __post_init__(self):
         for key in ("controller_size", "memory_size", "word_size", "read_heads", "write_heads"):
@@ -192,8 +189,6 @@ class NTM(nn.Module):
 
     def forward(self, x: Tensor, state: NTMState | None = None, memory_size: int | None = None) -> Tensor:
         """x: [B, T, I] -> logits [B, T, O]. ``memory_size`` only applies when ``state`` is None."""
-        if fast.use_fast(self, x):
-            return fast.forward(self, x, state, memory_size)
         if state is None:
             state = self.initial_state(x.shape[0], memory_size)
         ys = []

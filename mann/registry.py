@@ -58,6 +58,9 @@ def model_entry(name: str) -> ModelEntry:
 def make_model_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
     """The model's frozen config: class defaults, then the variant's presets, then ``overrides``."""
     entry = model_entry(name)
+    if "impl" in (overrides or {}):
+        raise ConfigError("model.impl", "no such key: how a model runs is chosen per run, not per model "
+                          "(MANN_IMPL=auto|reference|fused|compiled, or fit(impl=...); see mann/dispatch.py)")
     cfg = replace_checked(entry.config_cls()(), entry.presets, prefix="model.")
     return replace_checked(cfg, overrides or {}, prefix="model.")
 

@@ -51,6 +51,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from mann import dispatch
 from mann.config import ConfigError, check, flatten, quoted, replace_checked, to_dict
 from mann.optim import Adam, FlatParams, RMSprop, bias_mask, grad_norm
 from mann.registry import build_model, make_model_config, model_entry
@@ -173,6 +174,7 @@ def config_to_flat_dict(cfg: TrainConfig) -> dict[str, Any]:
 def config_from_flat_dict(flat: Mapping[str, Any]) -> TrainConfig:
     """The inverse of config_to_flat_dict (also accepts a partial dict: missing keys take defaults)."""
     flat = dict(flat)
+    flat.pop("model.impl", None)  # recorded by runs from before the choice moved to mann.dispatch: not a setting
     return make_train_config(flat.pop("model", "ntm"), flat.pop("task", "copy"), flat)
 
 
@@ -234,7 +236,7 @@ def build_optimizer(cfg: TrainConfig, flat: FlatParams, names: list[str] | None 
 class _Run:
     """Model, optimizer, task and data generator of one run, and the train/eval steps on them."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, impl: str | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
@@ -242,6 +244,8 @@ class _Run:
         torch.manual_seed(cfg.seed)  # initial weights
         model = build_model(cfg.model, cfg.model_cfg, self.task.input_size, self.task.output_size)
         self.model = model.to(device=self.device, dtype=self.dtype)
+        self.path = dispatch.choose(self.model, impl).path  # the reference, or its accelerated path here
+        self.forward = dispatch.forward_fn(self.model, self.path)
         # the trained weights and their gradients as views of two flat tensors (mann.optim)
         trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         self.flat = FlatParams([p for _, p in trained])
@@ -268,7 +272,7 @@ class _Run:
         non-finite gradient never reaches the weights.
         """
         batch = self._to_device(self.task.sample(self.cfg.batch_size, self.generator))
-        logits = self.model(batch.inputs)
+        logits = self.forward(batch.inputs)
         loss = self.task.loss(logits, batch)
         self.optimizer.zero_grad()
         loss.backward()
@@ -399,7 +403,7 @@ class _Run:
             self.model.eval()
             for start in range(0, sequences, self.cfg.batch_size):
                 batch = self._to_device(sample(min(self.cfg.batch_size, sequences - start), data))
-                logits = self.model(batch.inputs, memory_size=memory_size)
+                logits = self.forward(batch.inputs, memory_size=memory_size)
                 total = total.plus(self.task.score(logits, batch))
             self.model.train()
         return total
@@ -538,17 +542,19 @@ def config_from_checkpoint(path: str | os.PathLike, overrides: Mapping[str, Any]
 OnEval = Callable[[dict[str, float], Callable[[str | os.PathLike], Path]], bool | None]
 
 
-def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | os.PathLike | None = None) -> FitResult:
+def fit(config: TrainConfig, on_eval: OnEval | None = None, resume_from: str | os.PathLike | None = None,
+        impl: str | None = None) -> FitResult:
     """Train ``config`` to its budget, convergence, an on_eval stop request, or divergence, then run the final
     evaluation (module docstring). Never raises for divergence.
 
     ``on_eval(metrics, save_checkpoint)`` is called after each evaluation (and the task's
     curriculum update); ``save_checkpoint(dir)`` writes ``dir/checkpoint.pt`` and returns its path. Returning
     True stops the run. ``resume_from`` (a checkpoint file or its directory) continues a run
-    exactly where it was saved.
+    exactly where it was saved. ``impl``: how the model runs (mann.dispatch; None: ``$MANN_IMPL`` or auto), the same
+    maths on any path.
     """
     cfg = config
-    run = _Run(cfg)
+    run = _Run(cfg, impl)
     if resume_from is not None:
         run.load(resume_from)
     last_checkpoint: Path | None = None

@@ -25,11 +25,26 @@ NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
 def test_step_prints_the_floor_and_each_implementation():
-    out = run("step.py", "--quick", "--configs", "ntm", "--impl", "fast", "fast-torchopt", "--threads", "1")
+    out = run("step.py", "--quick", "--configs", "ntm", "--impl", "fused", "fused-torchopt", "--threads", "1")
     impls = [r[1] for r in rows(out, "ntm")]
-    assert impls == ["floor", "fast", "fast-torchopt"]
+    assert impls == ["floor", "fused", "fused-torchopt"]
     for r in rows(out, "ntm")[1:]:
         assert NUMBER.match(r[2]) and NUMBER.match(r[5]), r  # ms and ratio to the floor
+
+
+def test_gpu_script_runs_end_to_end_on_cpu():
+    """bench/gpu.py --device cpu --quick: every table of the GPU script, at tiny sizes, so the script is known to
+    run before a GPU is lent (the compiled step on inductor's CPU backend, packed trials, folded seeds)."""
+    out = run("gpu.py", "--device", "cpu", "--quick", "--threads", "1")
+    assert [r[1] for r in rows(out, "ntm-tiny")] == ["reference", "compiled", "fused"], out
+    for r in rows(out, "ntm-tiny"):
+        assert NUMBER.match(r[3]) and NUMBER.match(r[4]), r  # ms and first-step seconds
+    tables = out.split("\n## ")[1:]
+    assert [t.split()[0] for t in tables] == ["step", "packed", "seeds"], out
+    packed = [line.split() for line in tables[1].splitlines()[2:] if line.strip()]
+    assert [r[0] for r in packed] == ["1", "2"] and all(NUMBER.match(r[1]) for r in packed), tables[1]
+    seeds = [line.split() for line in tables[2].splitlines()[2:] if line.strip()]
+    assert [r[0] for r in seeds] == ["1", "2"] and all(NUMBER.match(r[1]) for r in seeds), tables[2]
 
 
 def test_optim_prints_both_optimizers_for_every_model():

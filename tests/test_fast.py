@@ -1,19 +1,25 @@
-"""The fast paths (mann.fast, mann.fast_ntm, mann.fast_dnc) against the reference models, in float64.
+"""The fused CPU path (mann.fast, mann.fast_ntm, mann.fast_dnc, mann/csrc) against the reference models, in float64.
 
-Every comparison runs the reference model (autograd through mann.ntm / mann.dnc) and the fast path on the same
+Every comparison runs the reference model (autograd through mann.ntm / mann.dnc) and the fused path on the same
 weights and input, and requires the logits and every gradient (weights, input, initial state) to agree to ~1e-10
 relative. Configurations cover each option that changes the maths: controller kind, head counts, shift range,
-memory init, clipping on/off/active, the DNC variants, several write heads, and the link checkpointing.
+memory init, clipping on/off/active, the DNC variants, several write heads, and the link checkpointing. That the
+kernels' constants equal the reference's is checked by the comparisons and, by name, in
+test_the_kernels_use_the_reference_constants.
 """
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mann.fast as fast
 import mann.fast_dnc as fast_dnc
 import mann.fast_ntm as fast_ntm
-from mann import addressing, native
-from mann.registry import build_model, make_model_config, model_fields
+from mann import addressing, dispatch, native
+from mann.registry import build_model, make_model_config
 
 I, O, B, T = 5, 4, 3, 9
 NTM_TINY = {"memory_size": 8, "word_size": 4, "controller_size": 10}
@@ -21,10 +27,8 @@ DNC_TINY = {"memory_size": 7, "word_size": 4, "controller_size": 10, "read_heads
 TOL = 1e-10
 
 
-def _model(name, overrides, weight_scale=1.0, impl="reference"):
-    """A float64 model whose own forward is the reference code (fast.forward runs the fast path on it)."""
-    if "impl" in model_fields(name):
-        overrides = {**overrides, "impl": impl}
+def _model(name, overrides, weight_scale=1.0):
+    """A float64 model: its own forward is the reference code, fast.forward runs the fused path on it."""
     torch.manual_seed(0)
     model = build_model(name, make_model_config(name, overrides), I, O).double()
     with torch.no_grad():
@@ -82,18 +86,11 @@ def _compare(model, state=None):
 # -- NTM ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["kernel", "ops"])
-def kernels(request):
-    """The fast paths through mann/csrc's fused kernels (the CPU default), or through PyTorch ops (CUDA, or where
-    the kernels cannot be built): both must match the reference."""
-    if request.param == "ops":
-        with native.disabled():
-            assert fast_ntm.heads_kernels(torch.zeros(1)) is None and fast_dnc.step_kernels(torch.zeros(1)) is None
-            yield request.param
-        return
-    assert fast_ntm.heads_kernels(torch.zeros(1)) is not None, native._why_not
-    assert fast_dnc.step_kernels(torch.zeros(1)) is not None, native._why_not
-    yield request.param
+@pytest.fixture
+def kernels():
+    """The fused kernels, built (CI has a C++ compiler)."""
+    assert fast_ntm.heads_kernels() is not None, native._why_not
+    assert fast_dnc.step_kernels() is not None, native._why_not
 
 
 @pytest.mark.parametrize("overrides", [
@@ -139,7 +136,7 @@ def test_ntm_fast_matches_reference_on_a_blank_memory_and_saturated_heads(kernel
     assert torch.isfinite(y).all()
 
 
-def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+def test_the_kernels_build_here_and_where_they_cannot_the_reference_runs(tmp_path, monkeypatch):
     assert native.kernels("ntm_heads") is not None, native._why_not.get("ntm_heads")  # CI has a C++ compiler
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("MANN_NATIVE_DIR", str(tmp_path))  # nothing built there
@@ -147,11 +144,12 @@ def test_the_kernels_build_here_and_a_failed_build_falls_back_with_a_warning(tmp
     with pytest.warns(RuntimeWarning, match="ntm_heads kernels could not be built"):
         assert native.kernels("ntm_heads") is None
     with pytest.warns(RuntimeWarning, match="lstm_cell kernels could not be built"):
-        assert fast_ntm.heads_kernels(torch.zeros(1)) is None
+        assert fast_ntm.heads_kernels() is None
     model = _model("ntm", NTM_TINY)
-    x = torch.randn(B, T, I, dtype=torch.float64)
-    with torch.no_grad():  # the PyTorch ops run instead
-        assert torch.allclose(fast.forward(model, x), model(x), rtol=TOL, atol=TOL)
+    assert dispatch.choose(model, "auto") == ("reference", "auto: mann/csrc's kernels could not be built here "
+                                                            "(see the warning above)")
+    with pytest.raises(ValueError, match="kernels could not be built"):
+        fast.forward(model, torch.randn(B, T, I, dtype=torch.float64))
 
 
 # -- DNC ----------------------------------------------------------------------------------------------------------
@@ -225,55 +223,17 @@ def test_no_grad_forward_matches_and_keeps_nothing():
 def test_unsupported_models_are_named():
     lstm = _model("lstm", {"hidden_size": 6})
     assert "LSTMBaseline" in fast.unsupported(lstm)
-    with pytest.raises(ValueError, match="no fast path"):
+    with pytest.raises(ValueError, match="no fused path"):
         fast.forward(lstm, torch.zeros(1, 2, I, dtype=torch.float64))
     assert fast.unsupported(_model("ntm", NTM_TINY)) is None
     swapped = _model("dnc", DNC_TINY)
     swapped.output = torch.nn.Sequential(swapped.output)  # e.g. mann.multiseed's per-seed layers
     assert "DNC.output is a Sequential" in fast.unsupported(swapped)
-    assert not fast.use_fast(swapped, torch.zeros(1, 2, I))
-    assert not fast.use_fast(lstm, torch.zeros(1, 2, I))
-    assert fast.use_fast(_model("dnc", DNC_TINY, impl="auto"), torch.zeros(1, 2, I))  # CPU: measured faster
-    if "impl" in model_fields("ntm"):
-        assert not fast.use_fast(_model("ntm", NTM_TINY, impl="reference"), torch.zeros(1, 2, I))
-        assert fast.use_fast(_model("ntm", NTM_TINY, impl="fast"), torch.zeros(1, 2, I))
+    assert dispatch.choose(swapped, "auto").path == "reference"
+    assert dispatch.choose(lstm, "auto").path == "reference"
 
 
-# -- mechanisms on their own --------------------------------------------------------------------------------------
-
-
-def test_allocation_backward_matches_autograd_with_zeros_and_ties():
-    usage = torch.tensor([[0.0, 0.0, 0.3, 0.3, 0.9],  # two zeros (the initial state), a tie
-                          [0.0, 0.5, 0.2, 1.0, 0.7],  # one zero, a full slot
-                          [0.1, 0.4, 0.4, 0.4, 0.8],  # no zero, a three-way tie
-                          [1e-30, 0.5, 1e-20, 0.2, 0.6]], dtype=torch.float64, requires_grad=True)
-    a_ref = addressing.allocation(usage)
-    a, saved = fast_dnc.allocation_forward(usage.detach())
-    assert torch.allclose(a, a_ref, rtol=0, atol=1e-15)
-    g = torch.randn(usage.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    (g_ref,) = torch.autograd.grad(a_ref, usage, g)
-    assert torch.allclose(fast_dnc.allocation_backward(g, saved), g_ref, rtol=1e-12, atol=1e-15)
-
-
-def test_link_update_and_backward_match_the_reference_functions():
-    g = torch.Generator().manual_seed(0)
-    L = torch.rand(2, 2, 6, 6, generator=g, dtype=torch.float64) * 0.2
-    w = (torch.rand(2, 2, 6, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
-    p = (torch.rand(2, 2, 6, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
-    L_prev = L.clone().requires_grad_()
-    ref = addressing.update_link(L_prev, p, w)
-    out = fast_dnc.link_update(L.clone(), w.detach(), p.detach(), torch.empty_like(L), torch.empty_like(L))
-    assert torch.allclose(out, ref, rtol=0, atol=1e-15)
-    gL = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    refs = torch.autograd.grad(ref, [L_prev, w, p], gL)
-    gL_fast = gL.clone()
-    gL_fast.diagonal(dim1=-2, dim2=-1).zero_()
-    g_w, g_p = fast_dnc.link_backward(gL_fast, L, w.detach(), p.detach(), torch.empty_like(L))
-    for a, b in zip(refs, (gL_fast, g_w, g_p), strict=True):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
-
-
-# -- Seeds stacked (mann.multiseed's fold through the fast path) --------------------------------------------------
+# -- Seeds stacked (mann.multiseed's fold through the fused path) --------------------------------------------------
 
 
 @pytest.mark.parametrize("name,overrides", [
@@ -289,7 +249,7 @@ def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides, ker
     models = []
     for s in range(S):
         torch.manual_seed(10 + s)  # each "seed" its own weights
-        models.append(build_model(name, make_model_config(name, {**overrides, "impl": "fast"}), I, O).double())
+        models.append(build_model(name, make_model_config(name, overrides), I, O).double())
     names = fast.param_names(models[0])
     stacked = [torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_() for n in names]
     g = torch.Generator().manual_seed(5)
@@ -316,60 +276,17 @@ def test_stacked_seed_weights_give_each_block_its_own_model(name, overrides, ker
                 assert torch.allclose(a, b, rtol=TOL, atol=TOL), name
 
 
-def test_small_steps_run_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
-    """mann.fast.one_thread: on the PyTorch-ops path a loop over small steps runs on one intra-op thread; large
-    ones keep the caller's count; either way the caller's count is restored, also when the loop raises."""
-    monkeypatch.setenv("MANN_NATIVE", "0")  # the ops path (the kernels keep every thread: see below)
-    model = _model("dnc", DNC_TINY, impl="fast")
-    x = torch.randn(B, T, I, dtype=torch.float64)
-    seen = []
-    step = fast_dnc.dnc_step
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(fast_dnc, "dnc_step", spy)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        fast.forward(model, x).sum().backward()
-        assert set(seen) == {1} and torch.get_num_threads() == 2
-        seen.clear()
-        monkeypatch.setattr(fast, "ONE_THREAD_BELOW", 1)  # every step counts as large
-        fast.forward(model, x).sum().backward()
-        assert set(seen) == {2} and torch.get_num_threads() == 2
-        monkeypatch.setattr(fast, "ONE_THREAD_BELOW", 2**18)
-
-        def boom(*args, **kwargs):
-            raise RuntimeError("step failed")
-
-        monkeypatch.setattr(fast_dnc, "dnc_step", boom)
-        with pytest.raises(RuntimeError, match="step failed"):
-            fast.forward(model, x)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("name", ["ntm", "dnc"])
-def test_the_kernels_keep_every_thread(name, monkeypatch):
-    """With the fused kernels the loop keeps the caller's threads: the kernels split their batch rows themselves."""
-    module, step_name = (fast_ntm, "ntm_step") if name == "ntm" else (fast_dnc, "dnc_step")
-    assert (fast_ntm.heads_kernels if name == "ntm" else fast_dnc.step_kernels)(torch.zeros(1)) is not None
-    model = _model(name, NTM_TINY if name == "ntm" else DNC_TINY, impl="fast")
-    x = torch.randn(B, T, I, dtype=torch.float64)
-    seen, step = [], getattr(module, step_name)
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(module, step_name, spy)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        fast.forward(model, x).sum().backward()
-        assert set(seen) == {2} and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+def test_the_kernels_use_the_reference_constants():
+    """Each eps and the softplus threshold is written twice, in mann.addressing (PyTorch's for softplus) and in
+    mann/csrc: the same values, by name."""
+    csrc = Path(native.__file__).parent / "csrc"
+    found = {}
+    for path in csrc.glob("*"):
+        for name, value in re.findall(r"constexpr double (k\w+) = ([0-9.e+-]+);", path.read_text()):
+            found.setdefault(name, set()).add(float(value))
+    assert found["kContentEps"] == {addressing.CONTENT_EPS}
+    assert found["kSharpenEps"] == {addressing.SHARPEN_EPS}
+    assert found["kLinkEps"] == {addressing.LINK_EPS}
+    (threshold,) = found["kSoftplusThreshold"]
+    x = torch.tensor([threshold - 1e-3, threshold + 1e-3], dtype=torch.float64)
+    assert F.softplus(x)[0] != x[0] and F.softplus(x)[1] == x[1]  # PyTorch's default threshold is the kernels'

@@ -64,16 +64,16 @@ def assert_same_run(batched, single, rtol: float = 1e-9) -> None:
 
 @pytest.mark.parametrize("model,impl", [("lstm", None), ("ntm", None), ("dnc", None), ("dnc", "reference")])
 def test_each_seed_gets_what_fit_gives_it_alone(model, impl, tmp_path):
-    """NTM and DNC fold through their fast path on CPU (mann.fast with stacked weights); with impl "reference"
+    """NTM and DNC fold through their fused path on CPU (mann.fast with stacked weights); with impl "reference"
     (and the LSTM) through the folded model's swapped layers."""
-    cfg = tiny(model, checkpoint_dir=str(tmp_path / "batched"), **({"model.impl": impl} if impl else {}))
-    engine = _make_engine("fold", _start(cfg, SEEDS))
+    cfg = tiny(model, checkpoint_dir=str(tmp_path / "batched"))
+    engine = _make_engine("fold", _start(cfg, SEEDS, impl=impl))
     assert (engine.fast_names is not None) == (model != "lstm" and impl is None)
     calls = []
     results = fit_seeds(cfg, SEEDS, on_eval=lambda seed, m, save: calls.append((seed, m["step"], m["level"])),
-                        engine="fold")
+                        engine="fold", impl=impl)
     for seed, batched in zip(SEEDS, results, strict=True):
-        single = alone(cfg, seed, tmp_path)
+        single = alone(cfg, seed, tmp_path, impl=impl)
         assert batched.status == "completed" and batched.checkpoint == tmp_path / "batched" / f"seed-{seed}" / \
             "checkpoint.pt"
         assert_same_run(batched, single)

@@ -6,8 +6,8 @@
 // Every option of mann.dnc.DNC runs here: any read / write head counts, masking, de-allocation, link sharpness,
 // clip on or off (so every variant: dnc, dnc-md, dnc-ms, dnc-mds).
 //
-// Same maths, same order as mann/fast_dnc.py's dnc_step / dnc_step_backward (DNC Methods; Csordas & Schmidhuber
-// 2019): xi clipped; keys and write vectors as they are, strengths and sharpness oneplus, gates and erase sigmoid,
+// Same maths as mann.dnc.DNC.step, steps 2-6 (DNC Methods; Csordas & Schmidhuber 2019; tests/test_fast.py compares
+// them in float64): xi clipped; keys and write vectors as they are, strengths and sharpness oneplus, gates and erase sigmoid,
 // masks sigmoid floored at mask_min, read modes softmax; retention psi = prod_r (1 - f_r w^r_{t-1,r}); usage
 // u = (u_{t-1} + w - u_{t-1} w) psi
 // with w = 1 - prod_h (1 - w^w_{t-1,h}); allocation per write head from the usage the heads before it leave
@@ -22,10 +22,7 @@
 // over it forward, and its whole backward (directional and update) one pass over L_{t-1} and the link gradient:
 // L_t is recomputed row by row from L_{t-1} rather than read back, so the backward needs only L_{t-1}.
 //
-// Measured (bench/step.py, copy task, B=16, W=32, R=4, float32; a shared 2-core machine): --threads 1, DNC N=64
-// 46 ms per training step against 108 ms with the PyTorch ops, N=256 287 against 556 ms; --threads 2, N=64 57-64
-// against 108-158 ms, N=256 288-321 against 372-426 ms. Saved for backward: 25.5 against 35.1 MB (N=64), 74.2
-// against 106.8 MB (N=256).
+// Step times and memory against the reference: docs/performance.md (bench/step.py).
 //
 // Layouts (contiguous, batch-first): raw [B, P] in DNC.interface_sizes' order; M [B, N, W]; w^r [B, R, N];
 // w^w, p [B, Hw, N]; u [B, N]; L [B, Hw, N, N]; r [B, R W]; aux [B, A]: per row the numbers the backward reads
@@ -124,7 +121,7 @@ void softmax(T* z, int64_t n) {
 }
 
 // Reductions keep kLanes running sums, one per lane of a 512-bit register of floats: a single sum is a chain of
-// dependent adds (the bottleneck of a first version), and without -ffast-math the compiler may not reorder a sum
+// dependent adds (latency-bound), and without -ffast-math the compiler may not reorder a sum
 // into vector lanes itself. The order is fixed, so results do not depend on the CPU's version.
 constexpr int kLanes = 16;
 

@@ -1,9 +1,9 @@
 // The LSTM cell's update from its pre-activations, forward and backward, fused: one call each per time step.
 //
-// nn.LSTMCell's maths (gate order i, f, g, o), as mann/fast.py's lstm_forward / lstm_step_backward:
+// nn.LSTMCell's maths (gate order i, f, g, o):
 //   i, f, o = sigmoid(pre_i, pre_f, pre_o), g = tanh(pre_g), c = f c_{t-1} + i g, h = o tanh(c).
 // The pre-activations themselves (x W_ih^T + h W_hh^T + b) stay matrix products in PyTorch. In PyTorch ops the
-// update is 7 ops forward and 6 backward per step, each ~3-7 us on this CPU for [16, 400] numbers; here it is
+// update is 7 ops forward and 6 backward per step, each ~3-7 us on a CPU for [16, 400] numbers; here it is
 // one pass over the row (see ntm_heads.cpp for why plain loops).
 
 #include <torch/extension.h>

@@ -6,7 +6,7 @@
 // Here the ops from the head parameters to the read vectors and the new memory are plain loops over one batch
 // row at a time, which stays in L1: one call forward, one backward.
 //
-// Same maths, same order, as mann/fast_ntm.py's ntm_step / ntm_step_backward (Graves et al. 2014, Sec. 3.3):
+// Same maths, same order, as mann.ntm.NTM.step, steps 2-4 (Graves et al. 2014, Sec. 3.3):
 // key k = tanh, strength beta = softplus, gate g = sigmoid, shift s = softmax, gamma = 1 + softplus, erase e =
 // sigmoid, add a = tanh; content w^c = softmax(beta K(k, M_i)) with K the cosine similarity (norms floored at
 // sqrt(smallest normal), eps 1e-6 outside their product); w^g = lerp(w_{t-1}, w^c, g); w~ = circular
@@ -46,8 +46,8 @@ struct Dims {
 // i mod N for -N <= i < 2N (shift offsets are at most N / 2), without an integer division
 inline int64_t wrap(int64_t i, int64_t N) { return i < 0 ? i + N : (i >= N ? i - N : i); }
 
-// sum_j a_j b_j with four running sums: a single sum is a chain of dependent adds (~4 cycles each), which is
-// what made a first version of these loops slower than the PyTorch ops they replace.
+// sum_j a_j b_j with four running sums: a single sum is a chain of dependent adds (~4 cycles each), which would make
+// these loops latency-bound.
 template <typename T>
 inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
   T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
