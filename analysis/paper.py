@@ -36,7 +36,7 @@ Verdict of one claim, at the study's level (95%), with the p-values Holm-adjuste
   (``expected``), that figure lies inside our interval;
 - ``partly reproduced``: significant in the claimed direction, but the paper's figure lies outside our
   interval (the direction holds, the size does not);
-- ``inconclusive``: the estimate points the claimed way but is not significant at this n;
+- ``inconclusive``: the estimate points the claimed way (or neither way) but is not significant at this n;
 - ``not reproduced``: the estimate points the other way, or no difference in a claimed one;
 - ``not estimated``: too few runs, or the estimate cannot be formed (said why).
 
@@ -147,6 +147,8 @@ def _steps(df, runs_a, runs_b, level) -> dict[str, float]:
 
 def _success(df, runs_a, runs_b, level) -> dict[str, float]:
     ea, eb = convergence(runs_a, df)[1], convergence(runs_b, df)[1]
+    if len(ea) and len(eb) and not (ea.any() or eb.any()):
+        raise stats.NotEstimated("not estimated: no run of either arm converged, nothing to compare")
     r = stats.compare_rates(int(ea.sum()), len(ea), int(eb.sum()), len(eb), level)
     return dict(estimate=r["diff"], lo=r["lo"], hi=r["hi"], p=r["p"], direction=r["diff"],
                 estimate_why=None, n_a=len(ea), n_b=len(eb))
@@ -233,6 +235,8 @@ def _verdict(row: Mapping[str, Any], p_holm: float) -> tuple[str, str]:
         return "not estimated", r["estimate_why"] or "the direction of the difference is not estimated"
     claimed = r["direction"] > 0
     significant = p_holm < ALPHA
+    if r["direction"] == 0 and not significant:
+        return "inconclusive", f"no difference either way at this n (Holm p = {p_holm:.3g})"
     if not claimed:
         return "not reproduced", (f"the estimate points against the claim (Holm p = {p_holm:.3g})" if significant
                                   else f"no difference in the claimed direction (Holm p = {p_holm:.3g})")

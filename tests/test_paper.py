@@ -117,6 +117,11 @@ def test_too_few_runs_and_no_runs_are_not_estimated():
     assert v.verdict == "not estimated" and "converged" in v.why
     (v,) = compare_claims(df, paper(outcome="success", against=("random",)))
     assert v.verdict == "not estimated" and v.n_against == 0
+    (v,) = compare_claims(df, paper(outcome="success", against=("learned",)))  # 0/1 against 0/1
+    assert v.verdict == "not estimated" and "converged" in v.why
+    df = study({"constant_trained": [1000, None], "learned": [2000, None]})
+    (v,) = compare_claims(df, paper(outcome="success", against=("learned",)))  # 1/2 against 1/2: no difference
+    assert v.estimate == 0 and v.verdict == "inconclusive"
 
 
 def test_success_and_final_value_claims():
