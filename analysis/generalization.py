@@ -47,6 +47,7 @@ import pyarrow.fs as pafs
 import torch
 
 from analysis.tidy import final_rows, validate_tidy
+from mann import dispatch
 from mann.registry import build_model
 from mann.tasks import Batch, Score, Task, build_task
 from mann.train import CHECKPOINT_NAME, TrainConfig, config_from_flat_dict, load_checkpoint, resolve_device
@@ -213,6 +214,7 @@ def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_si
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     devices = [device] if device.type == "cuda" else []
+    forward = dispatch.forward_fn(model, dispatch.choose(model).path)  # the path fit scores with, here too
     total, scored_bits = Score(), 0.0
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(eval_seed)
@@ -223,7 +225,7 @@ def evaluate(trained: Trained, scale: float = 1.0, noise: float = 0.0, memory_si
             inputs = batch.inputs.to(device=device, dtype=dtype)
             targets = batch.targets.to(device=device, dtype=dtype if batch.targets.is_floating_point() else None)
             moved = Batch(inputs, targets, batch.mask.to(device=device, dtype=dtype))
-            total = total.plus(task.score(model(inputs, memory_size=memory_size), moved))
+            total = total.plus(task.score(forward(inputs, memory_size=memory_size), moved))
             if task.targets_kind == "bits":
                 scored_bits += float(batch.mask.sum()) * batch.targets.shape[-1]
     out = total.metrics()
