@@ -56,11 +56,8 @@ import pandas as pd
 from analysis import stats
 from analysis.tidy import final_rows, final_values, validate_tidy
 
-OUTCOMES = ("steps", "success")  # and final_<metric>
 ALPHA = 0.05
 ENDED = ("completed", "diverged")  # a replication has no early stopping: every other status did not end
-
-VERDICTS = ("reproduced", "partly reproduced", "inconclusive", "not reproduced", "not estimated")
 
 
 class Verdict(NamedTuple):
@@ -83,7 +80,8 @@ class Verdict(NamedTuple):
 
 
 def arm_runs(df: pd.DataFrame, arms: Mapping[str, Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
-    """Each named arm's ended runs: one row per run (its final row), selected by the arm's column values.
+    """Each named arm's ended runs: one row per run (its final row), selected by the arm's column values, with
+    ``time`` and ``reached`` (see :func:`convergence`).
 
     ``arms``: {name: {column or param key: value}}; ``model`` is the model column, any other key a
     ``param.<key>`` column. A run matching two arms is an error in the study file's ``paper`` block.
@@ -91,6 +89,11 @@ def arm_runs(df: pd.DataFrame, arms: Mapping[str, Mapping[str, Any]]) -> dict[st
     validate_tidy(df)
     finals = final_rows(df)
     finals = finals[finals["status"].isin(ENDED)].reset_index(drop=True)
+    # converged_step where the run converged, else censored at its last step
+    converged = (finals["run_id"].map(final_values(df, "converged_step")).to_numpy(dtype=float)
+                 if "converged_step" in df.columns else np.full(len(finals), math.nan))
+    finals["reached"] = np.isfinite(converged)
+    finals["time"] = np.where(finals["reached"], converged, finals["step"].to_numpy(dtype=float))
     out: dict[str, pd.DataFrame] = {}
     taken = pd.Series(False, index=finals.index)
     for name, selector in arms.items():
@@ -118,21 +121,15 @@ def _same(value: Any, want: Any) -> bool:
     return str(value) == str(want)
 
 
-def convergence(runs: pd.DataFrame, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(time, converged) per run: ``converged_step`` where the run converged, else its last step (censored)."""
-    if "converged_step" in df.columns:
-        conv = final_values(df[df["run_id"].isin(runs["run_id"])], "converged_step")
-        conv = runs["run_id"].map(conv).to_numpy(dtype=float)
-    else:
-        conv = np.full(len(runs), math.nan)
-    reached = np.isfinite(conv)
-    time = np.where(reached, conv, runs["step"].to_numpy(dtype=float))
-    return time, reached
+def convergence(runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(time, converged) of an arm's runs (from :func:`arm_runs`): ``converged_step`` where the run converged,
+    else its last step (censored)."""
+    return runs["time"].to_numpy(dtype=float), runs["reached"].to_numpy(dtype=bool)
 
 
 def _steps(df, runs_a, runs_b, level) -> dict[str, float]:
-    ta, ea = convergence(runs_a, df)
-    tb, eb = convergence(runs_b, df)
+    ta, ea = convergence(runs_a)
+    tb, eb = convergence(runs_b)
     z, p = stats.logrank_test(ta, ea, tb, eb)
     try:
         r = stats.median_ratio(ta, ea, tb, eb, level)
@@ -146,7 +143,7 @@ def _steps(df, runs_a, runs_b, level) -> dict[str, float]:
 
 
 def _success(df, runs_a, runs_b, level) -> dict[str, float]:
-    ea, eb = convergence(runs_a, df)[1], convergence(runs_b, df)[1]
+    ea, eb = convergence(runs_a)[1], convergence(runs_b)[1]
     if len(ea) and len(eb) and not (ea.any() or eb.any()):
         raise stats.NotEstimated("not estimated: no run of either arm converged, nothing to compare")
     r = stats.compare_rates(int(ea.sum()), len(ea), int(eb.sum()), len(eb), level)
@@ -185,11 +182,11 @@ def outcome_test(outcome: str):
 def _strength(outcome: str, df: pd.DataFrame, runs: pd.DataFrame) -> tuple:
     """Sort key of a competitor: smaller is stronger (faster, more reliable, lower)."""
     if outcome == "steps":
-        t, e = convergence(runs, df)
+        t, e = convergence(runs)
         median = stats.km_medians(t[None], e[None])[0] if len(t) else math.inf
         return (median, -(e.mean() if len(e) else 0.0))
     if outcome == "success":
-        e = convergence(runs, df)[1]
+        e = convergence(runs)[1]
         return (-(e.mean() if len(e) else 0.0),)
     values = final_values(df[df["run_id"].isin(runs["run_id"])], outcome) if len(runs) else pd.Series(dtype=float)
     return (float(np.nanmedian(values)) if len(values) and np.isfinite(values).any() else math.inf,)
@@ -279,7 +276,7 @@ def survival_by_arm(df: pd.DataFrame, paper: Mapping[str, Any], level: float = s
     out = {}
     for name, runs in arm_runs(df, paper.get("arms") or {}).items():
         if len(runs):
-            t, e = convergence(runs, df)
+            t, e = convergence(runs)
             out[name] = stats.kaplan_meier(t, e, level)
     return out
 
@@ -292,7 +289,7 @@ def arm_summary(df: pd.DataFrame, paper: Mapping[str, Any], level: float = stats
         row = {"arm": name, "runs": len(runs), "converged": math.nan, "rate lo": math.nan, "rate hi": math.nan,
                "median steps": math.nan, "steps lo": math.nan, "steps hi": math.nan}
         if len(runs):
-            t, e = convergence(runs, df)
+            t, e = convergence(runs)
             lo, hi = stats.proportion_ci(int(e.sum()), len(e), level)
             median, mlo, mhi = stats.median_time(t, e, level)
             row.update({"converged": int(e.sum()), "rate lo": lo, "rate hi": hi, "median steps": median,

@@ -362,9 +362,8 @@ def paper_section(ctx: StudyContext) -> Section:
     s.text(f"{paper.get('cite', '')}. Verdict: **{paper_verdict(verdicts)}**" + (
         " (the study is still running: a provisional verdict)." if ctx.running else "."))
     rows = []
-    for v in verdicts:
+    for claim, v in zip(paper.get("claims") or (), verdicts, strict=True):  # one verdict per claim, in order
         what, scale = _outcome_text(v.outcome)
-        claim = next((c for c in paper.get("claims", ()) if c["claim"] == v.claim), {})
         ours = _interval(v.estimate, v.lo, v.hi) if math.isfinite(v.estimate) else "not estimated"
         rows.append({"claim": v.claim, "paper": claim.get("reported", ""),
                      "expected": "" if v.expected is None else f"{v.expected:g}",
@@ -1085,15 +1084,18 @@ def make_report(
     return paths
 
 
-def _locate(study_file_or_name: str, results_dir: str | None) -> tuple[str, str, str | None, str]:
-    """(tracking URI, study name, Optuna storage or None, results folder) from a study file or a study name."""
+def _locate(study_file_or_name: str, results_dir: str | None) -> tuple[str, str, str | None, str, dict | None]:
+    """(tracking URI, study name, Optuna storage or None, results folder, the file's ``paper`` block or None) from
+    a study file or a study name. A study file's ``paper`` block wins over the recorded one: a block added to the
+    file after the sweep started still reaches the report."""
     from study.spec import RESULTS_ENV, load_spec
     from study.tracking import resolve_tracking_uri
 
     path = Path(study_file_or_name)
     if path.is_file():
         spec = load_spec(path)
-        return spec.tracking_uri, spec.name, _existing(spec.storage), str(results_dir or spec.results_dir)
+        return (spec.tracking_uri, spec.name, _existing(spec.storage), str(results_dir or spec.results_dir),
+                spec.paper)
     if path.suffix in (".yaml", ".yml") or os.sep in study_file_or_name:
         raise LoadError(f"{study_file_or_name}: no such study file")
     name = study_file_or_name
@@ -1103,16 +1105,7 @@ def _locate(study_file_or_name: str, results_dir: str | None) -> tuple[str, str,
         raise LoadError(f"{root / 'mlflow.db'}: no MLflow database for study {name!r} (pass the study file, or "
                         "--results-dir)")
     storage = f"sqlite:///{(root / 'optuna.db').resolve()}" if (root / "optuna.db").is_file() else None
-    return uri, name, storage, str(root)
-
-
-def _study_file_paper(study_file_or_name: str) -> dict | None:
-    """The ``paper`` block of the study file, when a study file was named (it wins over the recorded one: a
-    paper block added to the file after the sweep started still reaches the report)."""
-    from study.spec import load_spec
-
-    path = Path(study_file_or_name)
-    return load_spec(path).paper if path.is_file() else None
+    return uri, name, storage, str(root), None
 
 
 def _existing(storage: str) -> str | None:
@@ -1126,10 +1119,10 @@ def cli_report(study_file_or_name: str, results_dir: str | None = None, out: str
     """``mannstudy report FILE|NAME [--results-dir DIR] [--out DIR]``: write the report, print where; 0, or 2
     with one line for a study that cannot be found."""
     try:
-        uri, name, storage, results = _locate(study_file_or_name, results_dir)
+        uri, name, storage, results, paper = _locate(study_file_or_name, results_dir)
         # a results_dir in object storage: the report is written here, in ./<name>-report (and logged to MLflow)
         out_dir = Path(out) if out else Path(f"{name}-report") if "://" in results else Path(results) / "report"
-        paths = make_report(uri, name, out_dir, storage, results, paper=_study_file_paper(study_file_or_name))
+        paths = make_report(uri, name, out_dir, storage, results, paper=paper)
     except LoadError as err:
         print(f"mannstudy: {err}", file=sys.stderr)
         return 2

@@ -66,7 +66,7 @@ def test_arms_select_runs_by_their_values_and_convergence_censors_at_the_last_st
     df["param.model.masking"] = pd.array(np.where(df["run_id"] == "learned-0", True, None), dtype="boolean")
     masked = arm_runs(df, {"m": {"model.masking": True}, "n": {"model.masking": False}})
     assert list(masked["m"]["run_id"]) == ["learned-0"] and len(masked["n"]) == 0
-    time, reached = convergence(arms["constant"], df)
+    time, reached = convergence(arms["constant"])
     assert list(time) == [1000, BUDGET] and list(reached) == [True, False]
     summary = arm_summary(df, paper()).set_index("arm")
     assert summary.loc["constant", "converged"] == 1 and summary.loc["random", "runs"] == 0
