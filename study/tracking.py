@@ -872,9 +872,17 @@ def _as_float(key: Any, value: Any) -> float:
 
 
 def ui_command(uri: str, port: int) -> list[str]:
-    """``mlflow ui`` on loopback for a local store (run with this interpreter: the venv's mlflow)."""
+    """``mlflow ui`` on loopback for a local store (run with this interpreter: the venv's mlflow). uvicorn logs
+    warnings and errors only: its start-up lines and one line per request would bury the address."""
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--uvicorn-opts", "--log-level warning"]
+
+
+def ui_log_path(uri: str, results_dir: Path | str) -> Path:
+    """Where ``mannstudy ui`` writes the server's own output: beside the SQLite database, else in the results
+    folder."""
+    db = _sqlite_path(uri)
+    return (db.parent if db is not None else Path(results_dir)) / "mlflow-ui.log"
 
 
 def study_views(uri: str, timeout_s: float = 30.0) -> list[tuple[str, str, bool]]:
@@ -940,7 +948,8 @@ def _end_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
 
 def cli_ui(results_dir: Path | str, port: int = 5000, tracking_uri: str | None = None) -> int:
     """Serve the MLflow UI of a results folder in the foreground until Ctrl+C, SIGTERM or SIGHUP; return its
-    exit code. Prints the runs view of each study (:func:`runs_url`).
+    exit code. Prints the runs view of each study (:func:`runs_url`); the server's own output goes to
+    :func:`ui_log_path`.
 
     The server runs in a process group of its own, and a stop, by whichever signal, ends that whole group:
     ``mlflow ui`` starts uvicorn as a child, which would otherwise keep the port.
@@ -962,10 +971,15 @@ def cli_ui(results_dir: Path | str, port: int = 5000, tracking_uri: str | None =
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # lighter and faster to start
     handlers = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     process = None
+    log_path = ui_log_path(uri, results_dir)
     try:
-        process = subprocess.Popen(ui_command(uri, port), env=env, start_new_session=True)
+        with open(log_path, "ab") as log:  # the server's banner and warnings: the terminal shows the address only
+            process = subprocess.Popen(ui_command(uri, port), env=env, start_new_session=True,
+                                       stdout=log, stderr=subprocess.STDOUT)
         _print_urls(f"http://127.0.0.1:{port}", uri, "  (Ctrl+C to stop)")
-        return process.wait()
+        code = process.wait()
+        print(f"mlflow ui exited with code {code}; its output is in {log_path}", file=sys.stderr, flush=True)
+        return code
     except (KeyboardInterrupt, _Stop):
         return 0
     finally:
