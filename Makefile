@@ -25,7 +25,7 @@ postgres:
 	      postgresql >/dev/null; } || echo "make: no PostgreSQL server binaries; tests/test_cluster.py will skip"
 
 test: $(STAMP) lint postgres
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/mannstudy demo

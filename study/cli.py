@@ -184,7 +184,7 @@ def _demo(args: argparse.Namespace) -> int:
     spec = load_spec(path)
     resume = Path(experiment_dir(spec)).is_dir()
     if resume:
-        print(f"demo: {spec.results_dir} already holds the demo study: finishing what is missing "
+        print(f"demo: {spec.results_dir} already holds the demo study: resuming it "
               f"(delete that folder for a fresh run)")
     summary = run_sweep(path, resume=resume)
     print(f"demo: {summary.line()}")

@@ -77,11 +77,22 @@ class SweepSummary:
     best: dict[str, Any] | None = None  # params and value of the best completed trial
     experiment_dir: str = ""
     parent_run_id: str = ""
+    planned: int = 0  # budget.num_samples
+    time_budget_s: float | None = None  # budget.time_budget_s
 
     def line(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
         best = f"; best {self.best['value']:.4g} ({self.best['trial_id']})" if self.best else ""
-        return f"trials: {counts or 'none'}{best}"
+        return f"trials: {counts or 'none'}{best}{self._short()}"
+
+    def _short(self) -> str:
+        """Why fewer trials than planned ran, when the study's time budget is the reason. Tune keeps what is
+        left of that budget in its state, so a ``--resume`` of a study whose budget ran out runs nothing more."""
+        ran = sum(self.counts.values())
+        if self.time_budget_s is None or ran >= self.planned:
+            return ""
+        return (f"; budget.time_budget_s ({self.time_budget_s:g} s) ended the study after {ran} of "
+                f"{self.planned} trials, and a --resume cannot extend it (a new results_dir starts over)")
 
 
 @dataclass(frozen=True)
@@ -312,7 +323,8 @@ def summarize(spec: StudySpec) -> SweepSummary:
     import optuna
 
     study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
-    summary = SweepSummary(experiment_dir=str(experiment_dir(spec)))
+    summary = SweepSummary(experiment_dir=str(experiment_dir(spec)), planned=spec.budget.num_samples,
+                           time_budget_s=spec.budget.time_budget_s)
     best = None
     for t in study.get_trials(deepcopy=False):
         status = t.user_attrs.get("status", t.state.name.lower())

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from study.spec import load_spec
 from study.state import STATE_BUNDLE, TUNER_COPY, TUNER_PKL, prepare_restore, repair_checkpoints, state_dir
-from study.sweep import SweepError, reconcile, run_sweep
+from study.sweep import SweepError, SweepSummary, reconcile, run_sweep
 from study.tracking import (
     STATUS_TO_RUN_STATUS,
     TAG_ATTEMPTS,
@@ -434,3 +434,10 @@ def test_a_worker_process_is_prepared_once_with_the_collector_paused(tmp_path, m
         del later
     finally:
         gc.unfreeze()
+
+
+def test_a_study_its_time_budget_ended_says_so_and_that_resume_cannot_extend_it():
+    short = SweepSummary(counts={"completed": 10, "stopped_early": 5}, planned=24, time_budget_s=900.0)
+    assert "ended the study after 15 of 24 trials" in short.line() and "--resume cannot extend it" in short.line()
+    assert "time_budget" not in SweepSummary(counts={"completed": 24}, planned=24, time_budget_s=900.0).line()
+    assert "time_budget" not in SweepSummary(counts={"completed": 15}, planned=24).line()
