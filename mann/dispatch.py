@@ -52,7 +52,7 @@ FUSED_IMPLEMENTS: dict[type, Mapping[str, tuple | None]] = {
         "read_heads": ANY, "write_heads": ANY, "shift_range": ANY,
         # M_0 comes from NTM.initial_state, the reference's own (differentiable) code, for every scheme
         "memory_init": ("constant", "learned", "random", "constant_trained", "random_trained"),
-        "clip_value": ANY, "forget_bias": ANY,  # forget_bias only sets the initial weights
+        "clip_value": ANY, "forget_bias": ANY, "layer_init": ANY,  # these two only set the initial weights
     },
     DNC: {
         "controller_size": ANY, "memory_size": ANY, "word_size": ANY, "read_heads": ANY, "write_heads": ANY,

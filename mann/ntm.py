@@ -24,6 +24,10 @@ what it runs as "constant", "learned" and "random" is ``constant_trained``, ``le
 here; ``constant`` and ``random`` are the untrained readings of the names. The initial read vectors and
 weightings are always learned, as in their code (r_0 = tanh(p), w_0 = softmax(q), p and q Glorot-uniform vectors:
 a uniform weighting over a constant memory would never tell the slots apart); the controller starts at zero.
+
+``NTMConfig.layer_init`` chooses the starting weights of the controller, interface and output layers: PyTorch's
+defaults (``pytorch``), or those of Collier & Beel's TensorFlow code (``tensorflow``: truncated-normal interface
+and output kernels, a Glorot-uniform LSTM kernel, zero biases; ``tensorflow_layer_init``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class NTMConfig:
     # added to the LSTM controller's forget-gate bias at initialisation (mann.lstm.add_forget_bias); Collier &
     # Beel's code runs TensorFlow's BasicLSTMCell(forget_bias=1.0), which this reproduces exactly
     forget_bias: float = 0.0
+    # the starting weights of the controller, interface and output layers: PyTorch's defaults, or those of
+    # Collier & Beel's TensorFlow code (see tensorflow_layer_init)
+    layer_init: Literal["pytorch", "tensorflow"] = "pytorch"
 
     def __post_init__(self):
         for key in ("controller_size", "memory_size", "word_size", "read_heads", "write_heads"):
@@ -71,6 +78,7 @@ class NTMConfig:
               self.clip_value)
         check(self.forget_bias == 0 or self.controller == "lstm", "forget_bias", "0 with a feedforward controller",
               self.forget_bias)
+        check(self.layer_init in ("pytorch", "tensorflow"), "layer_init", "pytorch or tensorflow", self.layer_init)
 
 
 class NTMState(NamedTuple):
@@ -90,13 +98,16 @@ class NTM(nn.Module):
         controller_in = input_size + R * W
         if cfg.controller == "lstm":
             self.controller = nn.LSTMCell(controller_in, C)
-            add_forget_bias(self.controller, cfg.forget_bias)
         else:
             self.controller = nn.Linear(controller_in, C)
         # Per head: k (W), β, g, s (2k+1), γ; then per write head: e (W), a (W). One fused layer for all.
         self.head_params = W + 3 + (2 * cfg.shift_range + 1)
         self.interface = nn.Linear(C, heads * self.head_params + Hw * 2 * W)
         self.output = nn.Linear(C + R * W, output_size)
+        if cfg.layer_init == "tensorflow":
+            tensorflow_layer_init(self.controller, self.interface, self.output)
+        if cfg.controller == "lstm":
+            add_forget_bias(self.controller, cfg.forget_bias)
 
         # Learned initial reads and weightings (Collier & Beel): Glorot-uniform as for a 1 -> n layer, so the
         # initial weighting is near-uniform yet not exactly uniform, which lets content-free heads tell slots apart.
@@ -208,6 +219,28 @@ class NTM(nn.Module):
     def _clip(self, t: Tensor) -> Tensor:
         v = self.cfg.clip_value
         return t if v is None else t.clamp(-v, v)
+
+
+def tensorflow_layer_init(controller: nn.LSTMCell | nn.Linear, interface: nn.Linear, output: nn.Linear) -> None:
+    """Collier & Beel's starting weights, in place: the interface and output layers (their ``o2p``, ``o2o``:
+    ``tf.layers.dense`` with ``create_linear_initializer``) from a normal with std 1/sqrt(fan_in) truncated at two
+    std; the LSTM controller's kernel (TensorFlow's BasicLSTMCell: one [in + H, 4H] matrix, the variable's default
+    Glorot-uniform) uniform in ±sqrt(6 / (in + H + 4H)); a feedforward controller Glorot-uniform; every bias 0."""
+    with torch.no_grad():
+        for layer in (interface, output):
+            std = 1.0 / math.sqrt(layer.in_features)
+            nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+            layer.bias.zero_()
+        if isinstance(controller, nn.LSTMCell):
+            fan_in, fan_out = controller.input_size + controller.hidden_size, 4 * controller.hidden_size
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            for weight in (controller.weight_ih, controller.weight_hh):
+                weight.uniform_(-limit, limit)
+            controller.bias_ih.zero_()
+            controller.bias_hh.zero_()
+        else:
+            nn.init.xavier_uniform_(controller.weight)
+            controller.bias.zero_()
 
 
 def _glorot_vector(shape: tuple[int, ...], fan_out: int) -> Tensor:

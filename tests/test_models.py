@@ -127,6 +127,7 @@ def test_lstm_default_matches_ntm_parameter_count_on_copy():
         ("dnc-md", {"clip_value": -1}, "model.clip_value"),
         ("dnc-md", {"mask_min": 1.0}, "model.mask_min"),
         ("ntm", {"controller": "feedforward", "forget_bias": 1.0}, "model.forget_bias"),
+        ("ntm", {"layer_init": "keras"}, "model.layer_init"),
         ("dnc-md", {"mask_min": -0.1}, "model.mask_min"),
         ("lstm", {"layers": 0}, "model.layers"),
     ],
@@ -448,3 +449,37 @@ def test_forget_bias_is_tensorflows_constant_added_to_the_forget_gate():
     h_ours, c_ours = raised(x, (h, c))
     torch.testing.assert_close(c_ours, c_tf, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h_ours, h_tf, rtol=1e-12, atol=1e-12)
+
+
+def test_tensorflow_layer_init_draws_collier_and_beels_starting_weights():
+    """layer_init tensorflow: interface and output kernels from a normal with std 1/sqrt(fan_in) cut at two std
+    (std of the cut normal 0.880/sqrt(fan_in)); the LSTM kernel Glorot-uniform over TF's one [in + H, 4H]
+    matrix (std limit/sqrt(3)); every bias 0 but the forget gate's, which is forget_bias."""
+    torch.manual_seed(0)
+    model = build_model("ntm", make_model_config("ntm", {"layer_init": "tensorflow", "forget_bias": 1.0}), 9, 8)
+    for layer in (model.interface, model.output):
+        std = 1 / np.sqrt(layer.in_features)
+        w = layer.weight.detach().numpy()
+        assert np.abs(w).max() <= 2 * std
+        assert abs(w.std() / (0.8796 * std) - 1) < 0.05
+        assert not layer.bias.detach().any()
+    cell = model.controller
+    H = cell.hidden_size
+    limit = np.sqrt(6 / (cell.input_size + H + 4 * H))
+    kernel = torch.cat([cell.weight_ih, cell.weight_hh], 1).detach().numpy()
+    assert np.abs(kernel).max() <= limit
+    assert abs(kernel.std() / (limit / np.sqrt(3)) - 1) < 0.05
+    forget = np.zeros(4 * H)
+    forget[H : 2 * H] = 1.0
+    np.testing.assert_array_equal((cell.bias_ih + cell.bias_hh).detach().numpy(), forget)
+
+
+def test_layer_init_pytorch_is_the_default_and_changes_nothing_else():
+    torch.manual_seed(0)
+    default = tiny("ntm")
+    torch.manual_seed(0)
+    explicit = tiny("ntm", layer_init="pytorch")
+    for (n, p), q in zip(default.named_parameters(), explicit.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    ff = tiny("ntm", controller="feedforward", layer_init="tensorflow")
+    assert not ff.controller.bias.detach().any()
