@@ -181,7 +181,7 @@ def fresh_seeds(spec: StudySpec, count: int, study=None) -> list[int]:
 
 
 def replication_grid(configs: Sequence[ReplicaConfig], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """Every (configuration, seed) pair, configuration-major: one Tune trial each.
+    """Every (configuration, seed) pair, configuration-major: one MLflow run each.
 
     The one place the pairs are made (:func:`replication_points` groups them into Tune trials). Each item:
     ``config`` (index), ``label``, ``params``, ``seed``.
