@@ -114,35 +114,39 @@ def load_trained(checkpoint: str | Path, device: str = "cpu", label: str | None 
 def find_checkpoint(results_dir: str | Path, trial_id: str) -> Path:
     """The last checkpoint of Tune trial ``trial_id`` under ``<results_dir>/ray/<experiment>/``.
 
-    Trial folders carry the trial id (``run_trial_<id>_...`` for a sweep, ``replica_<id>_...`` for a
-    replication); inside, ``checkpoint_<n>/checkpoint.pt`` with the largest n wins. A seed of a batched
-    replication has the run id ``<tune trial id>-s<seed>`` and its checkpoints in its trial's
-    ``checkpoint_<n>/seed-<seed>/checkpoint.pt`` (study/replicate.py). ``results_dir`` may be a URI
+    Trial folders carry the trial id (``run_trial_<id>_...`` for a sweep, ``run_point_<run key>_...`` for a
+    replication's point); inside, ``checkpoint_<n>/checkpoint.pt`` with the largest n wins. A seed of a batched
+    point has the run key ``<key>.s<seed>`` (``<tune trial id>-s<seed>`` in replications recorded before run
+    keys) and its checkpoints in the folder of ``<key>``, as ``checkpoint_<n>/seed-<seed>/checkpoint.pt``
+    (study/trainable.py, ``point_dirname``). ``results_dir`` may be a URI
     (``s3://bucket/…``, read through pyarrow as Tune wrote it): the checkpoint is then downloaded once into
     a local cache (:data:`CHECKPOINT_CACHE`) and that copy returned.
     """
     remote = "://" in str(results_dir)
     root = f"{str(results_dir).rstrip('/')}/ray" if remote else str(Path(results_dir) / "ray")
     fs, root_path = pafs.FileSystem.from_uri(root) if remote else (pafs.LocalFileSystem(), root)
-    base, inner = trial_id, CHECKPOINT_NAME
+    layouts = [(trial_id, CHECKPOINT_NAME)]  # (folder key, path in a checkpoint folder)
     if seeded := _SEED_TRIAL.fullmatch(trial_id):
-        base, inner = seeded["trial"], f"seed-{seeded['seed']}/{CHECKPOINT_NAME}"
+        layouts.append((seeded["trial"], f"seed-{seeded['seed']}/{CHECKPOINT_NAME}"))
 
     def folders_in(path: str, pattern: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         return [i.path for i in infos
                 if i.type == pafs.FileType.Directory and fnmatch.fnmatchcase(i.base_name, pattern)]
 
-    folders = [f for experiment in folders_in(root_path, "*") for f in folders_in(experiment, f"*_{base}_*")]
-    found = []
-    for folder in folders:
-        for checkpoint_dir in folders_in(folder, "checkpoint_*"):
-            number = checkpoint_dir.rpartition("_")[2]
-            if number.isdigit() and fs.get_file_info(f"{checkpoint_dir}/{inner}").type == pafs.FileType.File:
-                found.append((int(number), f"{checkpoint_dir}/{inner}"))
+    experiments = folders_in(root_path, "*")
+    found, folders = [], 0
+    for base, inner in layouts:
+        for folder in [f for experiment in experiments for f in folders_in(experiment, f"*_{base}_*")]:
+            folders += 1
+            for checkpoint_dir in folders_in(folder, "checkpoint_*"):
+                number = checkpoint_dir.rpartition("_")[2]
+                if number.isdigit() and fs.get_file_info(f"{checkpoint_dir}/{inner}").type == pafs.FileType.File:
+                    found.append((int(number), f"{checkpoint_dir}/{inner}"))
     found.sort()
     if not found:
-        where = f"{len(folders)} trial folder(s)" if folders else "no trial folder"
+        base, inner = layouts[-1]
+        where = f"{folders} trial folder(s)" if folders else "no trial folder"
         raise GeneralizationError(f"trial {trial_id}: no {inner} under {root}/*/*_{base}_* ({where})")
     if not remote:
         return Path(found[-1][1])
@@ -158,7 +162,7 @@ def find_checkpoint(results_dir: str | Path, trial_id: str) -> Path:
 CHECKPOINT_CACHE = Path(tempfile.gettempdir()) / "mannstudy-checkpoints"  # checkpoints read from object storage
 
 
-_SEED_TRIAL = re.compile(r"(?P<trial>.+)-s(?P<seed>\d+)")
+_SEED_TRIAL = re.compile(r"(?P<trial>.+)[-.]s(?P<seed>\d+)")  # a seed's run key in a batched point
 
 
 # ----------------------------------------------------------------------------------------------------------

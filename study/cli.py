@@ -258,9 +258,12 @@ def _replicate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", metavar="FILE", help="replicate the configurations listed in this YAML file instead")
     p.add_argument("--address", help="join a Ray cluster ('auto' on a cluster head); default: a local Ray")
     p.add_argument("--resume", action="store_true", help="finish a replication whose driver stopped")
-    p.add_argument("--no-batch", dest="batch", action="store_false",
-                   help="one Tune trial per (configuration, seed) instead of all seeds of a configuration "
-                        "trained as one batched model")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--seeds-per-trial", type=int, metavar="N",
+                       help="train N seeds of a configuration as one batched model per Tune trial "
+                            "(default: all its seeds in one trial)")
+    batch.add_argument("--no-batch", dest="seeds_per_trial", action="store_const", const=1,
+                       help="one Tune trial per (configuration, seed): --seeds-per-trial 1")
 
 
 def _replicate(args: argparse.Namespace) -> int:
@@ -269,7 +272,7 @@ def _replicate(args: argparse.Namespace) -> int:
     _quiet_optuna()
     seeds = int(args.seeds) if args.seeds.strip().isdigit() else args.seeds
     return cli_replicate(args.file, top_k=args.top, seeds=seeds, configs_file=args.configs,
-                         address=args.address, resume=args.resume, batched=args.batch)
+                         address=args.address, resume=args.resume, seeds_per_trial=args.seeds_per_trial)
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:

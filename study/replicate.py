@@ -4,11 +4,18 @@ A search ranks configurations on one seed each (or a few); which of its top conf
 really best, and how reliably each learns, needs more seeds. A replication takes the K best
 distinct configurations of the study's Optuna record (COMPLETE trials ranked by value; a
 configuration that ran under several seeds ranks by its best trial), or the configurations
-listed in a YAML file, and runs each with S seeds the study never used, every run to
-``budget.max_steps`` (FIFO scheduling: no early stopping, no Optuna sampling). Each (config,
-seed) pair is one MLflow run. By default all seeds of one configuration train in ONE Tune trial as one
-batched model (:func:`mann.multiseed.fit_seeds`, :func:`run_replica_seeds`); ``batched=False`` runs each pair
-as its own Tune trial through the sweep's own trainable (:func:`study.trainable.run_trial`).
+listed in a YAML file, and runs each with S seeds the study never used (the search's own runs are
+not repeated), every run to ``budget.max_steps``.
+
+It is a sweep of a fixed grid, configurations x seeds: :func:`study.sweep.make_tuner` with ``grid``
+(no searcher, no scheduler: no early stopping), the sweep's trainable (:func:`study.trainable.run_point`),
+callbacks, kept state (:mod:`study.state`) and :func:`study.sweep.reconcile` (``searched=False``). What is
+its own is here: which configurations and seeds, the grid, and the names. Each (config, seed) pair is one
+MLflow run whose run key (``mannstudy.trial_id``) is ``<id>.c<i>.s<seed>`` (:func:`run_key`), so a resumed
+replication finds every run it began, with or without Tune's state, and accounts for each pair once (a
+pair that failed is retried in its own run). By default all seeds of a configuration train in ONE Tune
+trial as one batched model (:func:`mann.multiseed.fit_seeds`); ``seeds_per_trial`` splits them (1: one
+trial per pair).
 
 MLflow layout (read by :mod:`analysis.load`)::
 
@@ -18,23 +25,20 @@ MLflow layout (read by :mod:`analysis.load`)::
             mannstudy.replication=<id>              id: rep-<hash of the (config, seed) list>, or given
             mannstudy.study=<study>, mannstudy.study_run=<parent run id>
             artifact replication.json               the configurations (with where each came from) and seeds
-          run mannstudy.kind=trial                  one per (config, seed), as in a sweep; batched, its
-                                                    mannstudy.trial_id is ``<tune trial id>-s<seed>``
+          run mannstudy.kind=trial                  one per (config, seed), as in a sweep;
+                                                    mannstudy.trial_id=<id>.c<i>.s<seed>
 
-Tune's state lives in ``<results_dir>/ray/<id>/`` (trial folders ``replica_<trial id>_c<i>_s<seed>``, or
-``replica_<trial id>_c<i>_x<S>`` for S seeds batched, checkpoints inside: batched, ``checkpoint_<n>/seed-<s>/``),
-so ``resume=True`` finishes an interrupted replication with ``Tuner.restore`` (each batched seed resumes from its
-own ``seed-<s>`` checkpoint; a seed whose run already recorded its end is not trained again). The trial that
-restore runs decides the path, not the ``batched`` option: a resumed replication keeps the layout it began with.
-After the Tuner returns, each batched seed's last checkpoint is also linked as ``replica-seed_<trial id>-s<seed>_c<i>
-/checkpoint_<n>/checkpoint.pt`` (a hard link), the one-trial-per-run layout that
-:func:`analysis.generalization.find_checkpoint` looks for.
+Tune's state lives in ``<results_dir>/ray/<id>/`` (a local folder or a URI, as the sweep's), trial folders
+``run_point_<id>.c<i>.s<seed>_<trial id>``, or ``run_point_<id>.c<i>_x<S>_<trial id>`` for S seeds batched
+(checkpoints ``checkpoint_<n>/seed-<s>/`` inside), so ``resume=True`` finishes an interrupted replication with
+``Tuner.restore``; a resumed replication keeps the layout it began with.
 
 Ray is imported inside the functions: :mod:`analysis.load` imports the tag names from here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,7 +46,6 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,25 +181,44 @@ def fresh_seeds(spec: StudySpec, count: int, study=None) -> list[int]:
 
 
 def replication_grid(configs: Sequence[ReplicaConfig], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """Every (configuration, seed) pair, configuration-major: one Tune trial each.
+    """Every (configuration, seed) pair, configuration-major: one MLflow run each.
 
-    The one place the pairs are made, so that a batched many-seeds-at-once model can take the
-    list instead. Each item: ``config`` (index), ``label``, ``params``, ``seed``.
+    The one place the pairs are made (:func:`replication_points` groups them into Tune trials). Each item:
+    ``config`` (index), ``label``, ``params``, ``seed``.
     """
     return [{"config": i, "label": c.label, "params": dict(c.params), "seed": int(s)}
             for i, c in enumerate(configs) for s in seeds]
 
 
-def replication_batches(configs: Sequence[ReplicaConfig], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """One item per configuration with all the seeds: one batched Tune trial each (``config``, ``label``,
-    ``params``, ``seeds``)."""
-    return [{"config": i, "label": c.label, "params": dict(c.params), "seeds": [int(s) for s in seeds]}
-            for i, c in enumerate(configs)]
+def run_key(rep_id: str, label: str, seed: int) -> str:
+    """The run key of one (configuration, seed) pair, its MLflow run's ``mannstudy.trial_id``: ``<id>.<label>.s<seed>``.
+
+    Chosen here, not by Tune, so that a resumed replication finds each pair's run whatever Tune's state holds
+    (a pair that failed is retried in its own run, never beside it)."""
+    return f"{rep_id}.{label}.s{seed}"
 
 
-def seed_trial_id(trial_id: str, seed: int) -> str:
-    """The ``mannstudy.trial_id`` of one seed of a batched trial: ``<tune trial id>-s<seed>``."""
-    return f"{trial_id}-s{seed}"
+def replication_points(rep_id: str, grid: Sequence[Mapping[str, Any]],
+                       seeds_per_trial: int | None = None) -> list[dict]:
+    """The Tune grid of a replication (points as :func:`study.trainable.run_point` reads them): each configuration's
+    pairs of ``grid`` in trials of ``seeds_per_trial`` seeds, trained as one batched model (None: all its seeds in
+    one trial; 1: one trial per pair). A point's key is its run key for one seed, ``<id>.<label>`` for several."""
+    if seeds_per_trial is not None and (isinstance(seeds_per_trial, bool) or not isinstance(seeds_per_trial, int)
+                                        or seeds_per_trial < 1):
+        raise ReplicationError(f"seeds_per_trial: expected a positive integer, got {seeds_per_trial!r}")
+    by_config: dict[int, list[Mapping[str, Any]]] = {}
+    for pair in grid:
+        by_config.setdefault(pair["config"], []).append(pair)
+    points = []
+    for pairs in by_config.values():
+        size = seeds_per_trial or len(pairs)
+        for i in range(0, len(pairs), size):
+            group = pairs[i:i + size]
+            label, seeds = group[0]["label"], [int(p["seed"]) for p in group]
+            keys = [run_key(rep_id, label, s) for s in seeds]
+            points.append({"key": keys[0] if len(seeds) == 1 else f"{rep_id}.{label}",
+                           "config": dict(group[0]["params"]), "seeds": seeds, "keys": keys})
+    return points
 
 
 def replication_id(grid: Sequence[Mapping[str, Any]]) -> str:
@@ -205,221 +227,12 @@ def replication_id(grid: Sequence[Mapping[str, Any]]) -> str:
     return ID_PREFIX + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The Tune side
-
-
-def run_replica(config: dict, context) -> None:
-    """Tune function trainable: one item of the grid. ``seeds`` (a batch): :func:`run_replica_seeds`; ``seed``
-    (one pair): the sweep's own trainable. The item decides, so a restored replication keeps its layout."""
-    from study.trainable import _prepare_process, run_trial
-
-    replica = config["replica"]
-    if "seeds" in replica:
-        _prepare_process(context.tracking_uri)  # run_trial does it itself
-        run_replica_seeds(replica, context)
-    else:
-        run_trial({**replica["params"], "seed": replica["seed"]}, context)
-
-
-def _recorded_ends(context, trial_ids: Mapping[int, str]) -> dict[int, tuple[str, dict]]:
-    """seed -> (status, metrics) of the seeds whose MLflow run an earlier attempt ended (the sweep's own reading,
-    :func:`study.trainable._recorded_end`, per seed)."""
-    from study.search import STATUS_KEY
-    from study.trainable import _recorded_end
-
-    ended = {}
-    for seed, trial_id in trial_ids.items():
-        found = _recorded_end(context, trial_id)
-        if found is not None:
-            ended[seed] = (found[1][STATUS_KEY], found[1])
-    return ended
-
-
-def run_replica_seeds(replica: dict, context) -> None:
-    """All seeds of one configuration in one Tune trial: :func:`mann.multiseed.fit_seeds`, one MLflow run per seed.
-
-    Each seed's child run is what :func:`study.trainable.run_trial` would record for it (params, tags, metrics,
-    ``completed``/``diverged``/``failed``), with ``mannstudy.trial_id`` = ``<tune trial id>-s<seed>``. Tune gets
-    one result per evaluation step (after every seed has evaluated it): the mean objective over the seeds
-    (a diverged seed counts as the worst value), and a checkpoint every ``checkpoint_every`` evaluations and at
-    the end holding ``seed-<s>/checkpoint.pt`` per seed. No early stopping: every seed trains to max_steps.
-    """
-    import shutil
-    import tempfile
-
-    import ray
-    import torch
-    from ray import tune
-
-    from mann.multiseed import SEED_DIR, fit_seeds
-    from mann.train import FINAL_PREFIX, config_to_flat_dict, make_train_config
-    from study.search import STATUS_KEY, STEP_KEY
-    from study.tracking import TrialTracker, trial_run_name
-    from study.trainable import _worst
-
-    torch.set_num_threads(max(1, context.threads))
-    spec = context.spec
-    metric, mode = spec.objective.metric, spec.objective.mode
-    tune_context = tune.get_context()
-    trial_id = tune_context.get_trial_id()
-    checkpoint = tune.get_checkpoint()
-    seeds = [int(s) for s in replica["seeds"]]
-    ids = {s: seed_trial_id(trial_id, s) for s in seeds}
-    configs = {}
-    for s in seeds:
-        model, overrides = trial_overrides(spec, {**replica["params"], "seed": s})
-        configs[s] = make_train_config(model, spec.task, overrides)
-    cfg = configs[seeds[0]]
-    ended = _recorded_ends(context, ids)  # a restored trial may have ended, with or without a checkpoint
-    status = {s: ended[s][0] for s in ended}  # seed -> its end, once known
-    steps = {s: int(ended[s][1].get(STEP_KEY, cfg.max_steps)) for s in ended}  # seed -> the step it ended at
-    latest = {s: ended[s][1] for s in ended}  # seed -> its last metrics
-    restored_from = checkpoint.get_metadata() if checkpoint else {}
-    attempt = {"node_id": ray.get_runtime_context().get_node_id(), "start_step": int(restored_from.get("step", 0)),
-               "seeds": len(seeds)}
-    trackers = {
-        s: TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, ids[s],
-                        params=config_to_flat_dict(configs[s]),
-                        tags={"mannstudy.trial_name": tune_context.get_trial_name()},
-                        run_name=trial_run_name({**replica["params"], "seed": s}), flush_every=context.flush_every)
-        for s in seeds if s not in ended
-    }
-    staging = Path(tempfile.mkdtemp(prefix="mannstudy-seeds-"))  # seed-<s>/checkpoint.pt: each seed's latest
-    at = {"step": None, "evaluations": 0}  # the evaluation step in progress; evaluation steps seen
-
-    def report(step: int, final: bool, save: bool) -> None:
-        values = [(_worst(mode) if status.get(s) == "diverged" else latest[s].get(metric, _worst(mode)))
-                  for s in seeds if s in latest or s in status]
-        counts = {f"seeds_{k}": sum(1 for v in status.values() if v == k) for k in ("completed", "diverged")}
-        if final:
-            trial_status = "completed" if counts["seeds_completed"] else "diverged"
-        else:
-            trial_status = "running"
-        result = {STEP_KEY: step, metric: sum(values) / len(values) if values else _worst(mode),
-                  STATUS_KEY: trial_status, **counts, **attempt}
-        if not save:
-            tune.report(result)
-            return
-        with tempfile.TemporaryDirectory(prefix="mannstudy-ckpt-") as tmp:  # Tune gets its own copy
-            shutil.copytree(staging, tmp, dirs_exist_ok=True)
-            saved = tune.Checkpoint.from_directory(tmp)
-            saved.set_metadata({"step": step})
-            tune.report(result, checkpoint=saved)
-
-    def end_step() -> None:
-        """Every seed has evaluated step at["step"]: one result for Tune."""
-        if at["step"] is not None:
-            at["evaluations"] += 1
-            report(at["step"], False, at["evaluations"] % context.checkpoint_every == 0)
-
-    def on_eval(seed: int, metrics: dict, save_checkpoint) -> bool:
-        step = int(metrics[STEP_KEY])
-        if step != at["step"]:
-            end_step()  # fit_seeds evaluates every live seed at a step before it trains the next
-            at["step"] = step
-        tracker = trackers[seed]
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != STEP_KEY}, step)
-        latest[seed] = dict(metrics)
-        final = step >= cfg.max_steps or "converged_step" in metrics  # the seed ends here: final_* are in metrics
-        if final:
-            tracker.flush()
-            tracker.set_status("completed", step=step)
-            status[seed] = "completed"
-        if final or (at["evaluations"] + 1) % context.checkpoint_every == 0:
-            save_checkpoint(staging / SEED_DIR.format(seed=seed))
-        return False  # no early stopping in a replication
-
-    try:
-        with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
-            if restored:
-                shutil.copytree(restored, staging, dirs_exist_ok=True)
-        todo = [s for s in seeds if s not in ended]
-        resumable = [s for s in todo if (staging / SEED_DIR.format(seed=s)).is_dir()]
-        # A seed without a checkpoint (none was due before the crash) starts afresh, in a batch of its own.
-        groups = [(group, resume) for group, resume in ((resumable, staging), ([s for s in todo if s not in
-                  resumable], None)) if group]
-        for group, resume in groups:
-            results = fit_seeds(cfg, group, on_eval=on_eval, resume_from=resume)
-            for s, result in zip(group, results, strict=True):
-                latest[s] = {**latest.get(s, {}), **result.metrics}
-                final = {k: v for k, v in result.metrics.items() if k.startswith(FINAL_PREFIX)}
-                if result.status == "diverged":
-                    trackers[s].log_metrics(final, result.step)  # the final evaluation of its last good weights
-                    trackers[s].set_status("diverged", step=result.step, message=result.message)
-                    status[s] = "diverged"
-                elif result.status == "completed" and s not in status:  # resumed at its end: no evaluation ran
-                    trackers[s].log_metrics(final, result.step)
-                    trackers[s].set_status("completed", step=result.step)
-                    status[s] = "completed"
-                steps[s] = result.step
-            at["step"] = None
-        report(max(steps.values(), default=0), True, True)
-    except SystemExit:
-        # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
-        for tracker in trackers.values():
-            if tracker.status is None:
-                tracker.set_status("stopped_early", step=at["step"] or 0)
-        raise
-    except BaseException as err:
-        for tracker in trackers.values():
-            if tracker.status is None:
-                tracker.set_status("failed", step=at["step"] or 0, message=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        for tracker in trackers.values():
-            tracker.close()
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _trial_dirname(trial) -> str:
-    replica = trial.config.get("replica", {})
-    if "seeds" in replica:
-        return f"replica_{trial.trial_id}_c{replica.get('config', 'x')}_x{len(replica['seeds'])}"
-    return f"replica_{trial.trial_id}_c{replica.get('config', 'x')}_s{replica.get('seed', 'x')}"
-
-
-def experiment_dir(spec: StudySpec, rep_id: str) -> Path:
-    return Path(spec.results_dir) / "ray" / rep_id
-
-
 def check_name(name: str) -> str:
     """A replication id from a user's name: letters, digits, ``_ . -``; ``rep-`` prepended when missing."""
     if not _ID.match(name):
         raise ReplicationError(f"replication name {name!r}: expected letters, digits, '_', '.', '-' "
                                "(it names a folder and an MLflow tag)")
     return name if name.startswith(ID_PREFIX) else ID_PREFIX + name
-
-
-def _make_tuner(spec: StudySpec, context, grid: list[dict], exp_dir: Path, resume: bool):
-    from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-
-    from study import state
-    from study.sweep import MAX_FAILURES, ProgressCallback
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_replica, context=context),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-    )
-    if resume and state.prepare_restore(exp_dir, str(spec.source)):
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-    tune_config = tune.TuneConfig(
-        num_samples=1, max_concurrent_trials=spec.concurrency, reuse_actors=True,
-        trial_dirname_creator=_trial_dirname,
-    )
-    stall = state.NoProgress()
-    run_config = tune.RunConfig(
-        name=exp_dir.name, storage_path=str(exp_dir.parent),
-        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2), stop=stall,
-        callbacks=[ProgressCallback(spec), JsonLoggerCallback(), state.StateBackupCallback(exp_dir), stall],
-        verbose=0,
-    )
-    tuner = tune.Tuner(trainable, param_space={"replica": tune.grid_search(grid)}, tune_config=tune_config,
-                       run_config=run_config)
-    state.keep_tuner_copy(exp_dir)
-    return tuner
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,60 +261,6 @@ def start_replication_run(uri: str, experiment_id: str, spec: StudySpec, study_r
     _retry(lambda: client.log_dict(run.info.run_id, json.loads(json.dumps(record, default=str)), REPLICATION_FILE),
            uri, f"uploading {REPLICATION_FILE}", 30.0)
     return run.info.run_id
-
-
-def _child_statuses(uri: str, experiment_id: str, parent_run_id: str) -> list:
-    from study.tracking import TAG_KIND, TAG_PARENT, _client
-
-    client = _client(uri)
-    runs, token = [], None
-    while True:
-        filter_string = f"tags.`{TAG_PARENT}` = '{parent_run_id}' AND tags.`{TAG_KIND}` = 'trial'"
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _reconcile(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> dict[str, int]:
-    """After the Tuner returns nothing runs, so child runs still ``running`` were lost: mark them failed.
-
-    Returns the child runs per status."""
-    from study.tracking import (
-        RUNNING,
-        STATUS_TO_RUN_STATUS,
-        TAG_NOTE,
-        TAG_STATUS,
-        TAG_STATUS_PREFIX,
-        _client,
-        status_note,
-    )
-
-    client = _client(uri)
-    counts: dict[str, int] = {}
-    for run in _child_statuses(uri, experiment_id, parent_run_id):
-        status = run.data.tags.get(TAG_STATUS, RUNNING)
-        if status == RUNNING:
-            client.set_tag(run.info.run_id, TAG_STATUS, "failed")
-            client.set_tag(run.info.run_id, TAG_STATUS_PREFIX + "message", reason)
-            client.set_tag(run.info.run_id, TAG_NOTE, status_note("failed", {"message": reason}))
-            client.set_terminated(run.info.run_id, status=STATUS_TO_RUN_STATUS["failed"])
-            status = "failed"
-        counts[status] = counts.get(status, 0) + 1
-    return counts
-
-
-def _best_value(uri: str, experiment_id: str, parent_run_id: str, spec: StudySpec) -> float | None:
-    """The best objective among the replication's completed runs (their last value), or None."""
-    from study.tracking import TAG_STATUS
-
-    metric = spec.objective.metric
-    values = [run.data.metrics[metric] for run in _child_statuses(uri, experiment_id, parent_run_id)
-              if run.data.tags.get(TAG_STATUS) == "completed" and metric in run.data.metrics]
-    if not values:
-        return None
-    return min(values) if spec.objective.mode == "min" else max(values)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -557,7 +316,7 @@ def run_replication(
     resume: bool = False,
     name: str | None = None,
     num_cpus: int | None = None,
-    batched: bool = True,
+    seeds_per_trial: int | None = None,
 ) -> ReplicationSummary:
     """Replicate the ``top_k`` best configurations of the study in ``study_file`` (or those in ``configs_file``)
     with ``seeds`` (a count of fresh seeds, or the seeds themselves), to full budget; return its summary.
@@ -565,17 +324,22 @@ def run_replication(
     ``address``: None starts a local Ray (or uses this process's); ``auto``/``host:port`` joins a cluster.
     ``resume`` finishes an interrupted replication of the same request (same configs and seeds).
     ``name``: the replication id (default: a hash of the request, see :func:`replication_id`).
-    ``batched``: all seeds of a configuration in one Tune trial (:func:`run_replica_seeds`); False: one Tune
-    trial per (config, seed). A resumed replication keeps the layout it began with.
+    ``seeds_per_trial``: seeds of a configuration trained as one batched model in one Tune trial (None: all of
+    them; 1: one trial per (config, seed)). A resumed replication keeps the layout it began with.
+    The sweep's machinery runs it: :func:`study.sweep.make_tuner` with the grid, :func:`study.sweep.reconcile`
+    without an Optuna study.
     """
-    import study.sweep  # noqa: F401  (sets Ray's environment before ray is imported)
+    from mann import native
     from study import state, tracking
+    from study.sweep import connect_ray, disconnect_ray, experiment_dir, make_tuner, public_spec, reconcile
+    from study.trainable import TrialContext
 
     started = time.monotonic()
     spec = load_spec(study_file)
     configs, seed_list = plan_replication(spec, top_k, seeds, configs_file)
     grid = replication_grid(configs, seed_list)
     rep_id = check_name(name) if name else replication_id(grid)
+    points = replication_points(rep_id, grid, seeds_per_trial)
     exp_dir = experiment_dir(spec, rep_id)
     begun = state.has_begun(exp_dir) or state.has_tune_state(exp_dir)
     if resume and not begun:
@@ -595,37 +359,63 @@ def run_replication(
     if not resume:
         state.mark_begun(exp_dir)  # before anything is recorded: a --resume can finish what follows
     parent = start_replication_run(uri, experiment_id, spec, study_run, rep_id, configs, seed_list)
-    if resume and not state.has_tune_state(exp_dir):  # starts afresh: nothing recorded runs any more
-        _reconcile(uri, experiment_id, parent, "lost: the driver stopped before Tune saved its state")
-
-    from study.sweep import connect_ray, disconnect_ray
-    from study.trainable import TrialContext
-
+    # A resume without Tune's state starts the grid afresh: its trials find their runs by run key.
+    native.prepare()
     started_ray = connect_ray(address, num_cpus)
     try:
-        context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
-                               threads=max(1, int(spec.resources.cpu)))
-        items = replication_batches(configs, seed_list) if batched else grid
-        tuner = _make_tuner(spec, context, items, exp_dir, resume)
+        context = TrialContext(spec=public_spec(spec), tracking_uri=uri, experiment_id=experiment_id,
+                               parent_run_id=parent, threads=max(1, int(spec.resources.cpu)))
+        tuner = make_tuner(spec, context, resume, grid=points, name=rep_id)
         print(f"replicate {spec.name}: {len(configs)} configs x {len(seed_list)} seeds {seed_list} "
               f"= {len(grid)} runs to {spec.budget.max_steps} steps; MLflow run {parent} ({rep_id})", flush=True)
         for c in configs:
             print(f"  {c.label}: {c.source}: {json.dumps(c.params, default=str)}", flush=True)
         tuner.fit()
-        counts = _reconcile(uri, experiment_id, parent, "lost: the run did not finish in this replication")
-        tracking.log_study_summary(uri, parent, counts, time.monotonic() - started, spec.objective.metric,
-                                   _best_value(uri, experiment_id, parent, spec))
+        reconcile(spec, uri, parent, "lost: the run did not finish in this replication", searched=False)
+        counts, best = _outcome(uri, experiment_id, parent, spec)
+        tracking.log_study_summary(uri, parent, counts, time.monotonic() - started, spec.objective.metric, best)
         tracking.finish_study_run(uri, parent, "FINISHED")
-        return ReplicationSummary(rep_id, parent, str(exp_dir), configs, seed_list, counts)
+        return ReplicationSummary(rep_id, parent, exp_dir, configs, seed_list, counts)
+    except BaseException as err:
+        # The replication run says the driver stopped (--resume reopens it); the error itself propagates.
+        with contextlib.suppress(Exception):
+            tracking.finish_study_run(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                                      timeout_s=5.0)
+        raise
     finally:
         if started_ray:
             disconnect_ray()
 
 
+def _outcome(uri: str, experiment_id: str, parent_run_id: str, spec: StudySpec) -> tuple[dict[str, int], float | None]:
+    """(child runs per status, the best objective among the completed ones (their last value) or None)."""
+    from study.tracking import RUNNING, TAG_KIND, TAG_PARENT, TAG_STATUS, _client
+
+    client = _client(uri)
+    runs, token = [], None
+    while True:
+        filter_string = f"tags.`{TAG_PARENT}` = '{parent_run_id}' AND tags.`{TAG_KIND}` = 'trial'"
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    counts: dict[str, int] = {}
+    for run in runs:
+        status = run.data.tags.get(TAG_STATUS, RUNNING)
+        counts[status] = counts.get(status, 0) + 1
+    metric = spec.objective.metric
+    values = [run.data.metrics[metric] for run in runs
+              if run.data.tags.get(TAG_STATUS) == "completed" and metric in run.data.metrics]
+    best = (min(values) if spec.objective.mode == "min" else max(values)) if values else None
+    return counts, best
+
+
 def cli_replicate(study_file: str, top_k: int = 3, seeds: int | str | Sequence[int] = 3,
                   configs_file: str | None = None, address: str | None = None, resume: bool = False,
-                  batched: bool = True) -> int:
-    """``mannstudy replicate FILE --top K --seeds S|s1,s2 [--configs FILE] [--address A] [--resume] [--no-batch]``.
+                  seeds_per_trial: int | None = None) -> int:
+    """``mannstudy replicate FILE --top K --seeds S|s1,s2 [--configs FILE] [--address A] [--resume]
+    [--seeds-per-trial N | --no-batch]``.
 
     Returns 0, or 2 (one line on stderr) for a request that cannot start; study-file mistakes raise
     SpecError for the command line's usual handling.
@@ -634,7 +424,8 @@ def cli_replicate(study_file: str, top_k: int = 3, seeds: int | str | Sequence[i
     from study.tracking import TrackingError
 
     try:
-        summary = run_replication(study_file, top_k, seeds, configs_file, address, resume, batched=batched)
+        summary = run_replication(study_file, top_k, seeds, configs_file, address, resume,
+                                  seeds_per_trial=seeds_per_trial)
     except (ReplicationError, TrackingError) as err:
         print(f"mannstudy: {redact(str(err))}", file=sys.stderr)
         return 2

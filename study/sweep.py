@@ -105,9 +105,11 @@ class StudySpace:
         return define_by_run(self.spec)(trial)
 
 
-def experiment_dir(spec: StudySpec) -> str:
-    """Tune's experiment folder: a local path, or a URI (``s3://bucket/…``) when ``results_dir`` is one."""
-    return posixpath.join(spec.results_dir, "ray", EXPERIMENT_NAME)
+def experiment_dir(spec: StudySpec, name: str | None = None) -> str:
+    """Tune's experiment folder: a local path, or a URI (``s3://bucket/…``) when ``results_dir`` is one.
+
+    ``name``: a grid's (a replication's) folder beside the search's; default the search's."""
+    return posixpath.join(spec.results_dir, "ray", name or EXPERIMENT_NAME)
 
 
 def _optuna_storage(spec: StudySpec):
@@ -138,28 +140,37 @@ def _existing_trials(spec: StudySpec) -> int:
         return 0
 
 
-def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callback] = ()):
+def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callback] = (),
+               grid: Sequence[dict] | None = None, name: str | None = None):
     """A new Tuner for the study, or the restored one for ``--resume``.
 
     ``callbacks``: extra Tune callbacks for a new sweep (bench/sweep.py times trials with one); a
     restored Tuner keeps the callbacks it was created with (Tuner.restore takes none).
+    ``grid``: run exactly these points instead of searching (:func:`study.trainable.run_point` documents
+    a point): one trial each, no searcher, no scheduler (no early stopping, no time budget), in the
+    experiment folder ``name`` (:func:`experiment_dir`). The trainable, callbacks and kept state are the
+    search's.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from study import state
     from study.search import TruthfulOptunaSearch
-    from study.trainable import run_trial
+    from study.trainable import POINT, point_dirname, run_point, run_trial
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, context=context),
+        tune.with_parameters(run_trial if grid is None else run_point, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    exp_dir = experiment_dir(spec)
+    exp_dir = experiment_dir(spec, name)
     if resume and state.prepare_restore(exp_dir, str(spec.source)):
         keep_secret(spec.storage)  # the restored searcher's storage, pickled without its password, gets it here
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
 
+    if grid is not None:
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.concurrency, reuse_actors=True,
+                                      trial_dirname_creator=point_dirname)
+        return _new_tuner(spec, trainable, exp_dir, tune_config, callbacks, {POINT: tune.grid_search(list(grid))})
     metric, mode = spec.objective.metric, spec.objective.mode
     # A new study only (run_sweep refuses to start one over existing trials; --resume restores the
     # searcher instead): Ray enqueues points_to_evaluate every time it sets up the study.
@@ -182,16 +193,26 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
         time_budget_s=spec.budget.time_budget_s,
         reuse_actors=True,  # no process start + torch import per trial (about 3x faster for 8 short trials)
     )
+    return _new_tuner(spec, trainable, exp_dir, tune_config, callbacks)
+
+
+def _new_tuner(spec: StudySpec, trainable, exp_dir: str, tune_config, callbacks: Sequence[Callback],
+               param_space: dict | None = None):
+    """A new Tuner writing to ``exp_dir``, with the callbacks every study has, and a copy of its tuner.pkl kept."""
+    from ray import tune
+
+    from study import state
+
     stall = state.NoProgress()
     run_config = tune.RunConfig(
-        name=EXPERIMENT_NAME, storage_path=posixpath.dirname(exp_dir),
+        name=posixpath.basename(exp_dir), storage_path=posixpath.dirname(exp_dir),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2), stop=stall,
         callbacks=[ProgressCallback(public_spec(spec)), JsonLoggerCallback(), state.StateBackupCallback(exp_dir), stall,
                    *callbacks],
         verbose=0,
     )
-    tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     state.keep_tuner_copy(exp_dir)
     return tuner
 
@@ -248,7 +269,7 @@ class ProgressCallback(Callback):
 
 
 def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: str,
-              lost: bool = True) -> dict[str, int]:
+              lost: bool = True, searched: bool = True) -> dict[str, int]:
     """Make MLflow and Optuna, the record of what has ended, agree; return how many of each were fixed.
 
     ``lost`` (after the Tuner returned, or before a run started afresh: nothing runs):
@@ -262,14 +283,12 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
       ``completed``, ``diverged``, ``failed``, with its step); otherwise the run is ``failed`` with ``reason``.
     Not ``lost`` (before a restore, when restored trials are about to run): only runs whose trial Optuna
     records as ended get that end, so that the restored trial finds it and does not train again.
+    Not ``searched`` (a grid: no Optuna study): the run's own status tag is the record; a run that wrote
+    its end but was not ended gets that end, any other still RUNNING is ``failed`` with ``reason`` when ``lost``.
     """
-    import optuna
-
-    from study.search import fail_running_trials, tell_recorded_end
-    from study.tracking import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client
+    from study.tracking import TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client
     from study.trainable import ENDED
 
-    study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
     client = _client(tracking_uri)
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
@@ -281,17 +300,14 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
     for run in sorted(children, key=lambda r: (r.info.start_time, r.info.run_id), reverse=True):
         runs[run.data.tags.get(TAG_TRIAL_ID)] = run
     fixed = {"optuna": 0, "mlflow": 0}
-    if lost:
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            run = runs.get(t.user_attrs.get("tune_trial_id"))
-            recorded = run.data.tags.get(TAG_STATUS) if run is not None else None
+    verdicts = {}  # trial id -> {status, status_step} as recorded
+    if searched:
+        verdicts = _optuna_verdicts(spec, runs, reason, lost, fixed)
+    else:
+        for trial_id, run in runs.items():
+            recorded, step = run.data.tags.get(TAG_STATUS), run.data.tags.get(TAG_STATUS_PREFIX + "step", 0)
             if recorded in ENDED:
-                step = int(run.data.tags.get(TAG_STATUS_PREFIX + "step", 0))
-                tell_recorded_end(study, t.number, recorded, step, run.data.metrics.get(spec.objective.metric))
-                fixed["optuna"] += 1
-        fixed["optuna"] += len(fail_running_trials(study, reason))
-    verdicts = {t.user_attrs["tune_trial_id"]: t.user_attrs for t in study.get_trials(deepcopy=False)
-                if "tune_trial_id" in t.user_attrs and t.user_attrs.get("status") in STATUS_TO_RUN_STATUS}
+                verdicts[trial_id] = {"status": recorded, "status_step": step}
     for run in runs.values():
         if run.info.status != "RUNNING":
             continue
@@ -305,6 +321,29 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
         _end_run(client, run.info.run_id, status, details)
         fixed["mlflow"] += 1
     return fixed
+
+
+def _optuna_verdicts(spec: StudySpec, runs: dict, reason: str, lost: bool, fixed: dict[str, int]) -> dict[str, dict]:
+    """reconcile's Optuna side: tell Optuna the ends only MLflow recorded and fail what was lost (when ``lost``,
+    counted in ``fixed``); return trial id -> the user attributes of each trial Optuna records as ended."""
+    import optuna
+
+    from study.search import fail_running_trials, tell_recorded_end
+    from study.tracking import STATUS_TO_RUN_STATUS, TAG_STATUS, TAG_STATUS_PREFIX
+    from study.trainable import ENDED
+
+    study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
+    if lost:
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            run = runs.get(t.user_attrs.get("tune_trial_id"))
+            recorded = run.data.tags.get(TAG_STATUS) if run is not None else None
+            if recorded in ENDED:
+                step = int(run.data.tags.get(TAG_STATUS_PREFIX + "step", 0))
+                tell_recorded_end(study, t.number, recorded, step, run.data.metrics.get(spec.objective.metric))
+                fixed["optuna"] += 1
+        fixed["optuna"] += len(fail_running_trials(study, reason))
+    return {t.user_attrs["tune_trial_id"]: t.user_attrs for t in study.get_trials(deepcopy=False)
+            if "tune_trial_id" in t.user_attrs and t.user_attrs.get("status") in STATUS_TO_RUN_STATUS}
 
 
 def _end_run(client, run_id: str, status: str, details: dict) -> None:

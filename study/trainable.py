@@ -37,6 +37,11 @@ this attempt (a report's own MLflow logging and checkpoint count from the next r
 the part of it inside fit's training steps (evaluation excluded), and ``process_cpu_s`` of the whole trial
 process since it started (Ray's threads and earlier trials included: ``reuse_actors`` runs several trials in
 one process). bench/sweep.py reads them.
+
+A grid (``mannstudy replicate``: fixed configurations x seeds, no early stopping) runs :func:`run_point`
+instead: each point is one configuration under one seed (this trial, under the point's run key) or under
+several seeds trained as one batched model (:func:`run_seeds`, one MLflow run per seed). Run keys are
+chosen by whoever builds the grid, so a resumed grid finds every run it began, with or without Tune's state.
 """
 
 from __future__ import annotations
@@ -194,8 +199,12 @@ def _prepare_process(tracking_uri: str) -> None:
     _process_prepared = True
 
 
-def run_trial(config: dict, context: TrialContext) -> None:
-    """Tune function trainable. ``config``: the define-by-run parameters (``model``, ``seed``, searched keys)."""
+def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) -> None:
+    """Tune function trainable. ``config``: the define-by-run parameters (``model``, ``seed``, searched keys).
+
+    ``trial_id``: the trial's run key in MLflow (``mannstudy.trial_id``); default Tune's trial id. A grid point
+    (:func:`run_point`) names its own, so that a resumed grid finds its runs whatever Tune's state holds.
+    """
     hide_gpus(context.spec.resources.gpu)
     _wait_for_thread_end()
     _prepare_process(context.tracking_uri)
@@ -210,7 +219,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     clock = _CpuClock()
     spec = context.spec
     tune_context = tune.get_context()
-    trial_id = tune_context.get_trial_id()
+    trial_id = trial_id or tune_context.get_trial_id()
     checkpoint = tune.get_checkpoint()
     node_id = ray.get_runtime_context().get_node_id()
     # A restored trial may have ended in an earlier session, with or without a checkpoint: read the record first.
@@ -304,3 +313,177 @@ def run_trial(config: dict, context: TrialContext) -> None:
         raise
     finally:
         tracker.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A grid point: one configuration under one seed, or several seeds trained as one batched model
+
+POINT = "point"  # the key of a grid trial's config: {"point": {"key", "config", "seeds", "keys"}}
+
+
+def run_point(config: dict, context: TrialContext) -> None:
+    """Tune function trainable of a grid (``study.sweep.make_tuner(grid=...)``). ``config[POINT]``::
+
+        key     the point's name (its trial folder): the run key for one seed
+        config  the trial parameters without the seed (``model`` and searched keys)
+        seeds   [int, ...]
+        keys    [str, ...]: each seed's run key (its MLflow run's ``mannstudy.trial_id``)
+
+    One seed: :func:`run_trial` under its run key. Several: :func:`run_seeds`. The point decides, so a
+    restored grid keeps the layout it began with.
+    """
+    point = config[POINT]
+    seeds, keys = [int(s) for s in point["seeds"]], list(point["keys"])
+    if len(seeds) == 1:
+        run_trial({**point["config"], "seed": seeds[0]}, context, trial_id=keys[0])
+    else:
+        run_seeds(point["config"], dict(zip(seeds, keys, strict=True)), context)
+
+
+def point_dirname(trial) -> str:
+    """A grid trial's folder: ``run_point_<key>_<trial id>``, or ``run_point_<key>_x<S>_<trial id>`` for S seeds
+    batched (their checkpoints in ``checkpoint_<n>/seed-<s>/``). ``analysis.generalization.find_checkpoint``
+    finds a run's checkpoint by its run key (``<key>``, or ``<key>.s<seed>`` of a batch) in these names."""
+    point = trial.config.get(POINT, {})
+    seeds = point.get("seeds", [])
+    batch = f"_x{len(seeds)}" if len(seeds) > 1 else ""
+    return f"run_point_{point.get('key', 'x')}{batch}_{trial.trial_id}"
+
+
+def run_seeds(params: dict, keys: dict[int, str], context: TrialContext) -> None:
+    """Several seeds of one configuration in one Tune trial: :func:`mann.multiseed.fit_seeds`, one MLflow run each.
+
+    ``params``: the trial parameters without the seed; ``keys``: seed -> its run key. Each seed's run is what
+    :func:`run_trial` would record for it (params, tags, metrics, ``completed``/``diverged``/``failed``). Tune
+    gets one result per evaluation step (after every seed has evaluated it): the mean objective over the seeds
+    (a diverged seed counts as the worst value), and a checkpoint every ``checkpoint_every`` evaluations and at
+    the end holding ``seed-<s>/checkpoint.pt`` per seed. No early stopping: every seed trains to max_steps. A
+    seed whose run recorded its end in an earlier attempt is not trained again.
+    """
+    hide_gpus(context.spec.resources.gpu)
+    _wait_for_thread_end()
+    _prepare_process(context.tracking_uri)
+    import shutil
+
+    import ray
+    import torch
+    from ray import tune
+
+    from mann.multiseed import SEED_DIR, fit_seeds
+    from mann.train import FINAL_PREFIX, config_to_flat_dict, make_train_config
+    from study.tracking import TrialTracker, trial_run_name
+
+    torch.set_num_threads(max(1, context.threads))
+    spec = context.spec
+    metric, mode = spec.objective.metric, spec.objective.mode
+    tune_context = tune.get_context()
+    checkpoint = tune.get_checkpoint()
+    seeds = list(keys)
+    configs = {}
+    for s in seeds:
+        model, overrides = trial_overrides(spec, {**params, "seed": s})
+        configs[s] = make_train_config(model, spec.task, overrides)
+    cfg = configs[seeds[0]]
+    ended = {}  # seed -> (status, metrics) an earlier attempt recorded: read first, with or without a checkpoint
+    for s in seeds:
+        found = _recorded_end(context, keys[s])
+        if found is not None:
+            ended[s] = (found[1][STATUS_KEY], found[1])
+    status = {s: ended[s][0] for s in ended}  # seed -> its end, once known
+    steps = {s: int(ended[s][1].get(STEP_KEY, cfg.max_steps)) for s in ended}  # seed -> the step it ended at
+    latest = {s: ended[s][1] for s in ended}  # seed -> its last metrics
+    restored_from = checkpoint.get_metadata() if checkpoint else {}
+    attempt = {"node_id": ray.get_runtime_context().get_node_id(), "start_step": int(restored_from.get("step", 0)),
+               "seeds": len(seeds)}
+    trackers = {
+        s: TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, keys[s],
+                        params=config_to_flat_dict(configs[s]),
+                        tags={"mannstudy.trial_name": tune_context.get_trial_name()},
+                        run_name=trial_run_name({**params, "seed": s}), flush_every=context.flush_every)
+        for s in seeds if s not in ended
+    }
+    staging = Path(tempfile.mkdtemp(prefix="mannstudy-seeds-"))  # seed-<s>/checkpoint.pt: each seed's latest
+    at = {"step": None, "evaluations": 0}  # the evaluation step in progress; evaluation steps seen
+
+    def report(step: int, final: bool, save: bool) -> None:
+        values = [(_worst(mode) if status.get(s) == "diverged" else latest[s].get(metric, _worst(mode)))
+                  for s in seeds if s in latest or s in status]
+        counts = {f"seeds_{k}": sum(1 for v in status.values() if v == k) for k in ("completed", "diverged")}
+        if final:
+            trial_status = "completed" if counts["seeds_completed"] else "diverged"
+        else:
+            trial_status = "running"
+        result = {STEP_KEY: step, metric: sum(values) / len(values) if values else _worst(mode),
+                  STATUS_KEY: trial_status, **counts, **attempt}
+        if not save:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory(prefix="mannstudy-ckpt-") as tmp:  # Tune gets its own copy
+            shutil.copytree(staging, tmp, dirs_exist_ok=True)
+            saved = tune.Checkpoint.from_directory(tmp)
+            saved.set_metadata({"step": step})
+            tune.report(result, checkpoint=saved)
+
+    def end_step() -> None:
+        """Every seed has evaluated step at["step"]: one result for Tune."""
+        if at["step"] is not None:
+            at["evaluations"] += 1
+            report(at["step"], False, at["evaluations"] % context.checkpoint_every == 0)
+
+    def on_eval(seed: int, metrics: dict, save_checkpoint) -> bool:
+        step = int(metrics[STEP_KEY])
+        if step != at["step"]:
+            end_step()  # fit_seeds evaluates every live seed at a step before it trains the next
+            at["step"] = step
+        tracker = trackers[seed]
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != STEP_KEY}, step)
+        latest[seed] = dict(metrics)
+        final = step >= cfg.max_steps or "converged_step" in metrics  # the seed ends here: final_* are in metrics
+        if final:
+            tracker.flush()
+            tracker.set_status("completed", step=step)
+            status[seed] = "completed"
+        if final or (at["evaluations"] + 1) % context.checkpoint_every == 0:
+            save_checkpoint(staging / SEED_DIR.format(seed=seed))
+        return False  # no early stopping in a grid
+
+    try:
+        with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
+            if restored:
+                shutil.copytree(restored, staging, dirs_exist_ok=True)
+        todo = [s for s in seeds if s not in ended]
+        resumable = [s for s in todo if (staging / SEED_DIR.format(seed=s)).is_dir()]
+        # A seed without a checkpoint (none was due before the crash) starts afresh, in a batch of its own.
+        groups = [(group, resume) for group, resume in ((resumable, staging), ([s for s in todo if s not in
+                  resumable], None)) if group]
+        for group, resume in groups:
+            results = fit_seeds(cfg, group, on_eval=on_eval, resume_from=resume)
+            for s, result in zip(group, results, strict=True):
+                latest[s] = {**latest.get(s, {}), **result.metrics}
+                final = {k: v for k, v in result.metrics.items() if k.startswith(FINAL_PREFIX)}
+                if result.status == "diverged":
+                    trackers[s].log_metrics(final, result.step)  # the final evaluation of its last good weights
+                    trackers[s].set_status("diverged", step=result.step, message=result.message)
+                    status[s] = "diverged"
+                elif result.status == "completed" and s not in status:  # resumed at its end: no evaluation ran
+                    trackers[s].log_metrics(final, result.step)
+                    trackers[s].set_status("completed", step=result.step)
+                    status[s] = "completed"
+                steps[s] = result.step
+            at["step"] = None
+        report(max(steps.values(), default=0), True, True)
+    except SystemExit:
+        # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
+        for tracker in trackers.values():
+            if tracker.status is None:
+                tracker.set_status("stopped_early", step=at["step"] or 0)
+        raise
+    except BaseException as err:
+        for tracker in trackers.values():
+            if tracker.status is None:
+                tracker.set_status("failed", step=at["step"] or 0, message=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        for tracker in trackers.values():
+            tracker.close()
+        shutil.rmtree(staging, ignore_errors=True)

@@ -141,8 +141,9 @@ def cluster_sweep(postgres, s3, ray_env, record, tmp_path_factory):
     """The cluster path on one machine, end to end: ``results_dir`` in a local S3 server's bucket (Tune's state,
     checkpoints, mannstudy's kept state), the MLflow server's artifacts in the same bucket, Optuna's study and
     MLflow's backend store in PostgreSQL. ``mannstudy sweep`` (its own local Ray, as on a head node) is SIGKILLed
-    mid-sweep, ``mannstudy sweep --resume`` finishes the study, ``mannstudy report`` reads it back (checkpoints
-    included) from the bucket. Returns what they printed and left behind."""
+    mid-sweep, ``mannstudy sweep --resume`` finishes the study, ``mannstudy replicate`` re-runs its best
+    configuration with two fresh seeds (batched, in the same bucket), ``mannstudy report`` reads it all back
+    (checkpoints included) from the bucket. Returns what they printed and left behind."""
     import boto3
     from conftest import end_ray_folder, kill_group, write_study
 
@@ -182,6 +183,14 @@ def cluster_sweep(postgres, s3, ray_env, record, tmp_path_factory):
             resumed = subprocess.run([*sweep, "--resume"], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
                                      env={**driver_env, "RAY_TMPDIR": ray_tmp}, timeout=900)
         assert resumed.returncode == 0, logs[1].read_text()[-3000:]
+        end_ray_folder(ray_tmp)
+        ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        logs.append(folder / "replicated.log")
+        with open(logs[2], "wb") as out:
+            replicated = subprocess.run(
+                [sys.executable, "-m", "study.cli", "replicate", str(path), "--top", "1", "--seeds", "2"], cwd=folder,
+                stdout=out, stderr=subprocess.STDOUT, env={**driver_env, "RAY_TMPDIR": ray_tmp}, timeout=900)
+        assert replicated.returncode == 0, logs[2].read_text()[-3000:]
         out, err = io.StringIO(), io.StringIO()
         report_dir = folder / "report"
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -199,8 +208,9 @@ def cluster_sweep(postgres, s3, ray_env, record, tmp_path_factory):
 def test_a_sweep_killed_and_resumed_runs_end_to_end_on_object_storage_and_postgresql(cluster_sweep, postgres):
     import psycopg
 
+    from study.replicate import KIND_REPLICATION, TAG_REPLICATION
     from study.state import BEGUN, STATE_BUNDLE, TUNER_COPY
-    from study.tracking import TAG_TRIAL_ID
+    from study.tracking import TAG_KIND, TAG_PARENT, TAG_SEED, TAG_STATUS, TAG_TRIAL_ID
 
     rec = cluster_sweep["rec"]
     assert rec.spec.results_dir == "s3://results/pg" and rec.spec.storage.startswith("postgresql://")
@@ -221,10 +231,24 @@ def test_a_sweep_killed_and_resumed_runs_end_to_end_on_object_storage_and_postgr
     assert all(r.info.status != "RUNNING" for r in children)
     (parent,) = rec.parents()
     assert parent.info.status == "FINISHED"
+    # the replication: its runs under their run keys, Tune's state, the kept state and checkpoints in the bucket
+    (replication,) = rec.client.search_runs([rec.experiment_id()], f"tags.`{TAG_KIND}` = '{KIND_REPLICATION}'")
+    rep_id = replication.data.tags[TAG_REPLICATION]
+    assert replication.info.status == "FINISHED"
+    replicated = [r for r in children if r.data.tags[TAG_PARENT] == replication.info.run_id]
+    assert sorted(r.data.tags[TAG_TRIAL_ID] for r in replicated) == sorted(
+        f"{rep_id}.c0.s{r.data.tags[TAG_SEED]}" for r in replicated) and len(replicated) == 2
+    assert {r.data.tags[TAG_STATUS] for r in replicated} == {"completed"}
+    bucket = cluster_sweep["bucket"]
+    kept = f"results/pg/ray/.mannstudy/{rep_id}/"
+    assert {kept + BEGUN, kept + TUNER_COPY, kept + STATE_BUNDLE} <= set(bucket)
+    assert f"results/pg/ray/{rep_id}/tuner.pkl" in bucket
+    assert any(key.startswith(f"results/pg/ray/{rep_id}/run_point_{rep_id}.c0_x2_") and "/seed-" in key
+               for key in bucket)
     # the runs really are in PostgreSQL, not in a SQLite file beside the server, nor anything on local disk
     with psycopg.connect(postgres.url("mlflow")) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs")
-        assert cur.fetchone()[0] == 1 + len(children)
+        assert cur.fetchone()[0] == 2 + len(children)  # the study's and the replication's parent runs
     assert not list(Path(cluster_sweep["server"].workdir).glob("*.db"))
     assert not (cluster_sweep["folder"] / "results").exists() and not (cluster_sweep["folder"] / "s3:").exists()
     # the MLflow artifacts (study file, spec, report) are in the bucket, through the server's proxy
@@ -232,6 +256,7 @@ def test_a_sweep_killed_and_resumed_runs_end_to_end_on_object_storage_and_postgr
     assert any(k.endswith("/spec.json") for k in artifacts) and any("/report/" in k for k in artifacts)
     # the report read the trials' checkpoints from the bucket: its generalization section was evaluated
     summary = (cluster_sweep["report"] / "summary.md").read_text()
+    assert f"Replication {rep_id}: 1 configurations x 2 seeds" in summary
     generalization = summary.split("## Generalization\n")[1].split("\n## ")[0]
     assert "](figures/" in generalization and "Not evaluated" not in generalization, generalization
 

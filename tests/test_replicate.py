@@ -1,5 +1,6 @@
 """study.replicate's batched path: all seeds of a configuration in one Tune trial (mann.multiseed.fit_seeds), each
-seed still its own MLflow child run, with the metrics the one-trial-per-(config, seed) path records for it."""
+seed still its own MLflow child run, with the metrics the one-trial-per-(config, seed) path records for it; and
+run keys: a resumed replication finds the run of a pair that failed and finishes it there."""
 
 from __future__ import annotations
 
@@ -12,19 +13,26 @@ import yaml
 
 from analysis.generalization import GeneralizationError, find_checkpoint
 from analysis.load import load_study
-from mann.train import load_checkpoint
+from mann.train import config_to_flat_dict, load_checkpoint, make_train_config
 from study.replicate import (
     TAG_REPLICATION,
-    replication_batches,
+    configs_from_file,
+    replication_grid,
+    replication_points,
+    run_key,
     run_replication,
-    seed_trial_id,
+    start_replication_run,
 )
-from study.spec import load_spec
+from study.spec import load_spec, trial_overrides
+from study.state import mark_begun
+from study.sweep import experiment_dir
 from study.tracking import (
+    TAG_ATTEMPTS,
     TAG_PARENT,
     TAG_SEED,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    TrialTracker,
     _client,
     prepare_experiment,
     start_study_run,
@@ -49,26 +57,43 @@ CONFIGS = [{"model": "ntm", "lr": 3.0e-2}, {"model": "lstm", "lr": 1.0e-2}]
 SEEDS = [3, 4]
 
 
-def test_replication_batches_are_one_item_per_configuration():
-    from study.replicate import ReplicaConfig
+def test_replication_points_batch_each_configurations_seeds_under_their_run_keys():
+    from study.replicate import ReplicaConfig, ReplicationError
 
     configs = [ReplicaConfig("c0", {"model": "ntm"}, "x"), ReplicaConfig("c1", {"model": "lstm"}, "y")]
-    batches = replication_batches(configs, [5, 6])
-    assert batches == [{"config": 0, "label": "c0", "params": {"model": "ntm"}, "seeds": [5, 6]},
-                       {"config": 1, "label": "c1", "params": {"model": "lstm"}, "seeds": [5, 6]}]
-    assert seed_trial_id("abc_00001", 5) == "abc_00001-s5"
+    grid = replication_grid(configs, [5, 6, 7])
+    assert replication_points("rep-x", grid) == [
+        {"key": "rep-x.c0", "config": {"model": "ntm"}, "seeds": [5, 6, 7],
+         "keys": ["rep-x.c0.s5", "rep-x.c0.s6", "rep-x.c0.s7"]},
+        {"key": "rep-x.c1", "config": {"model": "lstm"}, "seeds": [5, 6, 7],
+         "keys": ["rep-x.c1.s5", "rep-x.c1.s6", "rep-x.c1.s7"]}]
+    assert [(p["key"], p["seeds"]) for p in replication_points("rep-x", grid, 2)] == [
+        ("rep-x.c0", [5, 6]), ("rep-x.c0.s7", [7]), ("rep-x.c1", [5, 6]), ("rep-x.c1.s7", [7])]
+    singles = replication_points("rep-x", grid, 1)
+    assert [p["keys"] for p in singles] == [[p["key"]] for p in singles] and len(singles) == 6
+    assert run_key("rep-x", "c1", 5) == "rep-x.c1.s5"
+    with pytest.raises(ReplicationError, match="seeds_per_trial"):
+        replication_points("rep-x", grid, 0)
 
 
-def test_find_checkpoint_finds_a_batched_seed_in_its_trial_folder(tmp_path):
-    batch = tmp_path / "ray" / "rep-x" / "replica_abc_00000_c1_x2"
+def test_find_checkpoint_finds_a_seed_by_its_run_key_in_its_points_folder(tmp_path):
+    batch = tmp_path / "ray" / "rep-x" / "run_point_rep-x.c1_x2_abc_00000"
+    single = tmp_path / "ray" / "rep-x" / "run_point_rep-x.c0.s3_abc_00001" / "checkpoint_000002" / "checkpoint.pt"
+    old = tmp_path / "ray" / "rep-y" / "replica_abc_00000_c1_x2"  # recorded before run keys
     for n, seed in [(0, 3), (0, 4), (1, 3)]:
-        path = batch / f"checkpoint_00000{n}" / f"seed-{seed}" / "checkpoint.pt"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(f"{n}-{seed}".encode())
-    assert find_checkpoint(tmp_path, "abc_00000-s3").read_bytes() == b"1-3"
-    assert find_checkpoint(tmp_path, "abc_00000-s4").read_bytes() == b"0-4"
-    with pytest.raises(GeneralizationError):
-        find_checkpoint(tmp_path, "abc_00000-s5")
+        for folder in (batch, old):
+            path = folder / f"checkpoint_00000{n}" / f"seed-{seed}" / "checkpoint.pt"
+            path.parent.mkdir(parents=True)
+            path.write_bytes(f"{folder.parent.name}-{n}-{seed}".encode())
+    single.parent.mkdir(parents=True)
+    single.write_bytes(b"single")
+    assert find_checkpoint(tmp_path, "rep-x.c1.s3").read_bytes() == b"rep-x-1-3"
+    assert find_checkpoint(tmp_path, "rep-x.c1.s4").read_bytes() == b"rep-x-0-4"
+    assert find_checkpoint(tmp_path, "rep-x.c0.s3").read_bytes() == b"single"
+    assert find_checkpoint(tmp_path, "abc_00000-s3").read_bytes() == b"rep-y-1-3"
+    for missing in ("rep-x.c1.s5", "rep-x.c0.s4", "abc_00000-s5"):
+        with pytest.raises(GeneralizationError):
+            find_checkpoint(tmp_path, missing)
 
 
 def _children(uri: str, experiment_id: str, parent: str) -> dict[tuple[str, int], object]:
@@ -88,19 +113,35 @@ def test_batched_replication_records_each_seed_as_the_unbatched_path_does(ray_cl
     Path(spec.results_dir).mkdir(parents=True)
     uri = spec.tracking_uri
     experiment_id = prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts")
-    start_study_run(uri, experiment_id, spec.name, data, study_file)  # what a sweep would have left
+    study_run = start_study_run(uri, experiment_id, spec.name, data, study_file)  # what a sweep would have left
+    # The one-trial-per-pair replication begins as a driver left it that recorded (lstm, seed 4) failed and was
+    # killed before Tune saved its state: its --resume finds that pair's run by its run key and finishes it there.
+    mark_begun(experiment_dir(spec, "rep-plain"))
+    plain_parent = start_replication_run(uri, experiment_id, spec, study_run, "rep-plain",
+                                         configs_from_file(configs_file, spec), SEEDS)
+    model, overrides = trial_overrides(spec, {**CONFIGS[1], "seed": 4})
+    failed = TrialTracker(uri, experiment_id, plain_parent, run_key("rep-plain", "c1", 4),
+                          params=config_to_flat_dict(make_train_config(model, spec.task, overrides)))
+    failed.set_status("failed", step=0, message="RuntimeError: a lost node")
+    failed.close()
 
     out = io.StringIO()  # Tune pickles the progress callback with its stream: pytest's is not picklable
     with contextlib.redirect_stdout(out):
         batched = run_replication(study_file, 0, SEEDS, configs_file=configs_file, name="batched")
-        plain = run_replication(study_file, 0, SEEDS, configs_file=configs_file, name="plain", batched=False)
+        plain = run_replication(study_file, 0, SEEDS, configs_file=configs_file, name="plain", seeds_per_trial=1,
+                                resume=True)
     assert batched.counts == plain.counts == {"completed": 4}
+    assert plain.parent_run_id == plain_parent
+    plain_runs = _client(uri).search_runs([experiment_id], f"tags.`{TAG_PARENT}` = '{plain_parent}'")
+    assert len(plain_runs) == 4  # the failed pair ran again in its own run, not beside it
+    (retried,) = [r for r in plain_runs if r.info.run_id == failed.run_id]
+    assert retried.data.tags[TAG_STATUS] == "completed" and retried.data.tags[TAG_ATTEMPTS] == "2"
 
     # one Tune trial per configuration, one child run per (config, seed) in each replication
     exp_dir = Path(batched.experiment_dir)
-    assert len(list(exp_dir.glob("replica_*_x2"))) == 2 and not list(exp_dir.glob("replica_*_s3"))
-    assert len(list(Path(plain.experiment_dir).glob("replica_*_s*"))) == 4
-    for trial in exp_dir.glob("replica_*_x2"):  # Tune's last checkpoint holds each seed's, to resume from
+    assert len(list(exp_dir.glob("run_point_*_x2_*"))) == 2 and not list(exp_dir.glob("run_point_*.s3_*"))
+    assert len(list(Path(plain.experiment_dir).glob("run_point_*.s[0-9]_*"))) == 4
+    for trial in exp_dir.glob("run_point_*_x2_*"):  # Tune's last checkpoint holds each seed's, to resume from
         last = max(trial.glob("checkpoint_*"))
         assert [load_checkpoint(last / f"seed-{s}")["config"]["seed"] for s in SEEDS] == SEEDS
     runs_b = _children(uri, experiment_id, batched.parent_run_id)
@@ -109,7 +150,9 @@ def test_batched_replication_records_each_seed_as_the_unbatched_path_does(ray_cl
     for (model, seed), run in runs_b.items():
         tags, single = run.data.tags, runs_p[(model, seed)]
         assert tags[TAG_STATUS] == "completed" and run.info.status == "FINISHED"
-        assert tags[TAG_TRIAL_ID].endswith(f"-s{seed}") and run.data.params["seed"] == str(seed)
+        label = f"c{[c['model'] for c in CONFIGS].index(model)}"
+        assert tags[TAG_TRIAL_ID] == run_key("rep-batched", label, seed) and run.data.params["seed"] == str(seed)
+        assert single.data.tags[TAG_TRIAL_ID] == run_key("rep-plain", label, seed)
         assert run.data.params == single.data.params  # the same flat config, seed included
         finals = {k: v for k, v in run.data.metrics.items() if k != "wall_time"}
         expected = {k: v for k, v in single.data.metrics.items() if k != "wall_time"}
