@@ -52,7 +52,7 @@ from analysis.load import (
     study_space,
     tidy_from_runs,
 )
-from analysis.tidy import final_rows, params_of
+from analysis.tidy import final_rows, params_of, study_target
 
 SECTIONS = (
     ("paper", "Paper comparison"),  # only for a study whose file has a ``paper`` block
@@ -260,8 +260,17 @@ class StudyContext:
 
     @property
     def target(self) -> float:
-        values = self.df["target_error"].dropna() if "target_error" in self.df else pd.Series(dtype=float)
-        return float(values.median()) if len(values) else 0.1
+        """The study's target (:func:`analysis.tidy.study_target`); 0.1 for a frame that records none."""
+        target = study_target(self.df)
+        return 0.1 if target is None else target
+
+    @property
+    def target_source(self) -> str:
+        """Where :attr:`target` comes from, in words."""
+        for key, words in (("stop_at_error", "the study's stop_at_error"), ("target_error", "the task's target_error")):
+            if key in self.df and pd.to_numeric(self.df[key], errors="coerce").notna().any():
+                return words
+        return "a default: the runs record no stop_at_error or target_error"
 
 
 def _spec_param(runs: StudyRuns, key: str, default: str) -> str:
@@ -375,9 +384,10 @@ def paper_section(ctx: StudyContext) -> Section:
            "(Holm-adjusted p < 0.05 over the claims) and the paper's figure, where it gives one, lies inside our "
            "95% interval; partly reproduced when the direction holds but the size does not; inconclusive when "
            "the direction holds without significance at this n; not reproduced otherwise. Steps to convergence: "
-           "the first of the consecutive evaluations at or below the study's stop_at_error; a run that never "
-           "converged is censored at its last step (Kaplan-Meier, log-rank test, ratio of medians with a "
-           "bootstrap interval). The arm a claim is set against is the best of those it names.")
+           "the first of the stop_after_evals consecutive evaluations at or below the study's stop_at_error; a run "
+           "that never converged (its budget spent, stopped early, diverged) is censored at its last step "
+           "(Kaplan-Meier, log-rank test, ratio of medians with a bootstrap interval). The arm a claim is set "
+           "against is the best of those it names.")
     batch = ((ctx.spec or {}).get("fixed") or {}).get("batch_size")
     summary = arm_summary(ctx.df, paper)
     shown = pd.DataFrame({
@@ -416,13 +426,16 @@ def overview_section(ctx: StudyContext) -> Section:
     n_search = int(finals["replication"].isna().sum()) if len(finals) else 0
     n_rep = len(finals) - n_search
     s.text(f"Study {ctx.name}: {n_search} search runs and {n_rep} replication runs of {models} on {tasks}. "
-           f"Objective: {metric_label(ctx, ctx.metric, 'final')}, {ctx.direction}d. Success: final error at most "
-           f"{ctx.target:g} (the task's target_error).")
+           f"Objective: {metric_label(ctx, ctx.metric, 'final')}, {ctx.direction}d. Target: error at most "
+           f"{ctx.target:g} ({ctx.target_source}).")
     s.text("error is measured at the task's full training difficulty (its longest sequences, most items or "
            "nodes), whatever a run's curriculum reached, on held-out sequences fixed by the evaluation seed: every "
            "run is scored on the same task. Final values are the end-of-run evaluation on 640 held-out sequences "
-           "where a run logged one (final_error), else its last evaluation. Steps to target: the first evaluation "
-           "with error at most the target; runs that never got there are censored at their last step.")
+           "where a run logged one (final_error), else its last evaluation. Success and steps to target have one "
+           "definition: a run reaches the target at the first of stop_after_evals (default 2) consecutive "
+           "evaluations with error at most the target, as training's convergence stop counts; a run that never "
+           "got there (its budget spent, stopped early, diverged) is censored at its last step and counts as not "
+           "successful.")
     if ctx.optuna is not None:
         states = ", ".join(f"{k.lower()} {v}" for k, v in sorted(ctx.optuna.states.items()))
         s.text(f"Optuna record: {states or 'no trials'}.")
@@ -476,14 +489,14 @@ def best_section(ctx: StudyContext) -> Section:
     s.text(f"Configurations ranked per model by the median {metric_label(ctx, ctx.metric, 'final')} of their "
            "completed runs. A configuration with replications is judged on its replication runs only (the search "
            "run that selected it is left out: it was chosen for looking best), and where a model has replicated "
-           "configurations only those compete. Ties go to the better configuration: higher success rate, then "
-           "lower mean, then more runs.")
+           "configurations only those compete. Ties go to the better configuration: higher success rate (runs "
+           "that reached the target, over every ended run: success k/n), then lower mean, then more runs.")
     finals = final_rows(ctx.df).drop_duplicates("config_id").set_index("config_id")
     table = pd.DataFrame({
         "config": ranked["label"], "model": ranked["model"], "judged on": ranked["source"],
         "runs (n)": ranked["runs"], f"median {metric_label(ctx, ctx.metric, 'final')}": ranked["median"],
         f"mean {metric_label(ctx, ctx.metric, 'final')}": ranked["mean"],
-        "success rate (fraction)": ranked["success_rate"],
+        "success k/n": [f"{k}/{n}" for k, n in zip(ranked["n_success"], ranked["n_runs"], strict=True)],
         "params": [_params_text(finals.loc[c]) for c in ranked["config_id"]],
     })
     best = table[ranked["rank"] == 0]
@@ -559,7 +572,7 @@ def stability_section(ctx: StudyContext) -> Section:
         s.text("No configuration has an ended run (completed, diverged or stopped early) yet.")
         return s
     replicated = int((ended["n_runs"] >= 2).sum())
-    s.text(f"Per configuration over its seeds (search and replications): success (final error <= {ctx.target:g}), "
+    s.text(f"Per configuration over its seeds (search and replications): success (reached error <= {ctx.target:g}), "
            f"median final error, steps to target. {STABILITY_TEXT} {replicated} of {len(ended)} configurations ran "
            "with two or more seeds" + ("" if replicated else
                                        ": more seeds need seeds [0, 1, ...] in the study file or `mannstudy "
