@@ -681,13 +681,43 @@ def _importance_text(ctx: StudyContext, imp) -> str:
         return head + imp.why + "."
     above = [p for p in imp.table.index if bool(imp.table.loc[p, "above_noise"])]
     lo, hi = imp.explained_ci
+    evaluators = "".join(f" {EVALUATOR_NAMES.get(e, e)}: {why}." for e, why in imp.evaluator_why.items())
     return (head + f"the surrogate explains {imp.explained:.2f} of the variance [{lo:.2f}, {hi:.2f}] "
             f"({imp.n_boot} bootstrap refits); above noise (interval excludes 0): "
-            + (", ".join(above) if above else "no parameter") + ".")
+            + (", ".join(above) if above else "no parameter") + "." + evaluators)
+
+
+EVALUATOR_NAMES = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA"}
+
+
+def _share(value: float, lo: float, hi: float, why: str | None) -> str:
+    """An evaluator's share with its interval; "not estimated" (the sentence is in the text) or "not rated"."""
+    if why:
+        return "not estimated"
+    if not math.isfinite(value):
+        return "not rated"  # e.g. fANOVA and a conditional parameter
+    return _interval(value, lo, hi) if math.isfinite(lo) and math.isfinite(hi) else f"{value:.3g}"
+
+
+def importance_table_shown(imp) -> pd.DataFrame:
+    """An Importance's table as the report shows it: each evaluator's share with its 95% interval in one column."""
+    from analysis.sensitivity import EVALUATORS
+
+    table = imp.table.copy()
+    for e in [e for e in EVALUATORS if e in table]:
+        why = imp.evaluator_why.get(e)
+        table[e] = [_share(v, lo, hi, why) for v, lo, hi in zip(table[e], table[f"{e}_lo"], table[f"{e}_hi"],
+                                                                 strict=True)]
+        table = table.drop(columns=[f"{e}_lo", f"{e}_hi"])
+    return table.reset_index().rename(columns={
+        "n": "trials with it (n)", "importance": "importance (fraction of variance)",
+        "importance_lo": "95% CI lo", "importance_hi": "95% CI hi", "above_noise": "above noise",
+        "fanova": "fANOVA share [95% CI]", "ped_anova": "PED-ANOVA share [95% CI]", "rank_corr": "rank corr.",
+        "abs_rank_corr": "|rank corr.|"})
 
 
 def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
-    from analysis.sensitivity import MIN_TRIALS, TRIALS_PER_PARAM
+    from analysis.sensitivity import MIN_TRIALS, N_REFITS, TRIALS_PER_PARAM, ped_anova_min_trials
 
     s = Section("importance", "Hyperparameter importance")
     if sens.result is None:
@@ -698,7 +728,9 @@ def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
            "of a random-forest surrogate's error on left-out trials when that parameter is shuffled, with a 95% "
            "bootstrap interval over trials (the surrogate is refitted on each resample). Estimated only from "
            f"max({MIN_TRIALS}, {TRIALS_PER_PARAM} x searched parameters) trials. fANOVA and PED-ANOVA (Optuna) "
-           "are shares of what their model explains, summing to 1: read them as a ranking, not as a size. "
+           "are shares of what their model explains, summing to 1: read them as a ranking, not as a size; each "
+           f"with a 95% bootstrap interval over trials ({N_REFITS} refits on resampled trials). fANOVA needs the "
+           f"same minimum, PED-ANOVA at least {ped_anova_min_trials()} trials (it keeps only the top 10%). "
            "Replication runs are left out.")
     if not r.space_known:
         s.text("Search space: not recorded with the study; ranges are the values seen, on a linear scale.")
@@ -715,11 +747,7 @@ def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         s.text(f"Seed noise: {noise.why}.")
     for imp in (r.full, r.rung):
         if imp.estimated and len(imp.table):
-            table = imp.table.reset_index().rename(columns={
-                "n": "trials with it (n)", "importance": "importance (fraction of variance)",
-                "importance_lo": "95% CI lo", "importance_hi": "95% CI hi", "above_noise": "above noise",
-                "fanova": "fANOVA (share)", "ped_anova": "PED-ANOVA (share)", "rank_corr": "rank corr.",
-                "abs_rank_corr": "|rank corr.|"})
+            table = importance_table_shown(imp)
             table.insert(0, "trials", imp.basis)
             s.table(table)
     if r.full.estimated or r.rung.estimated:
