@@ -193,6 +193,7 @@ def _strength(outcome: str, df: pd.DataFrame, runs: pd.DataFrame) -> tuple:
     if outcome == "success":
         e = convergence(runs)[1]
         return (-(e.mean() if len(e) else 0.0),)
+    runs = runs[runs["status"] != "stopped_early"]  # as the comparison: a stopped run was cut short
     values = final_values(df[df["run_id"].isin(runs["run_id"])], outcome) if len(runs) else pd.Series(dtype=float)
     return (float(np.nanmedian(values)) if len(values) and np.isfinite(values).any() else math.inf,)
 
