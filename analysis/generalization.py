@@ -46,7 +46,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import torch
 
-from analysis.tidy import final_rows, validate_tidy
+from analysis.tidy import final_rows, study_target, validate_tidy
 from mann import dispatch
 from mann.registry import build_model
 from mann.tasks import Batch, Score, Task, build_task
@@ -309,8 +309,8 @@ def best_runs(df: pd.DataFrame, metric: str = "error", per_model: int = 1, max_s
     done = finals[(finals["status"] == "completed") & np.isfinite(finals[metric].astype(float))]
     if done.empty:
         return done.assign(rank=pd.Series(dtype=int))
-    target = float(df["target_error"].median()) if "target_error" in df and df["target_error"].notna().any() \
-        else math.inf
+    target = study_target(df)
+    target = math.inf if target is None else target
     ranked = rank_configurations(df, target, metric, direction)
     picked = []
     for _, row in ranked[ranked["rank"] < per_model].iterrows():

@@ -21,7 +21,9 @@ With the Optuna study, a searched key that a model's trials never had (``models:
 study file) is NaN for that model's runs, replications included: it does not apply to them.
 
 Extra columns beside the schema: ``task``, ``target_error`` (the task's success threshold, from
-``task.target_error``), ``trial_name`` (Tune's trial name: finds checkpoints), ``optuna_trial``
+``task.target_error``), ``stop_at_error`` and ``stop_after_evals`` (the run's convergence stop: with
+``target_error``, what :func:`analysis.tidy.study_target` and :func:`analysis.tidy.reach_times` read, NaN where
+the run lacks them), ``trial_name`` (Tune's trial name: finds checkpoints), ``optuna_trial``
 (the Optuna trial number, when the Optuna study was given and the run was one of its trials).
 
 Fetching. ``search_runs`` pages through the trial runs 1,000 at a time (the most MLflow returns
@@ -61,7 +63,7 @@ SQL_CHUNK = 500  # run ids per bulk query (well under SQLite's bound-parameter l
 REST_CHUNK = 100  # run ids per bulk request to a tracking server (the server's limit)
 UI_MAX_POINTS = 25000  # points per get-history-bulk answer the server returns at most
 REST_MAX_POINTS = 2500  # points per run and key get-history-bulk-interval returns at most (MAX_RESULTS_PER_RUN)
-EXTRA_COLUMNS = ("task", "target_error", "trial_name", "optuna_trial")
+EXTRA_COLUMNS = ("task", "target_error", "stop_at_error", "stop_after_evals", "trial_name", "optuna_trial")
 # Params that are no hyperparameters or have their own column.
 _OWN_COLUMN = ("model", "task", "seed")
 _NOT_HASHED = ("seed", "checkpoint_dir")
@@ -388,6 +390,8 @@ def tidy_from_runs(runs: StudyRuns, optuna_info: OptunaInfo | None = None, metri
             "task": str(p.get("task", "unknown")),
             "target_error": float(p["task.target_error"]) if isinstance(p.get("task.target_error"), int | float)
             else math.nan,
+            "stop_at_error": _number(p.get("stop_at_error")),
+            "stop_after_evals": _number(p.get("stop_after_evals")),
             "trial_name": tags.get("mannstudy.trial_name"),
             "optuna_trial": (optuna_info.trial_numbers.get(str(trial_id)) if optuna_info else None),
         })
@@ -427,6 +431,11 @@ def tidy_from_runs(runs: StudyRuns, optuna_info: OptunaInfo | None = None, metri
     front = [*ID_COLUMNS, *keys, *EXTRA_COLUMNS]
     df = df[front + [c for c in df.columns if c not in front]]
     return validate_tidy(df)
+
+
+def _number(value: Any) -> float:
+    """A param's value as a float; NaN for null, absent or not a number."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
 
 
 def _param_frame(params: list[dict], models: pd.Series, optuna_info: OptunaInfo | None) -> pd.DataFrame:

@@ -17,13 +17,17 @@ A replication study file carries a ``paper`` block (validated by ``study.spec``;
 
 Outcomes, the estimate each reports and the direction the claim asserts:
 
-- ``steps``: steps to convergence (``converged_step``: the first of the consecutive evaluations at or
-  below the study's ``stop_at_error``; a run that never converged is censored at its last step).
+- ``steps``: steps to convergence, as :func:`analysis.tidy.reach_times` defines reaching the target (the
+  first of ``stop_after_evals`` consecutive evaluations with ``error`` at or below the study's
+  ``stop_at_error``, :func:`analysis.tidy.study_target`; where training stopped on it, its
+  ``converged_step``). A run that never converged is censored at its last step, a run stopped early
+  (ASHA, the time budget) too: it counts, never dropped.
   Estimate: ratio of Kaplan-Meier medians, arm / against, with a bootstrap interval
   (:func:`analysis.stats.median_ratio`); test: log-rank. Claimed: ratio < 1 (the arm is faster).
-- ``success``: the fraction of runs that converged within the budget. Estimate: difference arm - against,
-  Newcombe's interval; test: Boschloo's exact test. Claimed: difference > 0.
-- ``final_<metric>`` (e.g. ``final_gen4x_error``): the end-of-run value of a lower-is-better metric.
+- ``success``: the fraction of runs that converged (the same definition), every ended run in the denominator.
+  Estimate: difference arm - against, Newcombe's interval; test: Boschloo's exact test. Claimed: difference > 0.
+- ``final_<metric>`` (e.g. ``final_gen4x_error``): the end-of-run value of a lower-is-better metric, over the
+  runs that ended at their budget or converged (completed, or diverged: a stopped run was cut short).
   Estimate: Cliff's delta P(arm > against) - P(arm < against), its interval; test: Mann-Whitney.
   Claimed: delta < 0 (the arm's values are lower).
 
@@ -54,10 +58,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.tidy import final_rows, final_values, validate_tidy
+from analysis.tidy import final_rows, final_values, reach_times, study_target, validate_tidy
 
 ALPHA = 0.05
-ENDED = ("completed", "diverged")  # a replication has no early stopping: every other status did not end
+ENDED = ("completed", "diverged", "stopped_early")  # runs that ended: failed and running ones did not
 
 
 class Verdict(NamedTuple):
@@ -81,7 +85,8 @@ class Verdict(NamedTuple):
 
 def arm_runs(df: pd.DataFrame, arms: Mapping[str, Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
     """Each named arm's ended runs: one row per run (its final row), selected by the arm's column values, with
-    ``time`` and ``reached`` (see :func:`convergence`).
+    ``time`` and ``reached`` (see :func:`convergence`; with no ``stop_at_error`` or ``target_error`` in the
+    frame no run reached anything).
 
     ``arms``: {name: {column or param key: value}}; ``model`` is the model column, any other key a
     ``param.<key>`` column. A run matching two arms is an error in the study file's ``paper`` block.
@@ -89,11 +94,10 @@ def arm_runs(df: pd.DataFrame, arms: Mapping[str, Mapping[str, Any]]) -> dict[st
     validate_tidy(df)
     finals = final_rows(df)
     finals = finals[finals["status"].isin(ENDED)].reset_index(drop=True)
-    # converged_step where the run converged, else censored at its last step
-    converged = (finals["run_id"].map(final_values(df, "converged_step")).to_numpy(dtype=float)
-                 if "converged_step" in df.columns else np.full(len(finals), math.nan))
-    finals["reached"] = np.isfinite(converged)
-    finals["time"] = np.where(finals["reached"], converged, finals["step"].to_numpy(dtype=float))
+    target = study_target(df)
+    reach = reach_times(df, -math.inf if target is None else target).set_index("run_id")
+    finals["reached"] = finals["run_id"].map(reach["reached"]).astype(bool).to_numpy()
+    finals["time"] = finals["run_id"].map(reach["time"]).to_numpy(dtype=float)
     out: dict[str, pd.DataFrame] = {}
     taken = pd.Series(False, index=finals.index)
     for name, selector in arms.items():
@@ -122,8 +126,8 @@ def _same(value: Any, want: Any) -> bool:
 
 
 def convergence(runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(time, converged) of an arm's runs (from :func:`arm_runs`): ``converged_step`` where the run converged,
-    else its last step (censored)."""
+    """(time, converged) of an arm's runs (from :func:`arm_runs`): the step it reached the study's target
+    (:func:`analysis.tidy.reach_times`), else its last step (censored)."""
     return runs["time"].to_numpy(dtype=float), runs["reached"].to_numpy(dtype=bool)
 
 
@@ -153,6 +157,7 @@ def _success(df, runs_a, runs_b, level) -> dict[str, float]:
 
 def _values(metric: str):
     def make(df, runs_a, runs_b, level) -> dict[str, float]:
+        runs_a, runs_b = (r[r["status"] != "stopped_early"] for r in (runs_a, runs_b))
         ended = df[df["run_id"].isin(pd.concat([runs_a, runs_b])["run_id"])]
         if metric not in ended.columns:
             raise stats.NotEstimated(f"not estimated: no run logged {metric}")
@@ -188,6 +193,7 @@ def _strength(outcome: str, df: pd.DataFrame, runs: pd.DataFrame) -> tuple:
     if outcome == "success":
         e = convergence(runs)[1]
         return (-(e.mean() if len(e) else 0.0),)
+    runs = runs[runs["status"] != "stopped_early"]  # as the comparison: a stopped run was cut short
     values = final_values(df[df["run_id"].isin(runs["run_id"])], outcome) if len(runs) else pd.Series(dtype=float)
     return (float(np.nanmedian(values)) if len(values) and np.isfinite(values).any() else math.inf,)
 

@@ -52,7 +52,7 @@ from analysis.load import (
     study_space,
     tidy_from_runs,
 )
-from analysis.tidy import final_rows, params_of
+from analysis.tidy import final_rows, params_of, study_target
 
 SECTIONS = (
     ("paper", "Paper comparison"),  # only for a study whose file has a ``paper`` block
@@ -260,8 +260,17 @@ class StudyContext:
 
     @property
     def target(self) -> float:
-        values = self.df["target_error"].dropna() if "target_error" in self.df else pd.Series(dtype=float)
-        return float(values.median()) if len(values) else 0.1
+        """The study's target (:func:`analysis.tidy.study_target`); 0.1 for a frame that records none."""
+        target = study_target(self.df)
+        return 0.1 if target is None else target
+
+    @property
+    def target_source(self) -> str:
+        """Where :attr:`target` comes from, in words."""
+        for key, words in (("stop_at_error", "the study's stop_at_error"), ("target_error", "the task's target_error")):
+            if key in self.df and pd.to_numeric(self.df[key], errors="coerce").notna().any():
+                return words
+        return "a default: the runs record no stop_at_error or target_error"
 
 
 def _spec_param(runs: StudyRuns, key: str, default: str) -> str:
@@ -375,9 +384,10 @@ def paper_section(ctx: StudyContext) -> Section:
            "(Holm-adjusted p < 0.05 over the claims) and the paper's figure, where it gives one, lies inside our "
            "95% interval; partly reproduced when the direction holds but the size does not; inconclusive when "
            "the direction holds without significance at this n; not reproduced otherwise. Steps to convergence: "
-           "the first of the consecutive evaluations at or below the study's stop_at_error; a run that never "
-           "converged is censored at its last step (Kaplan-Meier, log-rank test, ratio of medians with a "
-           "bootstrap interval). The arm a claim is set against is the best of those it names.")
+           "the first of the stop_after_evals consecutive evaluations at or below the study's stop_at_error; a run "
+           "that never converged (its budget spent, stopped early, diverged) is censored at its last step "
+           "(Kaplan-Meier, log-rank test, ratio of medians with a bootstrap interval). The arm a claim is set "
+           "against is the best of those it names.")
     batch = ((ctx.spec or {}).get("fixed") or {}).get("batch_size")
     summary = arm_summary(ctx.df, paper)
     shown = pd.DataFrame({
@@ -416,13 +426,16 @@ def overview_section(ctx: StudyContext) -> Section:
     n_search = int(finals["replication"].isna().sum()) if len(finals) else 0
     n_rep = len(finals) - n_search
     s.text(f"Study {ctx.name}: {n_search} search runs and {n_rep} replication runs of {models} on {tasks}. "
-           f"Objective: {metric_label(ctx, ctx.metric, 'final')}, {ctx.direction}d. Success: final error at most "
-           f"{ctx.target:g} (the task's target_error).")
+           f"Objective: {metric_label(ctx, ctx.metric, 'final')}, {ctx.direction}d. Target: error at most "
+           f"{ctx.target:g} ({ctx.target_source}).")
     s.text("error is measured at the task's full training difficulty (its longest sequences, most items or "
            "nodes), whatever a run's curriculum reached, on held-out sequences fixed by the evaluation seed: every "
            "run is scored on the same task. Final values are the end-of-run evaluation on 640 held-out sequences "
-           "where a run logged one (final_error), else its last evaluation. Steps to target: the first evaluation "
-           "with error at most the target; runs that never got there are censored at their last step.")
+           "where a run logged one (final_error), else its last evaluation. Success and steps to target have one "
+           "definition: a run reaches the target at the first of stop_after_evals (default 2) consecutive "
+           "evaluations with error at most the target, as training's convergence stop counts; a run that never "
+           "got there (its budget spent, stopped early, diverged) is censored at its last step and counts as not "
+           "successful.")
     if ctx.optuna is not None:
         states = ", ".join(f"{k.lower()} {v}" for k, v in sorted(ctx.optuna.states.items()))
         s.text(f"Optuna record: {states or 'no trials'}.")
@@ -476,14 +489,14 @@ def best_section(ctx: StudyContext) -> Section:
     s.text(f"Configurations ranked per model by the median {metric_label(ctx, ctx.metric, 'final')} of their "
            "completed runs. A configuration with replications is judged on its replication runs only (the search "
            "run that selected it is left out: it was chosen for looking best), and where a model has replicated "
-           "configurations only those compete. Ties go to the better configuration: higher success rate, then "
-           "lower mean, then more runs.")
+           "configurations only those compete. Ties go to the better configuration: higher success rate (runs "
+           "that reached the target, over every ended run: success k/n), then lower mean, then more runs.")
     finals = final_rows(ctx.df).drop_duplicates("config_id").set_index("config_id")
     table = pd.DataFrame({
         "config": ranked["label"], "model": ranked["model"], "judged on": ranked["source"],
         "runs (n)": ranked["runs"], f"median {metric_label(ctx, ctx.metric, 'final')}": ranked["median"],
         f"mean {metric_label(ctx, ctx.metric, 'final')}": ranked["mean"],
-        "success rate (fraction)": ranked["success_rate"],
+        "success k/n": [f"{k}/{n}" for k, n in zip(ranked["n_success"], ranked["n_runs"], strict=True)],
         "params": [_params_text(finals.loc[c]) for c in ranked["config_id"]],
     })
     best = table[ranked["rank"] == 0]
@@ -559,7 +572,7 @@ def stability_section(ctx: StudyContext) -> Section:
         s.text("No configuration has an ended run (completed, diverged or stopped early) yet.")
         return s
     replicated = int((ended["n_runs"] >= 2).sum())
-    s.text(f"Per configuration over its seeds (search and replications): success (final error <= {ctx.target:g}), "
+    s.text(f"Per configuration over its seeds (search and replications): success (reached error <= {ctx.target:g}), "
            f"median final error, steps to target. {STABILITY_TEXT} {replicated} of {len(ended)} configurations ran "
            "with two or more seeds" + ("" if replicated else
                                        ": more seeds need seeds [0, 1, ...] in the study file or `mannstudy "
@@ -668,13 +681,43 @@ def _importance_text(ctx: StudyContext, imp) -> str:
         return head + imp.why + "."
     above = [p for p in imp.table.index if bool(imp.table.loc[p, "above_noise"])]
     lo, hi = imp.explained_ci
+    evaluators = "".join(f" {EVALUATOR_NAMES.get(e, e)}: {why}." for e, why in imp.evaluator_why.items())
     return (head + f"the surrogate explains {imp.explained:.2f} of the variance [{lo:.2f}, {hi:.2f}] "
             f"({imp.n_boot} bootstrap refits); above noise (interval excludes 0): "
-            + (", ".join(above) if above else "no parameter") + ".")
+            + (", ".join(above) if above else "no parameter") + "." + evaluators)
+
+
+EVALUATOR_NAMES = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA"}
+
+
+def _share(value: float, lo: float, hi: float, why: str | None) -> str:
+    """An evaluator's share with its interval; "not estimated" (the sentence is in the text) or "not rated"."""
+    if why:
+        return "not estimated"
+    if not math.isfinite(value):
+        return "not rated"  # e.g. fANOVA and a conditional parameter
+    return _interval(value, lo, hi) if math.isfinite(lo) and math.isfinite(hi) else f"{value:.3g}"
+
+
+def importance_table_shown(imp) -> pd.DataFrame:
+    """An Importance's table as the report shows it: each evaluator's share with its 95% interval in one column."""
+    from analysis.sensitivity import EVALUATORS
+
+    table = imp.table.copy()
+    for e in [e for e in EVALUATORS if e in table]:
+        why = imp.evaluator_why.get(e)
+        table[e] = [_share(v, lo, hi, why) for v, lo, hi in zip(table[e], table[f"{e}_lo"], table[f"{e}_hi"],
+                                                                 strict=True)]
+        table = table.drop(columns=[f"{e}_lo", f"{e}_hi"])
+    return table.reset_index().rename(columns={
+        "n": "trials with it (n)", "importance": "importance (fraction of variance)",
+        "importance_lo": "95% CI lo", "importance_hi": "95% CI hi", "above_noise": "above noise",
+        "fanova": "fANOVA share [95% CI]", "ped_anova": "PED-ANOVA share [95% CI]", "rank_corr": "rank corr.",
+        "abs_rank_corr": "|rank corr.|"})
 
 
 def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
-    from analysis.sensitivity import MIN_TRIALS, TRIALS_PER_PARAM
+    from analysis.sensitivity import MIN_TRIALS, N_REFITS, TRIALS_PER_PARAM, ped_anova_min_trials
 
     s = Section("importance", "Hyperparameter importance")
     if sens.result is None:
@@ -685,7 +728,9 @@ def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
            "of a random-forest surrogate's error on left-out trials when that parameter is shuffled, with a 95% "
            "bootstrap interval over trials (the surrogate is refitted on each resample). Estimated only from "
            f"max({MIN_TRIALS}, {TRIALS_PER_PARAM} x searched parameters) trials. fANOVA and PED-ANOVA (Optuna) "
-           "are shares of what their model explains, summing to 1: read them as a ranking, not as a size. "
+           "are shares of what their model explains, summing to 1: read them as a ranking, not as a size; each "
+           f"with a 95% bootstrap interval over trials ({N_REFITS} refits on resampled trials). fANOVA needs the "
+           f"same minimum, PED-ANOVA at least {ped_anova_min_trials()} trials (it keeps only the top 10%). "
            "Replication runs are left out.")
     if not r.space_known:
         s.text("Search space: not recorded with the study; ranges are the values seen, on a linear scale.")
@@ -702,11 +747,7 @@ def importance_section(ctx: StudyContext, sens: _Sensitivity) -> Section:
         s.text(f"Seed noise: {noise.why}.")
     for imp in (r.full, r.rung):
         if imp.estimated and len(imp.table):
-            table = imp.table.reset_index().rename(columns={
-                "n": "trials with it (n)", "importance": "importance (fraction of variance)",
-                "importance_lo": "95% CI lo", "importance_hi": "95% CI hi", "above_noise": "above noise",
-                "fanova": "fANOVA (share)", "ped_anova": "PED-ANOVA (share)", "rank_corr": "rank corr.",
-                "abs_rank_corr": "|rank corr.|"})
+            table = importance_table_shown(imp)
             table.insert(0, "trials", imp.basis)
             s.table(table)
     if r.full.estimated or r.rung.estimated:

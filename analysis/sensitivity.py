@@ -30,9 +30,15 @@ interval excludes 0; a driving parameter's importance approaches the surrogate's
 interval is wider than a pure sampling interval (it also carries the noise of scoring ~37% of n
 trials), which errs on the side of "not shown to matter".
 
-Optuna's fANOVA (Hutter et al. 2014) and PED-ANOVA (Watanabe et al. 2023) are given beside it as
-points: they are normalized to sum to 1 over the parameters, i.e. shares of whatever the
-surrogate explains, and so are never set against seed noise.
+Optuna's fANOVA (Hutter et al. 2014) and PED-ANOVA (Watanabe et al. 2023) are given beside it, each
+with its own 95% bootstrap interval: the trials are resampled with replacement ``n_refits`` times
+(40, seeded), the evaluator refitted on each resample, and the interval is the percentile interval
+of the refits' values (:func:`evaluator_bootstrap`). Their values are normalized to sum to 1 over
+the parameters, i.e. shares of whatever the evaluator's model explains, and so are never set
+against seed noise; an interval that excludes 0 says a parameter takes a share reliably, not that
+it is above noise. fANOVA's forest has ``FANOVA_TREES`` trees of depth at most ``FANOVA_DEPTH``
+(Optuna's default is 64 of depth 64, four times the cost for every refit): the refits, not the
+forest, carry the uncertainty.
 
 **Minimum trials.** Importance is not estimated below ``max(20, 10 * p)`` trials for p searched
 parameters (:func:`min_trials`), and the table then holds no number, only the sentence why. The
@@ -40,10 +46,16 @@ reasons: (1) the out-of-bootstrap score needs left-out trials: with 20 trials a 
 out about 7, the fewest on which an R^2 and a shuffle still mean something; (2) a regression on p
 predictors needs about 10 observations per predictor before its fitted effects stop tracking
 noise (the events-per-variable rule of Peduzzi et al. 1996, Harrell's *Regression Modeling
-Strategies* 4.4); a forest is no less data-hungry. The known-truth tests check the consequence: at
-the minimum, one driving parameter out of four is found with an interval excluding 0 and a null
-study puts no parameter above noise. PED-ANOVA further needs 5 trials in its top quantile
-(Optuna's advice), so ``ceil(5 / target_quantile)`` trials (50 at 0.1).
+Strategies* 4.4); a forest is no less data-hungry. fANOVA fits a random forest on the same trials,
+so the same minimum holds for it. The known-truth tests check the consequence: at the minimum, one
+driving parameter out of four is found with an interval excluding 0 and a null study puts no
+parameter above noise. PED-ANOVA needs more (:func:`ped_anova_min_trials`): it keeps only the trials
+in the top ``target_quantile`` (10%) and compares their Parzen density of each parameter with that
+of all trials, so its estimate rests on ``quantile * n`` trials; 100 trials keep 10 of them, twice
+the 5 Optuna's documentation asks for, so that a resample (which repeats some and drops about a
+third of the distinct ones) still has about 6 distinct top trials to fit a density on. Below its
+minimum the PED-ANOVA column holds no number and ``Importance.evaluator_why`` the sentence
+"not estimated: N trials, needs at least M".
 
 **Seed noise** (:func:`seed_noise`): the share of the objective's variance that reseeding one
 configuration produces, from the configurations run with several seeds. It is the part no
@@ -75,7 +87,11 @@ EVALUATORS = ("fanova", "ped_anova")
 MODEL_PARAM = "model"  # analysed as a categorical hyperparameter when the trials span several models
 MIN_TRIALS = 20  # importance is not estimated below max(MIN_TRIALS, TRIALS_PER_PARAM * p): module docstring
 TRIALS_PER_PARAM = 10
-PED_ANOVA_MIN_TOP = 5  # trials above PED-ANOVA's target quantile, as Optuna advises
+PED_ANOVA_MIN_TRIALS = 100  # PED-ANOVA keeps the top quantile only: 10 trials of 100 at 0.1 (module docstring)
+PED_ANOVA_MIN_TOP = 10  # trials in PED-ANOVA's top quantile, at least (twice the 5 Optuna advises)
+N_REFITS = 40  # fANOVA / PED-ANOVA refits on resampled trials, for their intervals
+FANOVA_TREES = 16  # fANOVA's forest: the refits carry the uncertainty (module docstring)
+FANOVA_DEPTH = 16
 N_BOOT_IMPORTANCE = 100  # forest refits per importance analysis (each a few tens of ms)
 N_TREES = 16  # trees per surrogate forest: the bootstrap, not the forest, carries the uncertainty
 RUNG_STATUSES = ("completed", "stopped_early", "diverged")
@@ -86,8 +102,13 @@ class SensitivityError(ValueError):
 
 
 def min_trials(n_params: int) -> int:
-    """The fewest trials an importance analysis of ``n_params`` parameters accepts (see the module docstring)."""
+    """The fewest trials an importance analysis (and fANOVA) of ``n_params`` parameters accepts (module docstring)."""
     return max(MIN_TRIALS, TRIALS_PER_PARAM * n_params)
+
+
+def ped_anova_min_trials(target_quantile: float = 0.1) -> int:
+    """The fewest trials PED-ANOVA is run on: 100, and enough for PED_ANOVA_MIN_TOP in its top quantile."""
+    return max(PED_ANOVA_MIN_TRIALS, math.ceil(PED_ANOVA_MIN_TOP / target_quantile - 1e-9))
 
 
 # --- which trials ------------------------------------------------------------------------------------
@@ -281,6 +302,10 @@ def build_study(
         )
         for _, row in used.iterrows()
     ]
+    return _in_memory_study(direction, trials)
+
+
+def _in_memory_study(direction, trials: Sequence[optuna.trial.FrozenTrial]) -> optuna.Study:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created in memory" line per analysis
     try:
@@ -388,24 +413,21 @@ def importance_table(
     with the parameter), one column per evaluator (normalized to sum to 1 over the parameters it
     rates: a share of what the evaluator's model explains; NaN where it cannot rate one, e.g. fANOVA
     and a conditional parameter, and for PED-ANOVA with fewer than ``5 / ped_anova_quantile``
-    trials), ``rank_corr`` and ``abs_rank_corr``. No minimum is applied here: :func:`importance` does.
+    trials, Optuna's own minimum), ``rank_corr`` and ``abs_rank_corr``. The minimums of the module
+    docstring and the intervals are :func:`importance`'s.
     """
-    made = {
-        "fanova": lambda: FanovaImportanceEvaluator(seed=seed),
-        "ped_anova": lambda: PedAnovaImportanceEvaluator(target_quantile=ped_anova_quantile),
-    }
-    unknown = [e for e in evaluators if e not in made]
+    unknown = [e for e in evaluators if e not in EVALUATORS]
     if unknown:
-        raise SensitivityError(f"evaluators: expected some of {', '.join(made)}, got {', '.join(unknown)}")
+        raise SensitivityError(f"evaluators: expected some of {', '.join(EVALUATORS)}, got {', '.join(unknown)}")
     table = pd.DataFrame(index=pd.Index(list(distributions), name="param"))
     table["kind"] = [_kind(d) for d in distributions.values()]
     table["log"] = [bool(getattr(d, "log", False)) for d in distributions.values()]
     table["n"] = [int(used[_column(p)].notna().sum()) for p in distributions]
     enough = {"fanova": len(study.trials) >= 2,
-              "ped_anova": len(study.trials) >= math.ceil(PED_ANOVA_MIN_TOP / ped_anova_quantile)}
+              "ped_anova": len(study.trials) >= math.ceil(5 / ped_anova_quantile)}  # Optuna's own minimum
     for name in evaluators:
         ok = enough[name] and len(distributions) > 0
-        scores = get_param_importances(study, evaluator=made[name]()) if ok else {}
+        scores = get_param_importances(study, evaluator=_evaluator(name, seed, ped_anova_quantile)) if ok else {}
         table[name] = [float(scores[p]) if p in scores else np.nan for p in distributions]
     codes = encode(used, distributions)
     table["rank_corr"] = [
@@ -414,6 +436,35 @@ def importance_table(
     ]
     table["abs_rank_corr"] = table["rank_corr"].abs()
     return table
+
+
+def _evaluator(name: str, seed: int, ped_anova_quantile: float):
+    if name == "fanova":
+        return FanovaImportanceEvaluator(n_trees=FANOVA_TREES, max_depth=FANOVA_DEPTH, seed=seed)
+    return PedAnovaImportanceEvaluator(target_quantile=ped_anova_quantile)
+
+
+def evaluator_bootstrap(
+    study: optuna.Study, params: Sequence[str], evaluator: str, n_refits: int = N_REFITS, seed: int = 0,
+    ped_anova_quantile: float = 0.1,
+) -> np.ndarray:
+    """Optuna's ``evaluator`` refitted on ``n_refits`` resamples of the study's trials (drawn with replacement).
+
+    Returns [n_refits, len(params)]: each refit's normalized importance of ``params`` (the ones the evaluator
+    rated on all trials); a row is NaN where the evaluator could not fit the resample (e.g. every value equal).
+    """
+    trials = study.trials
+    rng = np.random.default_rng(seed)
+    out = np.full((n_refits, len(params)), np.nan)
+    for b in range(n_refits):
+        resample = _in_memory_study(study.direction, [trials[i] for i in rng.integers(0, len(trials), len(trials))])
+        try:
+            scores = get_param_importances(resample, evaluator=_evaluator(evaluator, seed + 1 + b, ped_anova_quantile),
+                                           params=list(params))
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue
+        out[b] = [float(scores.get(p, np.nan)) for p in params]
+    return out
 
 
 def _ranked(used: pd.DataFrame, name: str, dist: BaseDistribution, code: np.ndarray) -> pd.Series:
@@ -435,9 +486,12 @@ class Importance:
 
     table: index = dotted parameter; ``kind``, ``log``, ``n``, ``importance`` (permutation importance,
     a fraction of the objective's variance), ``importance_lo``/``importance_hi`` (its interval),
-    ``above_noise`` (the interval excludes 0), then the Optuna evaluators' shares, ``rank_corr`` and
-    ``abs_rank_corr``; sorted by ``importance``. Every number is NaN when ``why`` says it was not estimated.
-    explained / explained_ci: the surrogate's out-of-bootstrap R^2 and its interval.
+    ``above_noise`` (the interval excludes 0), then per Optuna evaluator its share (``fanova``,
+    ``ped_anova``) with its bootstrap interval (``fanova_lo``, ``fanova_hi``, ...), ``rank_corr`` and
+    ``abs_rank_corr``; sorted by ``importance``. Every number is NaN when ``why`` says it was not estimated;
+    an evaluator's columns are NaN when ``evaluator_why[name]`` says why (below its own minimum).
+    explained / explained_ci: the surrogate's out-of-bootstrap R^2 and its interval. n_refits: the
+    evaluators' refits per interval.
     """
 
     selection: TrialSelection
@@ -447,6 +501,8 @@ class Importance:
     explained_ci: tuple[float, float] = (math.nan, math.nan)
     n_boot: int = 0
     why: str | None = None
+    evaluator_why: dict[str, str] = field(default_factory=dict)
+    n_refits: int = 0
 
     @property
     def estimated(self) -> bool:
@@ -460,6 +516,11 @@ class Importance:
 IMPORTANCE_COLUMNS = ("importance", "importance_lo", "importance_hi", "above_noise")
 
 
+def evaluator_columns(evaluators: Sequence[str]) -> list[str]:
+    """``fanova``, ``fanova_lo``, ``fanova_hi``, ... for each evaluator, in order."""
+    return [f"{name}{suffix}" for name in evaluators for suffix in ("", "_lo", "_hi")]
+
+
 def importance(
     selection: TrialSelection,
     distributions: Mapping[str, BaseDistribution],
@@ -470,11 +531,13 @@ def importance(
     seed: int = 0,
     level: float = LEVEL,
     ped_anova_quantile: float = 0.1,
+    n_refits: int = N_REFITS,
 ) -> Importance:
     """Importance of each hyperparameter on the trials of ``selection`` (see the module docstring).
 
     Below :func:`min_trials` (or with an objective that does not vary) nothing is estimated:
     ``why`` says "not estimated: <n> trials, needs at least <M> ..." and the table holds no number.
+    PED-ANOVA below :func:`ped_anova_min_trials` likewise, in ``evaluator_why["ped_anova"]``.
     """
     used = selection.used
     dists = {k: d for k, d in distributions.items() if _column(k) in used and used[_column(k)].notna().any()}
@@ -483,7 +546,7 @@ def importance(
     blank["kind"] = [_kind(d) for d in dists.values()]
     blank["log"] = [bool(getattr(d, "log", False)) for d in dists.values()]
     blank["n"] = [int(used[_column(p)].notna().sum()) for p in dists]
-    for column in (*IMPORTANCE_COLUMNS, *evaluators, "rank_corr", "abs_rank_corr"):
+    for column in (*IMPORTANCE_COLUMNS, *evaluator_columns(evaluators), "rank_corr", "abs_rank_corr"):
         blank[column] = np.nan
     n = selection.n_used
     y = used[metric].to_numpy(dtype=float) if n else np.zeros(0)
@@ -496,9 +559,27 @@ def importance(
     elif np.unique(y).size < 2:
         why = f"not estimated: all {n} trials have the same {metric}, there is no variation to attribute"
     if why is not None:
-        return Importance(selection, need, blank, why=why)
+        return Importance(selection, need, blank, why=why, evaluator_why={e: why for e in evaluators})
+    evaluator_why = {}  # fANOVA's minimum is the analysis's own (met here); PED-ANOVA's is larger
+    if "ped_anova" in evaluators and n < (ped_min := ped_anova_min_trials(ped_anova_quantile)):
+        evaluator_why["ped_anova"] = (f"not estimated: {n} trials, needs at least {ped_min} (PED-ANOVA keeps only "
+                                      f"the top {ped_anova_quantile:.0%} of the trials)")
+    run = [e for e in evaluators if e not in evaluator_why]
     study = build_study(used, dists, metric, direction)
-    table = importance_table(study, used, dists, metric, evaluators, seed, ped_anova_quantile)
+    table = importance_table(study, used, dists, metric, run, seed, ped_anova_quantile)
+    for e in evaluators:
+        rated = [p for p in dists if e in table and np.isfinite(table.loc[p, e])]
+        lo, hi = np.full(len(dists), np.nan), np.full(len(dists), np.nan)
+        if e in run and rated and n_refits > 0:
+            refits = evaluator_bootstrap(study, rated, e, n_refits, seed, ped_anova_quantile)
+            ok = np.isfinite(refits).all(axis=1)
+            if ok.any():
+                at = [list(dists).index(p) for p in rated]
+                lo[at], hi[at] = np.quantile(refits[ok], [(1 - level) / 2, (1 + level) / 2], axis=0)
+        if e not in table:
+            table[e] = np.nan
+        table[f"{e}_lo"], table[f"{e}_hi"] = lo, hi
+    table = table[["kind", "log", "n", *evaluator_columns(evaluators), "rank_corr", "abs_rank_corr"]]
     r2, imp = surrogate_bootstrap(encode(used, dists), y, n_boot, seed)
     ok = np.isfinite(r2)
     lo, hi = np.quantile(imp[ok], [(1 - level) / 2, (1 + level) / 2], axis=0)
@@ -507,7 +588,8 @@ def importance(
     table.insert(5, "importance_hi", hi)
     table.insert(6, "above_noise", lo > 0)
     table = table.sort_values("importance", ascending=False, kind="stable")
-    return Importance(selection, need, table, float(r2[ok].mean()), _percentile_interval(r2[ok], level), int(ok.sum()))
+    return Importance(selection, need, table, float(r2[ok].mean()), _percentile_interval(r2[ok], level), int(ok.sum()),
+                      evaluator_why=evaluator_why, n_refits=n_refits)
 
 
 # --- seed noise ----------------------------------------------------------------------------------
@@ -756,12 +838,14 @@ def hyperparameter_sensitivity(
     seed: int = 0,
     n_boot: int = N_BOOT_IMPORTANCE,
     ped_anova_quantile: float = 0.1,
+    n_refits: int = N_REFITS,
 ) -> Sensitivity:
     """Sensitivity of ``metric`` to each hyperparameter, on full-budget trials and at the common rung.
 
     ``distributions``: the search space as Optuna distributions keyed by dotted name, from the study
     file (the rest is inferred, see :func:`infer_distributions`). ``seed`` seeds the forests and the
-    bootstraps. The interaction table is for the top pair by full-budget importance, when estimated.
+    bootstraps; ``n_refits``: the fANOVA / PED-ANOVA refits behind their intervals. The interaction table is
+    for the top pair by full-budget importance, when estimated.
     """
     if direction not in ("minimize", "maximize"):
         raise SensitivityError(f"direction: expected 'minimize' or 'maximize', got {direction!r}")
@@ -771,7 +855,7 @@ def hyperparameter_sensitivity(
     dists = infer_distributions(pd.concat([used, at_rung.used], ignore_index=True), distributions)
     study = build_study(used, dists, metric, direction)
     kwargs = dict(metric=metric, direction=direction, evaluators=evaluators, n_boot=n_boot, seed=seed,
-                  ped_anova_quantile=ped_anova_quantile)
+                  ped_anova_quantile=ped_anova_quantile, n_refits=n_refits)
     full = importance(selection, dists, **kwargs)
     rung = importance(at_rung, dists, **kwargs)
     order = list(full.table.index) if full.estimated else [k for k in dists if k in full.table.index]

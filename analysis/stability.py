@@ -7,19 +7,23 @@ Unit of analysis: a run (one configuration, one seed). Every run that ended coun
   successful in the success rate and as censored at its last step in the time to target.
   ``failed`` runs (an exception, no outcome of the model) and ``running`` ones are counted in their
   own columns and left out of the denominator.
-- ``success_rate`` = completed runs whose final error (``final_error`` where logged, else the
-  last evaluation's, see :func:`analysis.tidy.final_values`) is at most the target, over ``n_runs``,
-  with the Wilson interval (:func:`analysis.stats.proportion_ci`): valid from one run on, never of
-  zero width. ``divergence_rate`` likewise.
+- Success and steps to target have one definition, :func:`analysis.tidy.reach_times`: a run
+  reaches the target at the first of ``stop_after_evals`` consecutive periodic evaluations with
+  ``error`` (at the task's full training difficulty) at most the target, as training's convergence
+  stop counts; the target is the study's (:func:`analysis.tidy.study_target`: ``stop_at_error``, else
+  the task's ``target_error``). ``success_rate`` = runs that reached it, over ``n_runs``, with the
+  Wilson interval (:func:`analysis.stats.proportion_ci`): valid from one run on, never of zero width.
+  A run that reached the target and was then stopped or diverged still reached it. ``divergence_rate``
+  likewise.
 - ``median_error``: the median final error of the completed runs with the exact distribution-free
   interval of a median (:func:`analysis.stats.median_ci`): the order statistics x_(j), x_(n-j+1) with the largest j
   whose binomial coverage 1 - 2 P(Bin(n, 1/2) <= j - 1) is at least the level. With fewer than 6
   runs no pair of order statistics reaches 95% (5 runs: 0.9375), so the median is given without
   an interval and ``median_error_why`` says "not estimated: 5 runs, needs at least 6".
-- ``median_steps_to_target``: the Kaplan-Meier median of the first step at which the error
-  (measured at the task's full training difficulty) is at most the target, runs that never got
-  there censored at their last step (budget, ASHA stop or divergence), with the Brookmeyer-Crowley
-  interval (:func:`analysis.stats.median_time`); +inf when fewer than half are known to reach it.
+- ``median_steps_to_target``: the Kaplan-Meier median of the step at which runs reached the target
+  (the same definition), runs that never got there censored at their last step (budget, ASHA stop or
+  divergence), with the Brookmeyer-Crowley interval (:func:`analysis.stats.median_time`); +inf when
+  fewer than half are known to reach it.
 
 Arms are compared pairwise (:func:`compare_arms`): success rates (Newcombe interval, Boschloo's
 test), final errors (Mann-Whitney, Cliff's delta with its interval; a diverged run ranks worst, a
@@ -38,7 +42,7 @@ import pandas as pd
 
 from analysis import stats
 from analysis.stats import median_ci
-from analysis.tidy import final_rows, final_values, param_columns, validate_tidy
+from analysis.tidy import final_rows, final_values, param_columns, reach_times, validate_tidy
 
 LEVEL = 0.95
 CONFIG_KEYS = ("model", "config_id")  # one configuration: the same model and hyperparameters, any seed
@@ -53,38 +57,20 @@ def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float
     return float(lo), float(hi)
 
 
-def steps_to_target(df: pd.DataFrame, target: float, metric: str = "error") -> pd.DataFrame:
-    """Per run: the first evaluation step with ``metric <= target``, or the run censored at its last step.
-
-    Returns one row per run_id: ``status``, ``reached`` (bool), ``steps_to_target`` (NaN when not
-    reached), ``last_step`` and ``time`` (the step it reached the target, else its last step: the
-    time a Kaplan-Meier estimate reads, with ``reached`` as the event indicator).
-    """
-    validate_tidy(df, [metric])
-    hit = df[df[metric] <= target]
-    first = hit.groupby("run_id", sort=False)["step"].min()
-    last = final_rows(df).set_index("run_id")
-    out = pd.DataFrame(
-        {"run_id": last.index, "status": last["status"].to_numpy(), "last_step": last["step"].to_numpy()}
-    )
-    out["steps_to_target"] = out["run_id"].map(first).astype(float)
-    out["reached"] = out["steps_to_target"].notna()
-    out["time"] = out["steps_to_target"].fillna(out["last_step"].astype(float))
-    return out[["run_id", "status", "reached", "steps_to_target", "last_step", "time"]]
-
-
 def _config_label(model: str, cid: str) -> str:
     return f"{model}:{cid[:6]}"
 
 
 def run_outcomes(df: pd.DataFrame, target: float, metric: str = "error") -> pd.DataFrame:
-    """One row per run: its final row plus ``final`` (final ``metric``), ``success``, ``reached``, ``time``."""
+    """One row per run: its final row plus ``final`` (final ``metric``), ``reached``, ``time``
+    (:func:`analysis.tidy.reach_times` of the target, on ``error``) and ``success`` (= ``reached``: one
+    definition for the rate, the time and the ranking)."""
     finals = final_rows(df)
     finals["final"] = finals["run_id"].map(final_values(df, metric)).to_numpy(dtype=float)
-    finals["success"] = (finals["status"] == "completed") & (finals["final"] <= target)
-    stt = steps_to_target(df, target, metric).set_index("run_id")
-    finals["reached"] = finals["run_id"].map(stt["reached"]).astype(bool).to_numpy()
-    finals["time"] = finals["run_id"].map(stt["time"]).to_numpy(dtype=float)
+    reach = reach_times(df, target).set_index("run_id")
+    finals["reached"] = finals["run_id"].map(reach["reached"]).astype(bool).to_numpy()
+    finals["time"] = finals["run_id"].map(reach["time"]).to_numpy(dtype=float)
+    finals["success"] = finals["reached"]
     return finals
 
 
@@ -174,22 +160,29 @@ def rank_configurations(df: pd.DataFrame, target: float, metric: str = "error",
     full tie falls back to the config id (for a stable order).
 
     Columns: ``model``, ``config_id``, ``label``, ``source``, ``runs`` (completed runs judged),
-    ``median``, ``mean``, ``success_rate``, ``rank`` (0 = best of its model), ``run_ids``.
+    ``median``, ``mean``, ``n_runs`` (the configuration's ended runs from the same source: completed,
+    diverged, stopped early), ``n_success`` (those that reached the target, :func:`analysis.tidy.reach_times`)
+    and ``success_rate`` (``n_success / n_runs``), ``rank`` (0 = best of its model), ``run_ids``
+    (the completed runs judged).
     """
     runs = run_outcomes(df, target, metric)
-    done = runs[(runs["status"] == "completed") & np.isfinite(runs["final"])]
+    ended = runs[runs["status"].isin(ENDED)]
+    done = ended[(ended["status"] == "completed") & np.isfinite(ended["final"])]
     replicated = done[done["replication"].notna()]
     rows = []
     for model, group in done.groupby("model", sort=True):
         rep = replicated[replicated["model"] == model]
         source, pool = ("replications", rep) if len(rep) else ("search", group)
+        same_source = ended["replication"].notna() if len(rep) else ended["replication"].isna()
         for cid, g in pool.groupby("config_id", sort=True):
+            every = ended[same_source & (ended["model"] == model) & (ended["config_id"] == cid)]
             rows.append({"model": model, "config_id": cid, "label": _config_label(str(model), str(cid)),
                          "source": source, "runs": len(g), "median": float(g["final"].median()),
-                         "mean": float(g["final"].mean()), "success_rate": float(g["success"].mean()),
+                         "mean": float(g["final"].mean()), "n_runs": len(every),
+                         "n_success": int(every["success"].sum()), "success_rate": float(every["success"].mean()),
                          "run_ids": list(g["run_id"])})
     out = pd.DataFrame(rows, columns=["model", "config_id", "label", "source", "runs", "median", "mean",
-                                      "success_rate", "run_ids"])
+                                      "n_runs", "n_success", "success_rate", "run_ids"])
     if out.empty:
         return out.assign(rank=pd.Series(dtype=int))
     sign = 1.0 if direction == "minimize" else -1.0

@@ -39,7 +39,15 @@ metrics            float columns named as ``mann.train`` reports them (see :data
 =================  ==========================================================================
 
 A run that never reached an evaluation (failed at start) still has one row, with ``step`` 0
-and NaN metrics, so that it is counted. Extra columns are allowed and ignored.
+and NaN metrics, so that it is counted. Extra columns are allowed and ignored, except the
+loader's ``target_error``, ``stop_at_error`` and ``stop_after_evals`` (or ``param.`` columns of those
+keys), which :func:`study_target` and :func:`reach_times` read.
+
+Success and steps to target have one definition, :func:`reach_times` (docs/metrics.md, "Success and
+steps to target"): a run reaches the target at the first of ``stop_after_evals`` consecutive periodic
+evaluations whose ``error`` is at most the target, exactly as training's convergence stop counts
+(``mann.train``: ``stop_at_error``, ``stop_after_evals``, ``converged_step``). Every success rate,
+Kaplan-Meier time, ranking and paper comparison reads it.
 """
 
 from __future__ import annotations
@@ -69,6 +77,10 @@ METRIC_COLUMNS = (
     "final_error", "final_cost_bits", "final_accuracy", "converged_step",
 )
 PARAM_PREFIX = "param."
+DEFAULT_STOP_AFTER_EVALS = 2  # mann.train.TrainConfig.stop_after_evals's default, for frames that lack the key
+# Columns a periodic evaluation always logs: a row with none of them is no evaluation (a diverged run's final_*
+# at its divergence step, a run's empty step-0 row).
+EVALUATION_COLUMNS = ("error", "curriculum_error", "level", "train_loss")
 _SEED_KEYS = ("seed", PARAM_PREFIX + "seed")
 
 
@@ -169,3 +181,65 @@ def params_of(row: Mapping[str, Any] | pd.Series) -> dict[str, Any]:
         for key, value in dict(row).items()
         if key.startswith(PARAM_PREFIX) and key not in _SEED_KEYS and not _absent(value)
     }
+
+
+def _run_setting(df: pd.DataFrame, key: str) -> pd.Series:
+    """Per run (index ``run_id``): the run's value of the TrainConfig key ``key`` (column ``key`` or
+    ``param.<key>``), NaN where the frame does not hold it."""
+    runs = pd.Index(df["run_id"]).unique()
+    for column in (key, PARAM_PREFIX + key):
+        if column in df.columns:
+            values = pd.to_numeric(df[column], errors="coerce").astype(float)
+            return values.groupby(df["run_id"], sort=False).first().reindex(runs)
+    return pd.Series(math.nan, index=runs, dtype=float)
+
+
+def study_target(df: pd.DataFrame) -> float | None:
+    """The error a run must reach to count as a success: the study's ``stop_at_error`` where its runs set one,
+    else the task's ``target_error``; None when the frame holds neither.
+
+    Several values (a study that searched ``stop_at_error``, runs of two tasks) give their median.
+    """
+    for key in ("stop_at_error", "target_error"):
+        values = _run_setting(df, key).dropna()
+        if len(values):
+            return float(values.median())
+    return None
+
+
+def reach_times(df: pd.DataFrame, target: float, after: int | None = None, metric: str = "error") -> pd.DataFrame:
+    """Per run: when it reached ``target``, or the step it is censored at.
+
+    A run reaches the target at the step of the first of ``after`` consecutive periodic evaluations with
+    ``metric <= target`` (an evaluation whose ``metric`` is NaN breaks the streak, as in training). ``after``
+    None: each run's own ``stop_after_evals`` (DEFAULT_STOP_AFTER_EVALS where the frame lacks it), so that
+    with the run's ``stop_at_error`` as the target this is the ``converged_step`` training logged. A run
+    that never reached it is censored at its last step, whatever ended it (budget, ASHA stop, divergence).
+
+    Returns one row per run_id (first-seen order): ``status``, ``reached`` (bool), ``steps_to_target``
+    (NaN when not reached), ``last_step``, ``time`` (``steps_to_target`` if reached, else ``last_step``: the
+    time a Kaplan-Meier estimate reads, with ``reached`` as its event indicator).
+    """
+    validate_tidy(df, [metric])
+    present = [c for c in EVALUATION_COLUMNS if c in df.columns]
+    evals = df[df[present].notna().any(axis=1)].sort_values(["run_id", "step"], kind="stable")
+    evals = evals.drop_duplicates(["run_id", "step"], keep="first")
+    streaks = _run_setting(df, "stop_after_evals").fillna(DEFAULT_STOP_AFTER_EVALS) if after is None else None
+    first: dict[str, float] = {}
+    for run_id, run in evals.groupby("run_id", sort=False):
+        need = int(after if streaks is None else streaks[run_id])
+        below = (run[metric].astype(float) <= target).to_numpy()  # NaN compares False
+        steps = run["step"].to_numpy()
+        count = 0
+        for i, ok in enumerate(below):
+            count = count + 1 if ok else 0
+            if count >= need:
+                first[run_id] = float(steps[i - need + 1])
+                break
+    last = final_rows(df)
+    out = pd.DataFrame({"run_id": last["run_id"].to_numpy(), "status": last["status"].to_numpy(),
+                        "last_step": last["step"].to_numpy()})
+    out["steps_to_target"] = out["run_id"].map(first).astype(float)
+    out["reached"] = out["steps_to_target"].notna()
+    out["time"] = out["steps_to_target"].fillna(out["last_step"].astype(float))
+    return out[["run_id", "status", "reached", "steps_to_target", "last_step", "time"]]

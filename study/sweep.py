@@ -140,6 +140,40 @@ def _existing_trials(spec: StudySpec) -> int:
         return 0
 
 
+def with_thread_wait(trainable):
+    """The Tune class of function trainable ``trainable`` whose ``cleanup`` waits for the training thread to end,
+    up to ``study.trainable.THREAD_END_TIMEOUT_S``.
+
+    A trial that Tune stops runs its final evaluation in that thread after Ray raised ``SystemExit`` there
+    (study/trainable.py). Where the worker is reused, ``FunctionTrainable.reset_config`` waits for the thread
+    (``TUNE_FUNCTION_THREAD_TIMEOUT_S``, which the trainable sets); where it is not (the last trials of a sweep,
+    an errored trial), Tune calls ``stop``, whose ``FunctionTrainable.cleanup`` ends the session with
+    ``session.finish(timeout=0)`` and the worker process exits, killing the thread (a daemon) mid-evaluation.
+    This relies on Ray's internals (ray 2.x, ray/tune/trainable/function_trainable.py): ``wrap_function``
+    builds the class, and ``ray.train._internal.session.get_session()`` holds the ``training_thread``; Tune
+    itself waits up to ``TUNE_FORCE_TRIAL_CLEANUP_S`` (600 s) for ``stop`` before it kills a worker.
+    """
+    from ray.train._internal.session import get_session
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from study.trainable import THREAD_END_TIMEOUT_S
+
+    base = wrap_function(trainable)
+
+    class ThreadWait(base):
+        def cleanup(self):
+            session = get_session()
+            thread = session.training_thread if session is not None and session.training_started else None
+            try:
+                super().cleanup()  # tells the thread to stop (SystemExit at its report), does not wait
+            finally:
+                if thread is not None:
+                    thread.join(timeout=THREAD_END_TIMEOUT_S)
+
+    ThreadWait.__name__ = ThreadWait.__qualname__ = base._name  # Tune names trials and the registry entry by it
+    return ThreadWait
+
+
 def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callback] = (),
                grid: Sequence[dict] | None = None, name: str | None = None):
     """A new Tuner for the study, or the restored one for ``--resume``.
@@ -158,10 +192,10 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     from study.search import TruthfulOptunaSearch
     from study.trainable import POINT, point_dirname, run_point, run_trial
 
-    trainable = tune.with_resources(
+    trainable = with_thread_wait(tune.with_resources(
         tune.with_parameters(run_trial if grid is None else run_point, context=context),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-    )
+    ))
     exp_dir = experiment_dir(spec, name)
     if resume and state.prepare_restore(exp_dir, str(spec.source)):
         keep_secret(spec.storage)  # the restored searcher's storage, pickled without its password, gets it here

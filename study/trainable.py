@@ -15,10 +15,13 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 - ``fit`` returns ``diverged``: the final evaluation's ``final_*`` (of the weights of the last step
   taken, when they are finite) are logged at the divergence step; a final report with the
   objective at its worst value (so ASHA ranks it last) and ``trial_status=diverged``.
-- Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray ends the
-  training thread with ``SystemExit``. The trial is recorded ``stopped_early`` at its last reported
-  step and the thread ends at once, with no final evaluation (Ray reuses the worker for the next trial
-  only once this thread has ended: see ``THREAD_END_TIMEOUT_S``); the analysis censors it at that step.
+- Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray raises
+  ``SystemExit`` in the training thread. ``on_eval`` catches it and asks ``fit`` to stop, so ``fit``
+  runs its final evaluation of the current weights; its ``final_*`` metrics are logged at the last
+  reported step, the trial is recorded ``stopped_early`` there, and the thread then ends with
+  ``SystemExit`` as Ray asked (no further report). Ray waits for that thread before it reuses the
+  worker or ends it: ``THREAD_END_TIMEOUT_S``, and :func:`study.sweep.with_thread_wait`. The analysis
+  censors the trial at that step; its final error is that of weights trained to that step.
 - any exception: ``failed`` with the message, then re-raised so Tune's FailureConfig retries it.
 
 A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
@@ -158,7 +161,8 @@ def hide_gpus(gpus: float) -> None:
 
 
 # How long Ray waits for a stopped trial's thread to end before it gives its worker to the next trial
-# (``reuse_actors``). Ray's own default, 2 s, is shorter than recording the end: the thread still flushes the
+# (``reuse_actors``; study.sweep.with_thread_wait waits as long where the worker ends instead). Ray's own default,
+# 2 s, is shorter than recording the end: the thread still runs the final evaluation, flushes the
 # trial's metrics and writes its status to MLflow, each retried for up to ``TrialTracker.retry_timeout_s`` (60 s)
 # and, on a loaded machine with SQLite, often longer than 2 s. Past the wait, Ray logs "Could not re-use actor
 # ... reset_config()" as an ERROR and errors the next trial, which Tune then retries on a new worker.
@@ -243,6 +247,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
     attempt = {"node_id": node_id, "start_step": int(restored_from.get("step", 0)),
                "mlflow_run_id": tracker.run_id}
     last = {"step": 0, "final": None}  # the last reported step; the terminal status it carried, if any
+    stopped = {"by_tune": False}  # Tune stopped the trial inside tune.report
     evaluations = 0
 
     def report(metrics: dict, status: str, save_checkpoint=None) -> None:
@@ -271,13 +276,10 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
         try:
             report(metrics, "completed" if final else "running", save_checkpoint if keep else None)
         except SystemExit:
-            # Tune stopped the trial: record it and end the thread now. Ray reuses this worker for the next trial
-            # only once the thread has ended (reset_config fails otherwise, and that trial errors), so a stopped
-            # trial gets no final evaluation: the analysis censors it at its last step.
-            if last["final"] is None:
-                tracker.set_status("stopped_early", step=last["step"])
-                last["final"] = "stopped_early"
-            raise
+            # Tune stopped the trial (ASHA, the time budget): Ray ends the training thread this way. Ask fit to stop
+            # instead, so that it runs its final evaluation of these weights; the thread ends once that is logged.
+            stopped["by_tune"] = True
+            return True
         clock.resume()
         return False
 
@@ -292,7 +294,11 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
             resume_from = Path(restored) / CHECKPOINT_NAME if restored else None
             result = fit(cfg, on_eval=on_eval, resume_from=resume_from)
-        if result.status == "diverged":
+        if result.status == "stopped":  # only a stop by Tune stops fit here
+            log_final(result)
+            tracker.set_status("stopped_early", step=last["step"])
+            last["final"] = "stopped_early"
+        elif result.status == "diverged":
             log_final(result)
             tracker.set_status("diverged", step=result.step, message=result.message)
             report({**result.metrics, STEP_KEY: result.step, metric: _worst(mode)}, "diverged")
@@ -302,12 +308,20 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
             log_final(result)
             tracker.set_status("completed", step=result.step)
             report({**result.metrics, STEP_KEY: result.step}, "completed")
+        if stopped["by_tune"]:
+            raise SystemExit(0)  # end the thread as Ray asked; returning would report once more to a stopped trial
     except SystemExit:
         # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
         if last["final"] is None:
             tracker.set_status("stopped_early", step=last["step"])
         raise
     except BaseException as err:
+        if stopped["by_tune"]:
+            # Stopped by Tune, then the final evaluation failed: the trial's end is still the stop.
+            if tracker.status is None:
+                tracker.set_status("stopped_early", step=last["step"],
+                                   message=f"no final evaluation: {type(err).__name__}: {err}")
+            raise SystemExit(0) from err
         if tracker.status is None:
             tracker.set_status("failed", step=last["step"], message=f"{type(err).__name__}: {err}")
         raise

@@ -16,18 +16,21 @@ BUDGET = 6000
 EVERY = 200
 
 
-def run_rows(run_id, arm_value, converged, *, seed=0, gen=math.nan, status="completed"):
+def run_rows(run_id, arm_value, converged, *, seed=0, gen=math.nan, status="completed", last=None):
     """One run of arm ``arm_value`` (param.model.memory_init): evaluations every EVERY steps until it converged
-    (its ``converged_step`` logged at the end, the run stopping one evaluation later) or the budget."""
+    (its ``converged_step`` logged at the end, the run stopping one evaluation later: stop_at_error 0.1, two
+    evaluations) or the budget, or ``last``."""
     params = {"model.memory_init": arm_value}
-    last = BUDGET if converged is None else min(converged + EVERY, BUDGET)
+    if last is None:
+        last = BUDGET if converged is None else min(converged + EVERY, BUDGET)
     steps = list(range(EVERY, last + 1, EVERY))
     rows = []
     for step in steps:
         done = converged is not None and step >= converged
         rows.append(dict(study="s", replication=None, run_id=run_id, trial_id=run_id, config_id=config_id(params),
                          seed=seed, model="ntm", status=status, status_step=math.nan, step=step,
-                         error=0.0 if done else 5.0, **{"param." + k: v for k, v in params.items()}))
+                         error=0.0 if done else 5.0, stop_at_error=0.1,
+                         **{"param." + k: v for k, v in params.items()}))
     rows[-1]["converged_step"] = math.nan if converged is None else float(converged)
     rows[-1]["final_gen2x_error"] = gen
     return rows
@@ -70,6 +73,21 @@ def test_arms_select_runs_by_their_values_and_convergence_censors_at_the_last_st
     assert list(time) == [1000, BUDGET] and list(reached) == [True, False]
     summary = arm_summary(df, paper()).set_index("arm")
     assert summary.loc["constant", "converged"] == 1 and summary.loc["random", "runs"] == 0
+
+
+def test_a_stopped_run_is_censored_not_dropped_and_success_is_the_periodic_streak():
+    df = pd.DataFrame(
+        run_rows("c0", "constant_trained", 1000)
+        + run_rows("c1", "constant_trained", None, status="stopped_early", last=800)  # ASHA stopped it at 800
+        + run_rows("c2", "constant_trained", None, gen=0.0)  # a final value of 0 is no convergence
+    )
+    df["final_error"] = np.where(df["run_id"].eq("c2") & df["step"].eq(BUDGET), 0.0, np.nan)
+    runs = arm_runs(df, paper()["arms"])["constant"].set_index("run_id")
+    assert list(runs.index) == ["c0", "c1", "c2"]
+    assert runs.loc["c0", "time"] == 1000 == runs.loc["c0", "converged_step"]  # agrees with training's record
+    assert runs.loc["c1", "time"] == 800 and not runs.loc["c1", "reached"]
+    assert runs.loc["c2", "time"] == BUDGET and not runs.loc["c2", "reached"]
+    assert arm_summary(df, paper()).set_index("arm").loc["constant", ["runs", "converged"]].tolist() == [3, 1]
 
 
 def test_a_true_twofold_speed_up_is_reproduced_and_its_size_checked_against_the_paper():

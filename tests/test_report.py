@@ -212,6 +212,10 @@ def test_report_has_every_section_real_figures_and_its_data(recorded, report):
             "not estimated: 18 trials, needs at least 20") in words
     assert "Common rung. On every trial at step 10, the largest step all of them reached (20 trials" in words
     assert "the surrogate explains" in words
+    # fANOVA's share with its bootstrap interval at the rung; PED-ANOVA says why it has no number (20 < 100 trials)
+    assert "PED-ANOVA: not estimated: 20 trials, needs at least 100 (PED-ANOVA keeps only the top 10% of" in words
+    assert "fANOVA share [95% CI]" in words
+    assert re.search(r"\| [\d.]+ \[[\d.]+, [\d.]+\] \| not estimated \|", report["markdown"].read_text())
     # every metric label carries its unit; the stability table says n and the denominator counts the stopped run
     assert "median final error (wrong bits per sequence) [95% CI]" in words and "ended runs (n)" in words
     assert "not estimated: 2 runs, needs at least 6" in words  # two seeds per configuration: no median interval

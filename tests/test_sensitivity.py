@@ -21,11 +21,13 @@ from analysis.sensitivity import (
     boundary_check,
     build_study,
     hyperparameter_sensitivity,
+    importance,
     importance_table,
     infer_distributions,
     interaction,
     marginals,
     min_trials,
+    ped_anova_min_trials,
     rank_correlation,
     seed_noise,
     select_at_rung,
@@ -101,7 +103,7 @@ def mixed_study():
 
 @pytest.fixture(scope="module")
 def mixed_result(mixed_study):
-    return hyperparameter_sensitivity(mixed_study, distributions=SPACE, seed=0, n_boot=20)
+    return hyperparameter_sensitivity(mixed_study, distributions=SPACE, seed=0, n_boot=20, n_refits=20)
 
 
 # --- which trials ----------------------------------------------------------------------------------
@@ -161,11 +163,28 @@ def test_the_one_driving_hyperparameter_ranks_first_with_an_interval_excluding_z
     # lr explains nearly everything: the surrogate's R^2 is high and lr's importance approaches it
     assert full.explained > 0.8 and full.explained_ci[0] > 0.6
     assert table.loc["lr", "importance"] <= full.explained_ci[1] + 0.1
-    for column in ("fanova", "ped_anova", "abs_rank_corr"):
+    for column in ("fanova", "abs_rank_corr"):
         assert table[column].idxmax() == "lr", column
     assert table.loc["lr", "rank_corr"] > 0.9  # error rises with lr in this synthetic study
-    assert table["fanova"].sum() == pytest.approx(1.0) and table["ped_anova"].sum() == pytest.approx(1.0)
+    assert table["fanova"].sum() == pytest.approx(1.0)
+    # fANOVA's share of lr with its bootstrap interval over trials: away from 0, and above every other's
+    assert table.loc["lr", "fanova_lo"] > 0.5 > table.drop(index="lr")["fanova_hi"].max()
+    assert (table["fanova_lo"] <= table["fanova_hi"]).all() and full.n_refits == 20
+    # 80 trials: PED-ANOVA, which keeps only the top 10%, is not estimated
+    assert table[["ped_anova", "ped_anova_lo", "ped_anova_hi"]].isna().all().all()
+    assert full.evaluator_why == {"ped_anova": "not estimated: 80 trials, needs at least 100 (PED-ANOVA keeps only "
+                                               "the top 10% of the trials)"}
     assert table.loc["model.controller", "kind"] == "categorical" and table.loc["lr", "log"]
+
+
+def test_ped_anova_ranks_the_driver_first_with_an_interval_from_its_minimum_on():
+    df = study_frame([("completed", ped_anova_min_trials(), lr_only)], seed=3)
+    imp = importance(select_trials(df), SPACE, evaluators=("ped_anova",), n_boot=10)
+    table = imp.table
+    assert imp.evaluator_why == {} and table["ped_anova"].idxmax() == "lr"
+    assert table.loc["lr", "ped_anova_lo"] > 0.3 > table.drop(index="lr")["ped_anova_hi"].max()
+    assert table["ped_anova"].sum() == pytest.approx(1.0)
+    assert ped_anova_min_trials(0.1) == 100 and ped_anova_min_trials(0.05) == 200
 
 
 def test_the_rung_analysis_sees_what_the_survivors_hide():
@@ -179,7 +198,7 @@ def test_the_rung_analysis_sees_what_the_survivors_hide():
         error = 0.4 * u_lr(params) + 0.5 * small + rng.normal(0.0, 0.02)
         run = rows_of(f"r{k:03d}", params, error, "stopped_early" if small else "completed")
         rows += run[:1] if small else run  # a stopped run has its first evaluation only
-    result = hyperparameter_sensitivity(pd.DataFrame(rows), distributions=SPACE, n_boot=20)
+    result = hyperparameter_sensitivity(pd.DataFrame(rows), distributions=SPACE, n_boot=20, n_refits=0)
     rung, full = result.rung, result.full
     assert rung.selection.step == 500 and rung.selection.n_used == 80
     assert rung.table.index[0] == "model.memory_size" and bool(rung.table.loc["model.memory_size", "above_noise"])
@@ -189,7 +208,7 @@ def test_the_rung_analysis_sees_what_the_survivors_hide():
 
 def test_a_null_study_puts_no_parameter_above_noise():
     df = study_frame([("completed", 40, lambda p, rng: rng.normal(0.3, 0.05))], seed=5)
-    full = hyperparameter_sensitivity(df, distributions=SPACE, n_boot=20).full
+    full = hyperparameter_sensitivity(df, distributions=SPACE, n_boot=20, n_refits=0).full
     assert full.estimated and full.selection.n_used == min_trials(4) == 40
     assert not full.table["above_noise"].any(), full.table[["importance", "importance_lo", "importance_hi"]]
     assert full.explained_ci[0] < 0  # the surrogate explains nothing it can show
@@ -197,7 +216,7 @@ def test_a_null_study_puts_no_parameter_above_noise():
 
 def test_a_driver_is_found_at_the_minimum_number_of_trials():
     df = study_frame([("completed", 40, lr_only)], seed=6)
-    table = hyperparameter_sensitivity(df, distributions=SPACE, n_boot=20).full.table
+    table = hyperparameter_sensitivity(df, distributions=SPACE, n_boot=20, n_refits=0).full.table
     assert table.index[0] == "lr" and bool(table.loc["lr", "above_noise"])
 
 
@@ -209,7 +228,8 @@ def test_below_the_minimum_importance_is_not_estimated_and_holds_no_number():
         assert analysis.why == (f"not estimated: {n} trials, needs at least 40 (10 per searched parameter, "
                                 "4 searched, and never fewer than 20)")
         numbers = analysis.table.drop(columns=["kind", "log", "n"])
-        assert numbers.isna().all().all()
+        assert numbers.isna().all().all() and "fanova_lo" in numbers and "ped_anova_hi" in numbers
+        assert analysis.evaluator_why == {"fanova": analysis.why, "ped_anova": analysis.why}
         assert math.isnan(analysis.explained)
     assert result.interaction is None
     assert min_trials(1) == 20 and min_trials(3) == 30
@@ -261,7 +281,7 @@ def test_seed_noise_and_the_surrogates_explained_variance_add_up_to_about_one():
         params = sample(rng)
         for s in range(3):
             rows += rows_of(f"c{c}-s{s}", params, 0.4 * u_lr(params) + rng.normal(0.0, 0.08), seed=s)
-    result = hyperparameter_sensitivity(pd.DataFrame(rows), distributions=SPACE, n_boot=20)
+    result = hyperparameter_sensitivity(pd.DataFrame(rows), distributions=SPACE, n_boot=20, n_refits=0)
     noise, full = result.seed_noise, result.full
     assert noise.n_configs == 20 and noise.why is None
     assert full.estimated and full.explained + noise.share == pytest.approx(1.0, abs=0.25)
@@ -345,7 +365,7 @@ def test_numeric_choices_keep_the_study_files_order():
         m = int(rng.choice([64, 16, 32]))
         rows += rows_of(f"m{k}", {"model.memory_size": m}, {64: 0.1, 16: 0.2, 32: 0.3}[m])
     used = select_trials(pd.DataFrame(rows)).used
-    table = hyperparameter_sensitivity(pd.DataFrame(rows), distributions=space, n_boot=10).full.table
+    table = hyperparameter_sensitivity(pd.DataFrame(rows), distributions=space, n_boot=10, n_refits=0).full.table
     assert table.loc["model.memory_size", "rank_corr"] == pytest.approx(1.0)  # rises along 64, 16, 32
     m = marginals(used, space)[0]
     assert list(m.summary["label"]) == ["64", "16", "32"]

@@ -13,24 +13,34 @@ from analysis.stability import (
     compare_arms,
     learning_curves,
     median_ci,
+    rank_configurations,
     seed_stability,
-    steps_to_target,
     survival_curves,
 )
-from analysis.tidy import TidyError, config_id, final_rows, param_columns, params_of, validate_tidy
+from analysis.tidy import (
+    TidyError,
+    config_id,
+    final_rows,
+    param_columns,
+    params_of,
+    reach_times,
+    study_target,
+    validate_tidy,
+)
 
 TARGET = 0.1
 
 
 def run_rows(run_id, errors, *, params=None, seed=0, status="completed", model="ntm", study="s", steps=None,
-             status_step=math.nan, replication=None):
-    """Tidy rows of one run: one per evaluation, steps 100, 200, ... unless given."""
+             status_step=math.nan, replication=None, after=1):
+    """Tidy rows of one run: one per evaluation, steps 100, 200, ... unless given. ``after``: the run's
+    stop_after_evals (1: the first evaluation at or below the target reaches it)."""
     params = {"lr": 1e-3, "model.memory_size": 32} if params is None else params
     steps = [100 * (i + 1) for i in range(len(errors))] if steps is None else steps
     return [
         dict(study=study, replication=replication, run_id=run_id, trial_id=run_id, config_id=config_id(params),
              seed=seed, model=model, status=status, status_step=status_step, step=step, error=error,
-             **{"param." + k: v for k, v in params.items()})
+             stop_after_evals=after, **{"param." + k: v for k, v in params.items()})
         for step, error in zip(steps, errors, strict=True)
     ]
 
@@ -45,7 +55,8 @@ B = {"lr": 1e-2, "model.memory_size": 32}
 
 @pytest.fixture(scope="module")
 def hand_made():
-    """Config A: 2 successes, 1 completed failure, 1 divergence, 1 stopped early, 1 failed; config B: never."""
+    """Config A: 2 completed successes, 1 completed failure, 1 divergence after it reached the target, 1 stopped
+    early, 1 failed; config B: never."""
     return frame(
         run_rows("a1", [0.5, 0.2, 0.05], params=A, seed=1),  # reaches at 300, success
         run_rows("a2", [0.4, 0.08, 0.09], params=A, seed=2),  # reaches at 200, success
@@ -103,8 +114,8 @@ def test_validate_tidy_names_missing_columns_and_bad_statuses(hand_made):
 # --- hand-computed statistics ----------------------------------------------------------------------------
 
 
-def test_steps_to_target_reports_censored_runs_as_not_reached(hand_made):
-    stt = steps_to_target(hand_made, TARGET).set_index("run_id")
+def test_reach_times_report_censored_runs_as_not_reached(hand_made):
+    stt = reach_times(hand_made, TARGET).set_index("run_id")
     assert stt.loc["a1", "steps_to_target"] == 300 and stt.loc["a2", "steps_to_target"] == 200
     assert stt.loc["a4", "steps_to_target"] == 200  # reached before it diverged
     for run in ("a3", "a5", "b1", "b3"):
@@ -118,8 +129,9 @@ def test_seed_stability_counts_every_ended_seed(hand_made):
     a, b = st.loc[config_id(A)], st.loc[config_id(B)]
     # A: a1..a3 completed, a4 diverged, a5 stopped early (censored, in the denominator); a6 failed (apart).
     assert (a["n_runs"], a["n_completed"], a["n_diverged"], a["n_stopped_early"], a["n_failed"]) == (5, 3, 1, 1, 1)
-    assert a["n_success"] == 2 and a["success_rate"] == pytest.approx(2 / 5)
-    assert (a["success_rate_lo"], a["success_rate_hi"]) == pytest.approx(stats.proportion_ci(2, 5))
+    # success = reached the target (a1, a2, and a4 before it diverged): the same runs as the time to target
+    assert a["n_success"] == 3 and a["success_rate"] == pytest.approx(3 / 5)
+    assert (a["success_rate_lo"], a["success_rate_hi"]) == pytest.approx(stats.proportion_ci(3, 5))
     assert a["divergence_rate"] == pytest.approx(1 / 5)
     assert a["median_error"] == pytest.approx(0.09)  # finals of completed runs: 0.05, 0.09, 0.2
     assert math.isnan(a["median_error_lo"]) and a["median_error_why"] == "not estimated: 3 runs, needs at least 6"
@@ -134,12 +146,79 @@ def test_seed_stability_counts_every_ended_seed(hand_made):
     assert a["label"] == "ntm:" + config_id(A)[:6] and a["param.lr"] == 1e-3
 
 
-def test_final_error_prefers_the_end_of_run_evaluation(hand_made):
-    df = hand_made.assign(final_error=np.where(hand_made["run_id"].eq("b1") & hand_made["step"].eq(200), 0.01, np.nan))
-    b = seed_stability(df, TARGET).set_index("config_id").loc[config_id(B)]
-    assert b["n_success"] == 1 and b["median_error"] == pytest.approx(0.2)  # 0.01, 0.2, 0.3
+def test_final_error_is_the_end_of_run_evaluation_but_success_is_the_periodic_one(hand_made):
+    # b1's final evaluation says 0.01, its periodic ones never reached the target: not a success;
+    # a1's says 0.5 after its periodic ones reached it: a success (and reached at 300).
+    final = np.select([hand_made["run_id"].eq("b1") & hand_made["step"].eq(200),
+                       hand_made["run_id"].eq("a1") & hand_made["step"].eq(300)], [0.01, 0.5], np.nan)
+    st = seed_stability(hand_made.assign(final_error=final), TARGET).set_index("config_id")
+    a, b = st.loc[config_id(A)], st.loc[config_id(B)]
+    assert b["n_success"] == 0 and b["median_error"] == pytest.approx(0.2)  # finals 0.01, 0.2, 0.3
+    assert a["n_success"] == a["n_reached"] == 3 and a["median_error"] == pytest.approx(0.2)  # 0.5, 0.09, 0.2
 
 
+def test_one_definition_of_success_and_steps_to_target():
+    """Two consecutive evaluations at or below the target (stop_after_evals 2), whatever final_error says."""
+    runs = [
+        run_rows("x", [0.05, 0.5, 0.05, 0.04], after=2),  # a lone dip at 100 does not count; reached at 300
+        run_rows("y", [0.5, 0.05], after=2),  # one evaluation below: not reached ...
+        run_rows("z", [0.5, 0.05, 0.06, 0.3], seed=1, after=2),  # reached at 200, then got worse
+        run_rows("w", [0.05, 0.07], seed=2, after=2, status="stopped_early", status_step=200),  # reached, stopped
+        run_rows("v", [0.5], seed=3, after=2, status="stopped_early", status_step=100),  # stopped: censored
+    ]
+    df = frame(*runs)
+    df["final_error"] = np.where(df["run_id"].eq("y") & df["step"].eq(200), 0.0, np.nan)  # ... final_error 0
+    df.loc[df["run_id"].eq("z") & df["step"].eq(400), "final_error"] = 0.3
+    reach = reach_times(df, TARGET).set_index("run_id")
+    assert reach["steps_to_target"].to_dict() == pytest.approx(
+        {"x": 300, "y": math.nan, "z": 200, "w": 100, "v": math.nan}, nan_ok=True)
+    assert reach.loc["v", "time"] == 100 and reach.loc["y", "time"] == 200  # censored at the last step
+    assert reach_times(df, TARGET, after=1).loc[0, "steps_to_target"] == 100  # x's dip counts with a streak of 1
+    st = seed_stability(df, TARGET).iloc[0]
+    assert (st["n_runs"], st["n_success"], st["n_reached"], st["n_stopped_early"]) == (5, 3, 3, 2)
+    times = reach["time"].to_numpy(dtype=float)
+    assert st["median_steps_to_target"] == stats.median_time(times, reach["reached"].to_numpy())[0] == 300
+    ranked = rank_configurations(df, TARGET).iloc[0]
+    assert (ranked["n_success"], ranked["n_runs"], ranked["runs"]) == (3, 5, 3)  # judged on 3 completed runs
+
+
+def test_study_target_is_stop_at_error_else_the_task_target():
+    df = frame(run_rows("x", [0.5]), run_rows("y", [0.5], seed=1))
+    assert study_target(df) is None
+    df["target_error"] = 0.05
+    assert study_target(df) == 0.05
+    df["stop_at_error"] = [0.2, None]
+    assert study_target(df) == 0.2
+    df = df.drop(columns="stop_at_error").assign(**{"param.stop_at_error": 0.3})
+    assert study_target(df) == 0.3
+
+
+def test_reach_times_agree_with_the_converged_step_training_logs():
+    """A real run: the step training stopped on (converged_step) is the step reach_times finds in its logged
+    evaluations, with a threshold chosen so that a streak is broken on the way."""
+    from mann.train import fit, make_train_config
+
+    base = {"task.bits": 3, "task.max_length": 3, "optimizer": "adam", "lr": 3e-2, "batch_size": 4,
+            "max_steps": 60, "eval_every": 2, "eval_batches": 1, "gen_scales": [], "device": "cpu",
+            "final_eval_sequences": 4, "model.hidden_size": 8, "stop_after_evals": 3}
+    errors = []
+    fit(make_train_config("lstm", "copy", base), on_eval=lambda m, save: errors.append(m["error"]))
+    # the lowest threshold at which some evaluation is below it while the next is not, and a streak follows
+    candidates = sorted({e for e, nxt in zip(errors, errors[1:], strict=False) if nxt > e})
+    for threshold in candidates:
+        logged = []
+        cfg = make_train_config("lstm", "copy", {**base, "stop_at_error": threshold})
+        result = fit(cfg, on_eval=lambda m, save, seen=logged: seen.append(m))
+        converged = result.metrics.get("converged_step", math.inf)
+        if math.isfinite(converged) and any(m["error"] <= threshold for m in logged if m["step"] < converged):
+            break  # converged, after a streak that was broken
+    else:
+        pytest.fail(f"no threshold gives a broken streak before convergence: errors {errors}")
+    df = pd.DataFrame([dict(study="s", replication=None, run_id="r", trial_id="r", config_id="c", seed=0,
+                            model="lstm", status="completed", status_step=math.nan, stop_at_error=threshold,
+                            stop_after_evals=3, **m) for m in logged])
+    reach = reach_times(df, study_target(df)).iloc[0]
+    assert reach["reached"] and reach["steps_to_target"] == result.metrics["converged_step"]
 def test_asha_stopped_seeds_stay_in_the_denominator_as_censored():
     """Ten seeds of one configuration: four succeed, six are stopped by ASHA before the target."""
     runs = [run_rows(f"ok{s}", [0.5, 0.05], seed=s) for s in range(4)]
