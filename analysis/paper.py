@@ -44,8 +44,9 @@ Verdict of one claim, at the study's level (95%), with the p-values Holm-adjuste
 - ``not reproduced``: the estimate points the other way, or no difference in a claimed one;
 - ``not estimated``: too few runs, or the estimate cannot be formed (said why).
 
-The paper's verdict: ``reproduced`` when every claim is, ``not reproduced`` when none is reproduced or
-partly, ``partly reproduced`` otherwise (``inconclusive`` when every claim is inconclusive).
+The paper's verdict: ``reproduced`` when every claim is; ``partly reproduced`` when some claim is reproduced
+or partly; otherwise ``not reproduced`` when some claim is not reproduced, ``not estimated`` when no claim could
+be estimated, and ``inconclusive`` when the claims are inconclusive or not estimated.
 """
 
 from __future__ import annotations
@@ -262,18 +263,16 @@ def _verdict(row: Mapping[str, Any], p_holm: float) -> tuple[str, str]:
 
 def paper_verdict(verdicts: Sequence[Verdict]) -> str:
     """The paper's verdict from its claims' (see the module docstring)."""
-    found = [v.verdict for v in verdicts]
-    if not found:
-        return "not estimated"
-    if all(v == "reproduced" for v in found):
+    found = {v.verdict for v in verdicts}
+    if found == {"reproduced"}:
         return "reproduced"
-    if all(v == "inconclusive" for v in found):
-        return "inconclusive"
-    if all(v == "not estimated" for v in found):
-        return "not estimated"
-    if not any(v in ("reproduced", "partly reproduced") for v in found):
+    if found & {"reproduced", "partly reproduced"}:
+        return "partly reproduced"
+    if "not reproduced" in found:
         return "not reproduced"
-    return "partly reproduced"
+    if found <= {"not estimated"}:
+        return "not estimated"
+    return "inconclusive"
 
 
 def survival_by_arm(df: pd.DataFrame, paper: Mapping[str, Any], level: float = stats.LEVEL

@@ -160,6 +160,10 @@ def test_paper_verdict_combines_claims():
     assert paper_verdict([v("reproduced"), v("not reproduced")]) == "partly reproduced"
     assert paper_verdict([v("inconclusive"), v("not reproduced")]) == "not reproduced"
     assert paper_verdict([v("inconclusive"), v("inconclusive")]) == "inconclusive"
+    assert paper_verdict([v("inconclusive"), v("not estimated")]) == "inconclusive"
+    assert paper_verdict([v("not estimated"), v("not estimated")]) == "not estimated"
+    assert paper_verdict([v("not estimated"), v("partly reproduced")]) == "partly reproduced"
+    assert paper_verdict([]) == "not estimated"
 
 
 STUDY = """
