@@ -316,7 +316,9 @@ def metric_label(ctx: StudyContext, metric: str, prefix: str = "") -> str:
 
 
 def _interval(value: float, lo: float, hi: float, why: str | None = None, digits: int = 3) -> str:
-    """"v [lo, hi]"; "v (interval not estimated: ...)" when ``why``; "" for no value."""
+    """"v [lo, hi]"; "v (interval not estimated: ...)" when ``why``; "" for no value. A missing ``why`` may come
+    as None or, from a DataFrame cell, as NaN."""
+    why = why if isinstance(why, str) and why else None
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return why or ""
     def num(x: float) -> str:  # a count of steps as the integer it is (1500, not 1.5e+03)

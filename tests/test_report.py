@@ -429,6 +429,7 @@ def test_intervals_print_step_counts_as_integers():
     assert _interval(1500.0, 1500.0, math.inf) == "1500 [1500, inf]"
     assert _interval(0.08697, 0.01, 0.2) == "0.087 [0.01, 0.2]"
     assert _interval(math.inf, 900.0, math.inf) == "not reached [900, inf]"
+    assert _interval(0.0, 0.0, 0.5, math.nan) == "0 [0, 0.5]"  # a why read back from a DataFrame cell
     assert _interval(0.5, math.nan, math.nan, "not estimated: 2 runs") == "0.5 (interval not estimated: 2 runs)"
 
 
