@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -176,6 +177,11 @@ nav ol { columns: 2; } .muted { color: #666; font-size: 0.9em; }
 """
 
 
+def _paragraph(text: str) -> str:
+    """A paragraph's text as HTML: escaped, with Markdown's **strong** kept (the Markdown summary shows it too)."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+
 def render_html(title: str, sections: Sequence[Section], banner: str | None, subtitle: str) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -188,7 +194,7 @@ def render_html(title: str, sections: Sequence[Section], banner: str | None, sub
         out.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>')
         for part in s.parts:
             if part[0] == "p":
-                out.append(f"<p>{html.escape(part[1])}</p>")
+                out.append(f"<p>{_paragraph(part[1])}</p>")
             elif part[0] == "table":
                 frame, total = part[1], part[2]
                 out.append(f'<div class="table">{html_table(frame)}</div>')  # a wide table scrolls in its own box
@@ -376,11 +382,11 @@ def paper_section(ctx: StudyContext) -> Section:
     for claim, v in zip(paper.get("claims") or (), verdicts, strict=True):  # one verdict per claim, in order
         what, scale = _outcome_text(v.outcome)
         ours = _interval(v.estimate, v.lo, v.hi) if math.isfinite(v.estimate) else "not estimated"
-        rows.append({"claim": v.claim, "paper": claim.get("reported", ""),
-                     "expected": "" if v.expected is None else f"{v.expected:g}",
+        rows.append({"claim": v.claim, "verdict": v.verdict,  # what a reader looks for first, before the scroll
                      "ours": f"{ours}: {scale.format(arm=v.arm, against=v.against)} ({what}; n = {v.n_arm} and "
                              f"{v.n_against})",
-                     "p (Holm)": _fmt(v.p_holm), "verdict": v.verdict, "because": v.why})
+                     "p (Holm)": _fmt(v.p_holm), "because": v.why,
+                     "expected": "" if v.expected is None else f"{v.expected:g}", "paper": claim.get("reported", "")})
     s.table(pd.DataFrame(rows))
     s.text("How to read it: a claim is reproduced when our difference is significant in the paper's direction "
            "(Holm-adjusted p < 0.05 over the claims) and the paper's figure, where it gives one, lies inside our "

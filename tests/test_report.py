@@ -27,6 +27,7 @@ from analysis.plots import marginals_figure
 from analysis.report import (
     ESTIMATES,
     SECTIONS,
+    Section,
     _interval,
     cli_report,
     generalization_summary,
@@ -34,6 +35,7 @@ from analysis.report import (
     make_report,
     markdown_table,
     relative_paths,
+    render_html,
     shown_location,
 )
 from analysis.sensitivity import interaction, marginals
@@ -423,6 +425,13 @@ def test_generalization_summary_lists_the_evaluated_conditions_only():
     assert summary.loc[(summary["axis"] == "length") & (summary["scale"] == 2.0), "error"].item() == 1.5
     assert summary.loc[(summary["axis"] == "noise") & (summary["noise"] == 0.1), "noise_floor"].item() == \
         pytest.approx(0.01)
+
+
+def test_a_paragraphs_strong_words_render_as_html_not_as_asterisks():
+    s = Section("paper", "Paper comparison")
+    s.text("Verdict: **partly reproduced** for a < b.")
+    page = render_html("t", [s], None, "")
+    assert "<p>Verdict: <strong>partly reproduced</strong> for a &lt; b.</p>" in page and "**" not in page
 
 
 def test_intervals_print_step_counts_as_integers():
