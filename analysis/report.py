@@ -611,9 +611,9 @@ def arms_section(ctx: StudyContext) -> Section:
     s.text(f"Arms compared pairwise on the {which} ({runs['run_id'].nunique()} runs). {STABILITY_TEXT} Success "
            "rates: difference with Newcombe's interval and Boschloo's exact test. Final error: Cliff's delta "
            "(P(a > b) - P(a < b); negative: arm a has lower errors) with its interval and the Mann-Whitney test; "
-           "a diverged run ranks worst, a stopped one has no final error. Steps to target: ratio of the "
-           "Kaplan-Meier medians and the log-rank test. All p-values of one table form one family, Holm-adjusted "
-           "(p Holm-adjusted).")
+           "a diverged run ranks worst, a stopped one is left out (its final evaluation is of fewer steps). Steps "
+           "to target: ratio of the Kaplan-Meier medians and the log-rank test. All p-values of one table form one "
+           "family, Holm-adjusted (p Holm-adjusted).")
     for column, what in arms:
         summary = seed_stability(runs, ctx.target, "error", by=(column,))
         s.text(f"Per {what}:")
