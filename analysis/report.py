@@ -560,10 +560,11 @@ def _stability_table(ctx: StudyContext, table: pd.DataFrame, name: str = "label"
 
 STABILITY_TEXT = (
     "Every run that ended counts: the denominator n of each rate is the completed, diverged and stopped-early "
-    "runs; a run stopped by ASHA counts as not successful and as censored at its last step, never dropped. Failed "
-    "runs (an exception) are counted apart. Intervals: Wilson for rates; the exact order-statistic interval for "
-    "a median error (needs 6 runs at 95%); Kaplan-Meier with the Brookmeyer-Crowley interval for the median "
-    "steps to target (inf: fewer than half are known to reach the target, or the data cannot bound it)."
+    "runs; a run stopped by ASHA before it reached the target counts as not successful and as censored at its "
+    "last step, never dropped. Failed runs (an exception) are counted apart. Intervals: Wilson for rates; the "
+    "exact order-statistic interval for a median error (needs 6 runs at 95%); Kaplan-Meier with the "
+    "Brookmeyer-Crowley interval for the median steps to target (inf: fewer than half are known to reach the "
+    "target, or the data cannot bound it)."
 )
 
 

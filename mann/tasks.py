@@ -70,7 +70,7 @@ class TaskConfig:
     curriculum_start: int = 2  # first difficulty (raised to the task's minimum if below it)
     curriculum_step: int = 1  # difficulty added per promotion
     curriculum_threshold: float = 0.1  # promote when metrics()["error"] < this at the current difficulty
-    target_error: float = 0.1  # success: metrics()["error"] < this (bits per sequence / wrong answers)
+    target_error: float = 0.1  # success: metrics()["error"] <= this (bits per sequence / wrong answers)
     # the training loss over a batch: "mean" per scored element (bit or answer step); "sum" over the scored
     # elements divided by the batch size, as Collier & Beel's and Csordás & Schmidhuber's scripts do (the gradient's
     # scale, and so what a gradient-norm clip or weight decay does, follows the reduction)

@@ -360,9 +360,10 @@ def run_replication(
         state.mark_begun(exp_dir)  # before anything is recorded: a --resume can finish what follows
     parent = start_replication_run(uri, experiment_id, spec, study_run, rep_id, configs, seed_list)
     # A resume without Tune's state starts the grid afresh: its trials find their runs by run key.
-    native.prepare()
-    started_ray = connect_ray(address, num_cpus)
+    started_ray = False
     try:
+        native.prepare()
+        started_ray = connect_ray(address, num_cpus)
         context = TrialContext(spec=public_spec(spec), tracking_uri=uri, experiment_id=experiment_id,
                                parent_run_id=parent, threads=max(1, int(spec.resources.cpu)))
         tuner = make_tuner(spec, context, resume, grid=points, name=rep_id)
