@@ -53,7 +53,7 @@ from analysis.load import (
     study_space,
     tidy_from_runs,
 )
-from analysis.tidy import final_rows, params_of, study_target
+from analysis.tidy import final_rows, params_of, study_target, study_target_setting
 
 SECTIONS = (
     ("paper", "Paper comparison"),  # only for a study whose file has a ``paper`` block
@@ -273,10 +273,10 @@ class StudyContext:
     @property
     def target_source(self) -> str:
         """Where :attr:`target` comes from, in words."""
-        for key, words in (("stop_at_error", "the study's stop_at_error"), ("target_error", "the task's target_error")):
-            if key in self.df and pd.to_numeric(self.df[key], errors="coerce").notna().any():
-                return words
-        return "a default: the runs record no stop_at_error or target_error"
+        setting = study_target_setting(self.df)  # where self.target's value comes from
+        if setting is None:
+            return "a default: the runs record no stop_at_error or target_error"
+        return {"stop_at_error": "the study's stop_at_error", "target_error": "the task's target_error"}[setting[0]]
 
 
 def _spec_param(runs: StudyRuns, key: str, default: str) -> str:

@@ -194,17 +194,23 @@ def _run_setting(df: pd.DataFrame, key: str) -> pd.Series:
     return pd.Series(math.nan, index=runs, dtype=float)
 
 
+def study_target_setting(df: pd.DataFrame) -> tuple[str, float] | None:
+    """(the key it comes from, the value) of :func:`study_target`; None when the frame holds neither key."""
+    for key in ("stop_at_error", "target_error"):
+        values = _run_setting(df, key).dropna()
+        if len(values):
+            return key, float(values.median())
+    return None
+
+
 def study_target(df: pd.DataFrame) -> float | None:
     """The error a run must reach to count as a success: the study's ``stop_at_error`` where its runs set one,
     else the task's ``target_error``; None when the frame holds neither.
 
     Several values (a study that searched ``stop_at_error``, runs of two tasks) give their median.
     """
-    for key in ("stop_at_error", "target_error"):
-        values = _run_setting(df, key).dropna()
-        if len(values):
-            return float(values.median())
-    return None
+    setting = study_target_setting(df)
+    return None if setting is None else setting[1]
 
 
 def reach_times(df: pd.DataFrame, target: float, after: int | None = None, metric: str = "error") -> pd.DataFrame:

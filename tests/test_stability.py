@@ -18,6 +18,7 @@ from analysis.stability import (
     survival_curves,
 )
 from analysis.tidy import (
+    DEFAULT_STOP_AFTER_EVALS,
     TidyError,
     config_id,
     final_rows,
@@ -25,6 +26,7 @@ from analysis.tidy import (
     params_of,
     reach_times,
     study_target,
+    study_target_setting,
     validate_tidy,
 )
 
@@ -189,8 +191,17 @@ def test_study_target_is_stop_at_error_else_the_task_target():
     assert study_target(df) == 0.05
     df["stop_at_error"] = [0.2, None]
     assert study_target(df) == 0.2
+    assert study_target_setting(df) == ("stop_at_error", 0.2)
     df = df.drop(columns="stop_at_error").assign(**{"param.stop_at_error": 0.3})
-    assert study_target(df) == 0.3
+    assert study_target(df) == 0.3 and study_target_setting(df) == ("stop_at_error", 0.3)
+
+
+def test_the_default_streak_is_trainings():
+    from dataclasses import fields
+
+    from mann.train import TrainConfig
+
+    assert DEFAULT_STOP_AFTER_EVALS == next(f.default for f in fields(TrainConfig) if f.name == "stop_after_evals")
 
 
 def test_reach_times_agree_with_the_converged_step_training_logs():
