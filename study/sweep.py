@@ -55,6 +55,10 @@ RAY_ENV = {
     # workers of their own). 2 CPUs: ray.init 5.3 s -> 2.3 s, and ~0.9 CPU s of idle workers saved. Ray's
     # RAY_<config> variable for its prestart_worker_first_driver setting; no effect on a cluster started apart.
     "RAY_prestart_worker_first_driver": "0",
+    # Ctrl+C raises KeyboardInterrupt in the driver (the study run is KILLED, --resume continues the trials that
+    # were running) instead of Tune's handler, which would stop every running trial as if the search had: each
+    # would run its final evaluation and be recorded stopped_early, ended for good.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 _PENDING_GIVEN = os.environ.get(PENDING_ENV)  # a value set before mannstudy's is kept for every study

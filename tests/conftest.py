@@ -104,6 +104,22 @@ def kill_group(pgid: int) -> None:
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
+@pytest.fixture
+def sigint_reaches_children():
+    """SIGINT at its default in the processes this test starts, as for a terminal's foreground job.
+
+    A shell without job control starts a background command (``make test &`` in a script, a CI runner's
+    step) with SIGINT ignored; the test process and every process it starts inherit that, and a Ctrl+C
+    test would then check nothing. Python's own handler here makes the children start with SIGINT's default.
+    """
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before is not None:  # None: a handler installed outside Python, which is left as it is
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session")
 def ray_tmpdir():
     """A private, short Ray temp folder (Ray's socket paths must stay under ~107 characters)."""

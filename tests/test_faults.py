@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -88,8 +89,9 @@ def _mid_sweep(rec):
         return False
 
 
+@pytest.mark.parametrize("interrupt", ["SIGKILL", "SIGINT"])  # a kill; Ctrl+C in the driver's terminal
 def test_resume_after_the_driver_is_killed_finishes_the_study_without_rerunning_a_trial(
-        ray_cluster, study_file, record, tmp_path, capfd):
+        ray_cluster, study_file, record, tmp_path, capfd, interrupt, sigint_reaches_children):
     path = study_file("resume", tmp_path)
     rec = record(path)
     spec = rec.spec
@@ -102,14 +104,24 @@ def test_resume_after_the_driver_is_killed_finishes_the_study_without_rerunning_
             driver = subprocess.Popen([sys.executable, "-m", "study.cli", "sweep", str(path)], cwd=tmp_path, stdout=out,
                                       stderr=subprocess.STDOUT, start_new_session=True,
                                       env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)})
+        code = None
         try:
             wait_until(lambda: _mid_sweep(rec), 300, "a completed trial and a running one", driver, log, 0.05)
+            if interrupt == "SIGINT":
+                os.killpg(driver.pid, signal.SIGINT)  # the driver's handlers run: it must leave the trials resumable
+                code = driver.wait(timeout=120)
         finally:
             kill_group(driver.pid)  # SIGKILL: no handler runs, nothing is flushed
             driver.wait(timeout=30)
     finally:
         end_ray_folder(ray_tmp)  # Ray's processes that left the driver's group, then their folder
     assert not processes_with_env("RAY_TMPDIR", ray_tmp) and not Path(ray_tmp).exists()
+    if interrupt == "SIGINT":
+        assert code == 130 and "mannstudy: interrupted" in log.read_text(errors="replace"), code
+        # No trial running at the interrupt was recorded as stopped (it would be ended for good, not resumed).
+        running = {t.user_attrs["tune_trial_id"] for t in rec.trials() if t.state == TrialState.RUNNING}
+        statuses = {r.data.tags[TAG_TRIAL_ID]: r.data.tags.get(TAG_STATUS) for r in rec.children()}
+        assert running and not {k: v for k, v in statuses.items() if k in running and v == "stopped_early"}, statuses
 
     # A kill often lands while Tune writes its state in place; make sure this run has a torn state file.
     state = max(rec.exp_dir.glob("experiment_state-*.json"))

@@ -431,7 +431,8 @@ def _port_free(port: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGINT to the group (Ctrl+C)", "SIGTERM to mannstudy ui alone"])
-def test_cli_ui_serves_the_runs_view_and_stops_its_whole_server(tmp_path, study_file, template_db, stop):
+def test_cli_ui_serves_the_runs_view_and_stops_its_whole_server(tmp_path, study_file, template_db, stop,
+                                                                 sigint_reaches_children):
     with pytest.raises(TrackingError) as info:
         cli_ui(tmp_path / "empty", port=free_port())
     assert "no MLflow database" in str(info.value) and "\n" not in str(info.value)
