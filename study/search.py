@@ -18,7 +18,10 @@ never started      FAIL                        status=not_run
 =================  ==========================  ==============================================
 
 A trial's own last report carries ``trial_status`` ("completed" or "diverged", set by the
-trainable); a last result without it means Tune stopped the trial.
+trainable); a last result without it means the scheduler stopped the trial. Tune tells the searcher
+before it stops the trial, so the searcher also tags the trial's MLflow run with that decision
+(``tracking.record_stop``): the trial, stopped, reads it and ends with its final evaluation, where a
+trial stopped without it (the sweep torn down by an error) records nothing and stays resumable.
 
 ``tell`` is idempotent against the storage: after a driver crash the database can be ahead of the
 searcher state Ray restored (Optuna then raises ``UpdateFinishedTrialError``), so a trial already finished
@@ -63,7 +66,15 @@ class StudyStorage(optuna.storages.RDBStorage):
 
 
 class TruthfulOptunaSearch(OptunaSearch):
-    """OptunaSearch whose Optuna states say how each trial really ended (see module docstring)."""
+    """OptunaSearch whose Optuna states say how each trial really ended (see module docstring).
+
+    ``tracking_uri``: where the trials' MLflow runs are, for the stop decisions (kept in its redacted form, the
+    form Tune may pickle; the password comes back through :func:`study.redact.recall_secret`).
+    """
+
+    def __init__(self, *args, tracking_uri: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tracking_uri = keep_secret(tracking_uri) if tracking_uri else None
 
     def suggest(self, trial_id: str) -> dict | None:
         with warnings.catch_warnings():
@@ -94,6 +105,11 @@ class TruthfulOptunaSearch(OptunaSearch):
         for key, val in attrs.items():
             ot_trial.set_user_attr(key, val)
         self._ot_study.tell(ot_trial, value if state == TrialState.COMPLETE else None, state=state)
+        run_id = (result or {}).get("mlflow_run_id")
+        if attrs["status"] == "stopped_early" and run_id and getattr(self, "tracking_uri", None):
+            from study.tracking import record_stop
+
+            record_stop(recall_secret(self.tracking_uri), run_id, "scheduler")  # before Tune stops the trial
 
     def verdict(self, result: dict | None, error: bool) -> tuple[TrialState, float | None, dict[str, Any]]:
         """(Optuna state, value, user attributes) for a trial that ended with this last result."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mann.config import to_dict
-from study.redact import keep_secret, redact
+from study.redact import keep_secret, recall_secret, redact
 from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
@@ -67,6 +67,7 @@ for _key, _value in RAY_ENV.items():
 
 from ray.tune import Callback  # noqa: E402  (after RAY_ENV)
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
+from ray.tune.stopper import TimeoutStopper  # noqa: E402
 
 
 class SweepError(RuntimeError):
@@ -178,6 +179,27 @@ def with_thread_wait(trainable):
     return ThreadWait
 
 
+class TimeBudget(TimeoutStopper):
+    """Tune's stopper for ``budget.time_budget_s`` that, when the budget is spent, first records on the study run
+    that the budget ends the trials Tune is about to stop (``tracking.record_stop``): each of them then ends with
+    its final evaluation as ``stopped_early``, where a trial stopped for any other reason stays resumable.
+    The tracking URI is kept in its redacted form (Tune pickles its stoppers)."""
+
+    def __init__(self, seconds: float, tracking_uri: str, parent_run_id: str):
+        super().__init__(seconds)
+        self.tracking_uri, self.parent_run_id = keep_secret(tracking_uri), parent_run_id
+        self.recorded = False
+
+    def stop_all(self) -> bool:
+        spent = super().stop_all()
+        if spent and not self.recorded:
+            from study.tracking import record_stop
+
+            record_stop(recall_secret(self.tracking_uri), self.parent_run_id, "time_budget")
+            self.recorded = True
+        return spent
+
+
 def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callback] = (),
                grid: Sequence[dict] | None = None, name: str | None = None):
     """A new Tuner for the study, or the restored one for ``--resume``.
@@ -215,7 +237,7 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     searcher = TruthfulOptunaSearch(
         space=StudySpace(public_spec(spec)), metric=metric, mode=mode, sampler=make_sampler(spec),
         points_to_evaluate=grid_points(spec) if spec.sampler == "grid" else None,
-        storage=_optuna_storage(spec), study_name=spec.name,
+        storage=_optuna_storage(spec), study_name=spec.name, tracking_uri=spec.tracking_uri,
     )
     if spec.budget.early_stopping:
         # time_attr "step": ASHA's rungs are training steps, whatever the evaluation interval.
@@ -228,16 +250,20 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     tune_config = tune.TuneConfig(
         metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
         num_samples=spec.budget.num_samples, max_concurrent_trials=spec.concurrency,
-        time_budget_s=spec.budget.time_budget_s,
         reuse_actors=True,  # no process start + torch import per trial (about 3x faster for 8 short trials)
     )
-    return _new_tuner(spec, trainable, exp_dir, tune_config, callbacks)
+    budget = None
+    if spec.budget.time_budget_s:
+        budget = TimeBudget(spec.budget.time_budget_s, spec.tracking_uri, context.parent_run_id)
+    return _new_tuner(spec, trainable, exp_dir, tune_config, callbacks, stop=budget)
 
 
 def _new_tuner(spec: StudySpec, trainable, exp_dir: str, tune_config, callbacks: Sequence[Callback],
-               param_space: dict | None = None):
-    """A new Tuner writing to ``exp_dir``, with the callbacks every study has, and a copy of its tuner.pkl kept."""
+               param_space: dict | None = None, stop=None):
+    """A new Tuner writing to ``exp_dir``, with the callbacks every study has, and a copy of its tuner.pkl kept.
+    ``stop``: a Tune stopper besides the one every study has (:class:`study.state.NoProgress`)."""
     from ray import tune
+    from ray.tune.stopper import CombinedStopper
 
     from study import state
 
@@ -245,7 +271,7 @@ def _new_tuner(spec: StudySpec, trainable, exp_dir: str, tune_config, callbacks:
     run_config = tune.RunConfig(
         name=posixpath.basename(exp_dir), storage_path=posixpath.dirname(exp_dir),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2), stop=stall,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2), stop=CombinedStopper(stall, stop) if stop else stall,
         callbacks=[ProgressCallback(public_spec(spec)), JsonLoggerCallback(), state.StateBackupCallback(exp_dir), stall,
                    *callbacks],
         verbose=0,

@@ -22,9 +22,10 @@ Layout in MLflow (tags are the contract the analysis reads)::
 Trial status -> MLflow run status (``STATUS_TO_RUN_STATUS``)::
 
     completed      FINISHED   ran its full budget
-    stopped_early  FINISHED   stopped by the scheduler (ASHA) before its budget: a decision of the
-                              search, not a fault, so not KILLED (which the UI draws as a red cross,
-                              like a crash); the tag mannstudy.status keeps the difference
+    stopped_early  FINISHED   stopped by the scheduler (ASHA) or the study's time budget before its
+                              budget of steps (mannstudy.status_by: scheduler | time_budget): a decision
+                              of the search, not a fault, so not KILLED (which the UI draws as a red
+                              cross, like a crash); the tag mannstudy.status keeps the difference
     diverged       FAILED     NaN/Inf loss or gradients, at mannstudy.status_step
     failed         FAILED     an exception, in mannstudy.status_message
 
@@ -93,6 +94,9 @@ TAG_NODE_IP = "mannstudy.node_ip"
 TAG_SEED = "mannstudy.seed"
 TAG_MODEL = "mannstudy.model"
 TAG_ATTEMPTS = "mannstudy.attempts"
+# The search decided to stop a trial: "scheduler" on the trial's run (ASHA), "time_budget" on the study run.
+# Written by the driver before Tune stops the trial; a trial stopped without it is being torn down with its sweep.
+TAG_STOP = "mannstudy.stop"
 TAG_VERSION_PREFIX = "mannstudy.version."
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows
 TAG_GIT_DIRTY = "mannstudy.git_dirty"
@@ -821,6 +825,16 @@ class TrialTracker:
             self.status = status
             return sent
 
+    def stop_decision(self) -> str | None:
+        """Why the search stopped this trial: ``TAG_STOP`` on its run (``scheduler``) or on the study run
+        (``time_budget``); None when neither holds it (Tune stopped the trial because the sweep is ending for
+        another reason, such as an error in the driver)."""
+        for run_id in (self.run_id, self.parent_run_id):
+            run = self._retry(lambda run_id=run_id: self.client.get_run(run_id), f"reading run {run_id}")
+            if TAG_STOP in run.data.tags:
+                return run.data.tags[TAG_STOP]
+        return None
+
     def close(self) -> bool:
         """Final flush; points still unsent after ``retry_timeout_s`` are given up with a warning.
         Does not end the run: ``set_status`` does (an unclosed run may be resumed by a retry)."""
@@ -845,6 +859,15 @@ class TrialTracker:
         self.close()
 
 
+def record_stop(uri: str, run_id: str, reason: str, timeout_s: float = 60.0) -> None:
+    """Tag ``run_id`` with the search's decision to stop (``TAG_STOP``: ``scheduler`` on a trial run,
+    ``time_budget`` on the study run). The driver writes it before Tune stops the trials, so each stopped
+    trial can tell a stop that ends it from a sweep being torn down (:meth:`TrialTracker.stop_decision`)."""
+    client = _client(uri)
+    _retry(lambda: client.set_tag(run_id, TAG_STOP, reason, synchronous=True), uri,
+           f"recording the {reason} stop on run {run_id}", timeout_s)
+
+
 def status_note(status: str, details: Mapping[str, Any]) -> str:
     """How a trial ended in words, for its run's description (the runs table's Description column):
     ``stopped early at step 600 (ASHA)``, ``diverged at step 2: loss is inf``."""
@@ -854,7 +877,8 @@ def status_note(status: str, details: Mapping[str, Any]) -> str:
     if status == "completed":
         return f"completed{at} (full budget)"
     if status == "stopped_early":
-        return f"stopped early{at} (ASHA or the time budget)"
+        by = {"scheduler": "ASHA", "time_budget": "the time budget"}.get(details.get("by"), "ASHA or the time budget")
+        return f"stopped early{at} ({by})"
     if message.startswith(status):  # fit's own message already says "diverged at step ..."
         return message
     return f"{status}{at}" + (f": {message}" if message else "")

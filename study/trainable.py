@@ -15,13 +15,17 @@ How the trial ended is decided here, where it is known, and written both to MLfl
 - ``fit`` returns ``diverged``: the final evaluation's ``final_*`` (of the weights of the last step
   taken, when they are finite) are logged at the divergence step; a final report with the
   objective at its worst value (so ASHA ranks it last) and ``trial_status=diverged``.
-- Tune stops the trial (ASHA, or the study's time budget) inside ``tune.report``: Ray raises
-  ``SystemExit`` in the training thread. ``on_eval`` catches it and asks ``fit`` to stop, so ``fit``
+- Tune stops the trial inside ``tune.report``: Ray raises ``SystemExit`` in the training thread.
+  When the search decided the stop (ASHA, or the study's time budget: the driver tags the trial's run or
+  the study run first, ``tracking.TAG_STOP``), ``on_eval`` catches it and asks ``fit`` to stop, so ``fit``
   runs its final evaluation of the current weights; its ``final_*`` metrics are logged at the last
   reported step, the trial is recorded ``stopped_early`` there, and the thread then ends with
   ``SystemExit`` as Ray asked (no further report). Ray waits for that thread before it reuses the
   worker or ends it: ``THREAD_END_TIMEOUT_S``, and :func:`study.sweep.with_thread_wait`. The analysis
-  censors the trial at that step; its final error is that of weights trained to that step.
+  censors the trial at that step; its final error is that of weights trained to that step. Without
+  that tag Tune is tearing the sweep down (an error in the driver): the trial records no end, its run
+  stays RUNNING, and a ``--resume`` continues it from its checkpoint (a grid trial is never stopped
+  early, so every stop of one is of this kind).
 - any exception: ``failed`` with the message, then re-raised so Tune's FailureConfig retries it.
 
 A trial ends once. Tune saves its experiment state after the searcher was told a trial ended, so a
@@ -247,7 +251,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
     attempt = {"node_id": node_id, "start_step": int(restored_from.get("step", 0)),
                "mlflow_run_id": tracker.run_id}
     last = {"step": 0, "final": None}  # the last reported step; the terminal status it carried, if any
-    stopped = {"by_tune": False}  # Tune stopped the trial inside tune.report
+    stopped = {"by_tune": False, "torn_down": False, "by": None}  # Tune stopped the trial: decided (by whom), or not
     evaluations = 0
 
     def report(metrics: dict, status: str, save_checkpoint=None) -> None:
@@ -276,8 +280,14 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
         try:
             report(metrics, "completed" if final else "running", save_checkpoint if keep else None)
         except SystemExit:
-            # Tune stopped the trial (ASHA, the time budget): Ray ends the training thread this way. Ask fit to stop
-            # instead, so that it runs its final evaluation of these weights; the thread ends once that is logged.
+            # Tune stopped the trial; Ray ends the training thread this way. When the search decided it (ASHA, the
+            # time budget: recorded before the stop), ask fit to stop instead, so that it runs its final evaluation
+            # of these weights; the thread ends once that is logged. Otherwise the sweep is being torn down (an
+            # error in the driver): the trial records no end, and a --resume continues it from its checkpoint.
+            stopped["by"] = tracker.stop_decision()
+            if stopped["by"] is None:
+                stopped["torn_down"] = True
+                raise
             stopped["by_tune"] = True
             return True
         clock.resume()
@@ -296,7 +306,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
             result = fit(cfg, on_eval=on_eval, resume_from=resume_from)
         if result.status == "stopped":  # only a stop by Tune stops fit here
             log_final(result)
-            tracker.set_status("stopped_early", step=last["step"])
+            tracker.set_status("stopped_early", step=last["step"], by=stopped["by"])
             last["final"] = "stopped_early"
         elif result.status == "diverged":
             log_final(result)
@@ -312,14 +322,14 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
             raise SystemExit(0)  # end the thread as Ray asked; returning would report once more to a stopped trial
     except SystemExit:
         # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
-        if last["final"] is None:
-            tracker.set_status("stopped_early", step=last["step"])
+        if last["final"] is None and stopped["by_tune"]:
+            tracker.set_status("stopped_early", step=last["step"], by=stopped["by"])
         raise
     except BaseException as err:
         if stopped["by_tune"]:
             # Stopped by Tune, then the final evaluation failed: the trial's end is still the stop.
             if tracker.status is None:
-                tracker.set_status("stopped_early", step=last["step"],
+                tracker.set_status("stopped_early", step=last["step"], by=stopped["by"],
                                    message=f"no final evaluation: {type(err).__name__}: {err}")
             raise SystemExit(0) from err
         if tracker.status is None:
@@ -487,10 +497,8 @@ def run_seeds(params: dict, keys: dict[int, str], context: TrialContext) -> None
             at["step"] = None
         report(max(steps.values(), default=0), True, True)
     except SystemExit:
-        # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
-        for tracker in trackers.values():
-            if tracker.status is None:
-                tracker.set_status("stopped_early", step=at["step"] or 0)
+        # Tune stopped the trial inside tune.report. A grid stops nothing early, so the sweep is being torn down
+        # (an error in the driver): the seeds record no end, and a --resume continues them from the checkpoint.
         raise
     except BaseException as err:
         for tracker in trackers.values():

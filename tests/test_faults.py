@@ -27,11 +27,12 @@ import pytest
 from conftest import end_ray_folder, kill_group, processes_with_env
 from mlflow_server import MlflowServer
 from optuna.trial import TrialState
+from ray.tune import Callback
 
 from mann.train import END_METRICS
 from study.state import STATE_BUNDLE, state_dir
 from study.sweep import run_sweep
-from study.tracking import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
+from study.tracking import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STOP, TAG_TRIAL_ID
 
 pytestmark = pytest.mark.slow
 
@@ -197,6 +198,73 @@ def test_resume_after_the_driver_is_killed_finishes_the_study_without_rerunning_
     assert {r.data.tags[TAG_TRIAL_ID] for r in runs} >= {t.user_attrs["tune_trial_id"] for t in ran}
     (parent,) = rec.parents()
     assert parent.info.status == "FINISHED"
+
+
+class FailOnce(Callback):
+    """An error in the driver's Tune loop at the ``after``-th trial result, once (``marker`` says it happened; a
+    restored Tuner keeps its callbacks): Tune then stops every running trial as it tears the sweep down."""
+
+    def __init__(self, marker: Path, after: int):
+        self.marker, self.after, self.seen = str(marker), after, 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.seen += 1
+        if self.seen >= self.after and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            raise RuntimeError("an error in the driver")
+
+
+def test_an_error_in_the_driver_leaves_the_running_trials_resumable(ray_cluster, study_file, record, tmp_path):
+    path = study_file("resume", tmp_path)
+    rec = record(path)
+    with pytest.raises(Exception):  # noqa: B017  (Tune wraps the callback's error in its own)
+        run_sweep(path, callbacks=[FailOnce(tmp_path / "failed", after=5)])
+    assert (tmp_path / "failed").is_file()
+
+    # Tune stopped the running trials without a decision of the search: none ended, none has a final evaluation
+    running = {t.user_attrs["tune_trial_id"] for t in rec.trials() if t.state == TrialState.RUNNING}
+    runs = {r.data.tags[TAG_TRIAL_ID]: r for r in rec.children()}
+    torn = running & runs.keys()
+    assert torn, (running, runs.keys())
+    for key in torn:
+        run = runs[key]
+        assert run.info.status == "RUNNING" and run.data.tags[TAG_STATUS] == "running", run.data.tags
+        assert TAG_STOP not in run.data.tags and not [k for k in run.data.metrics if k.startswith(END_METRICS)]
+
+    summary = run_sweep(path, resume=True)
+    assert sum(n for s, n in summary.counts.items() if s != "not_run") == rec.spec.budget.num_samples
+    trials = rec.by_tune_id()
+    assert all(t.state.is_finished() for t in trials.values())
+    for key, run in {r.data.tags[TAG_TRIAL_ID]: r for r in rec.children()}.items():
+        status = trials[key].user_attrs["status"]
+        if key in torn:  # continued from its checkpoint to an end of its own
+            assert status in ("completed", "stopped_early"), (key, status)
+        assert run.data.tags[TAG_STATUS] == status
+        if status == "stopped_early":  # only ASHA stops a trial here, and said so first
+            assert run.data.tags[TAG_STOP] == run.data.tags[TAG_STATUS_PREFIX + "by"] == "scheduler"
+        if status in ("completed", "stopped_early"):
+            assert_one_point_per_evaluation(rec, run, trials[key].user_attrs["status_step"])
+
+
+def test_a_spent_time_budget_ends_the_running_trials_with_their_final_evaluation(ray_cluster, study_file, record,
+                                                                                tmp_path):
+    # trials that cannot finish within the budget, and no early stopping: the budget ends every trial
+    path = study_file("resume", tmp_path, budget={"num_samples": 3, "max_steps": 1_000_000, "early_stopping": False,
+                                                  "grace_period": None, "time_budget_s": 20})
+    rec = record(path)
+    summary = run_sweep(path)
+    assert "time_budget_s" in summary.line()
+    (parent,) = rec.parents()
+    assert parent.data.tags[TAG_STOP] == "time_budget" and parent.info.status == "FINISHED"
+    runs = rec.children()
+    assert runs
+    trials = rec.by_tune_id()
+    for run in runs:
+        t = trials[run.data.tags[TAG_TRIAL_ID]]
+        assert run.data.tags[TAG_STATUS] == t.user_attrs["status"] == "stopped_early" and t.state == TrialState.PRUNED
+        assert run.info.status == "FINISHED" and run.data.tags[TAG_STATUS_PREFIX + "by"] == "time_budget"
+        assert "(the time budget)" in run.data.tags["mlflow.note.content"]
+        assert {k for k in run.data.metrics if k.startswith("final_")}, run.data.metrics  # its final evaluation
 
 
 # ------------------------------------------------------------------------------------------------ node lost
