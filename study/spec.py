@@ -392,13 +392,40 @@ def _trial_seed(spec: StudySpec, trial: optuna.Trial) -> int:
     elif SEED_ATTR in trial.user_attrs:  # a queued repeat of an earlier configuration
         return int(trial.user_attrs[SEED_ATTR])
     else:
-        # A new configuration: run it now with the first seed, queue it with the others.
+        # A new configuration: run it now with the first seed, queue it with the others (but a repeat that a
+        # killed driver already queued, or that ran, is not queued twice).
         seed = spec.seeds[0]
+        planned = planned_runs(trial.study, seed) if len(spec.seeds) > 1 else set()
         for other in spec.seeds[1:]:
-            trial.study.enqueue_trial(dict(trial.params), user_attrs={SEED_ATTR: other, REPEAT_ATTR: trial.number})
+            if (params_key(trial.params), other) not in planned:
+                trial.study.enqueue_trial(dict(trial.params), user_attrs={SEED_ATTR: other, REPEAT_ATTR: trial.number})
     trial.set_user_attr(SEED_ATTR, seed)
     trial.set_user_attr(REPEAT_ATTR, trial.number)
     return seed
+
+
+def params_key(params: Mapping[str, Any]) -> tuple:
+    """A configuration's Optuna parameters as a hashable key (order-free)."""
+    return tuple(sorted(params.items()))
+
+
+def planned_runs(study: optuna.Study, first_seed: int | None) -> set[tuple[tuple, int | None]]:
+    """(``params_key``, seed) of every trial of ``study`` that is queued, running or ran: what a search started
+    again over the study (its driver killed before Tune saved a state) must not queue a second time.
+
+    A trial failed as ``not_run`` (asked by a driver that died before the trial started) is left out: its
+    configuration and seed are still to be run. A queued trial without a seed attribute (a grid point) runs
+    with ``first_seed``. With ``seeds: trial`` pass None: configurations are then compared without seeds.
+    """
+    from optuna.trial import TrialState
+
+    out = set()
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.FAIL and t.user_attrs.get("status") == "not_run":
+            continue
+        params = t.params or t.system_attrs.get("fixed_params", {})  # a queued trial holds its values there
+        out.add((params_key(params), None if first_seed is None else t.user_attrs.get(SEED_ATTR, first_seed)))
+    return out
 
 
 def trial_overrides(spec: StudySpec, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

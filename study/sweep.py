@@ -30,7 +30,7 @@ from typing import Any
 
 from mann.config import to_dict
 from study.redact import keep_secret, recall_secret, redact
-from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler
+from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler, params_key, planned_runs
 
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
 MAX_FAILURES = 2  # retries per trial (a lost node, a crash), each from the trial's last checkpoint
@@ -232,11 +232,11 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
                                       trial_dirname_creator=point_dirname)
         return _new_tuner(spec, trainable, exp_dir, tune_config, callbacks, {POINT: tune.grid_search(list(grid))})
     metric, mode = spec.objective.metric, spec.objective.mode
-    # A new study only (run_sweep refuses to start one over existing trials; --resume restores the
-    # searcher instead): Ray enqueues points_to_evaluate every time it sets up the study.
+    # Ray enqueues points_to_evaluate every time it sets up the study: a new search over a study that a killed
+    # driver began (--resume without Tune state) queues only the grid points that are not queued or run yet.
     searcher = TruthfulOptunaSearch(
         space=StudySpace(public_spec(spec)), metric=metric, mode=mode, sampler=make_sampler(spec),
-        points_to_evaluate=grid_points(spec) if spec.sampler == "grid" else None,
+        points_to_evaluate=_grid_to_queue(spec) if spec.sampler == "grid" else None,
         storage=_optuna_storage(spec), study_name=spec.name, tracking_uri=spec.tracking_uri,
     )
     if spec.budget.early_stopping:
@@ -256,6 +256,19 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     if spec.budget.time_budget_s:
         budget = TimeBudget(spec.budget.time_budget_s, spec.tracking_uri, context.parent_run_id)
     return _new_tuner(spec, trainable, exp_dir, tune_config, callbacks, stop=budget)
+
+
+def _grid_to_queue(spec: StudySpec) -> list[dict]:
+    """The grid points of a ``sampler: grid`` study that its Optuna study has not queued or run yet (all of them
+    for a new study)."""
+    points = grid_points(spec)
+    if not _existing_trials(spec):
+        return points
+    import optuna
+
+    first_seed = spec.seeds[0] if spec.seeds != "trial" else None
+    planned = planned_runs(optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec)), first_seed)
+    return [p for p in points if (params_key(p), first_seed) not in planned]
 
 
 def _new_tuner(spec: StudySpec, trainable, exp_dir: str, tune_config, callbacks: Sequence[Callback],

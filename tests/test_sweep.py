@@ -438,3 +438,31 @@ def test_a_study_its_time_budget_ended_says_so_and_that_resume_cannot_extend_it(
     assert "ended the study after 15 of 24 trials" in short.line() and "--resume cannot extend it" in short.line()
     assert "time_budget" not in SweepSummary(counts={"completed": 24}, planned=24, time_budget_s=900.0).line()
     assert "time_budget" not in SweepSummary(counts={"completed": 15}, planned=24).line()
+
+
+@pytest.mark.slow
+def test_a_grid_study_restarted_without_tune_state_runs_each_point_and_seed_once(ray_cluster, study_file, tmp_path):
+    from study import state
+    from study.search import TruthfulOptunaSearch
+    from study.spec import SEED_ATTR, grid_points, make_sampler
+    from study.sweep import StudySpace, _optuna_storage, experiment_dir, public_spec
+
+    path = study_file("asha", tmp_path, seeds=[0, 1], search={"lr": {"choices": [3.0e-2, 1.0e-2, 3.0e-3]}},
+                      budget={"num_samples": 6, "max_steps": 20, "eval_every": 10, "early_stopping": False,
+                              "grace_period": None})
+    spec = load_spec(path)
+    # What a driver killed during start-up leaves: the study begun, its grid queued in Optuna by the searcher,
+    # one trial asked (its repeat with seed 1 queued), and no Tune state.
+    state.mark_begun(experiment_dir(spec))
+    searcher = TruthfulOptunaSearch(space=StudySpace(public_spec(spec)), metric="error", mode="min",
+                                    sampler=make_sampler(spec), points_to_evaluate=grid_points(spec),
+                                    storage=_optuna_storage(spec), study_name=spec.name)
+    assert searcher.suggest("killed_0")["seed"] == 0
+
+    summary = run_sweep(path, resume=True)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials(deepcopy=False)
+    ran = Counter((t.params["lr"], t.user_attrs[SEED_ATTR]) for t in trials if t.user_attrs.get("status") != "not_run"
+                  and t.state.is_finished())
+    assert ran == Counter({(lr, seed): 1 for lr in (3.0e-2, 1.0e-2, 3.0e-3) for seed in (0, 1)}), ran
+    assert not [t for t in trials if not t.state.is_finished()]  # nothing left queued or running
+    assert summary.counts.get("completed") == 6
