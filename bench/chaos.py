@@ -1,6 +1,7 @@
 """Kill the ``mannstudy sweep`` (and ``replicate``) driver at random moments, resume, and check the records.
 
-Each schedule runs a small study (a tiny LSTM on the copy task, ASHA, TPE) in a folder of its own. A
+Each schedule runs a small study (a tiny LSTM on the copy task, ASHA; TPE with one seed, or with
+``--grid-every N`` every N-th a grid of learning rates x two seeds) in a folder of its own. A
 seeded random schedule draws 1-5 SIGKILLs to the driver process, each at a moment of one phase:
 
     startup    0.3-8 s after the driver started (Ray starting, the Tuner being built, the first trials)
@@ -8,14 +9,14 @@ seeded random schedule draws 1-5 SIGKILLs to the driver process, each at a momen
     shutdown   once every trial has ended, plus 0-1 s (reconcile, the parent run being ended)
 
 The first driver runs ``mannstudy sweep FILE``, every later one ``--resume`` (so every kill after the first
-lands during a resume; a driver killed before it recorded anything left nothing to resume, and the command
-is run again as it was, as its one-line refusal of ``--resume`` says); a final ``--resume`` must then finish
-the study with exit code 0. The records are
-then checked from the databases themselves (:func:`check_sweep`): one MLflow child run per trial with a
-terminal status, Optuna agreeing with it, no trial that had ended trained again (each metric has one point
-per evaluation, none beyond the step the trial ended at), no run RUNNING, the parent run FINISHED, Tune's
-state complete. With ``--replicate-every N``, every N-th schedule also replicates the finished study (2
-configurations x 2 seeds) under its own kill schedule and checks the replication the same way
+lands during a resume; a driver killed before it recorded anything left nothing to resume, and the command is
+run again as it was, as its one-line refusal of ``--resume`` says); a final ``--resume`` must then finish the
+study with exit code 0. The records are then checked from the databases themselves (:func:`check_sweep`): one
+MLflow child run per trial with a terminal status, Optuna agreeing with it, no trial that had ended trained
+again (each metric has one point per evaluation, none beyond the step the trial ended at), no run RUNNING, the
+parent run FINISHED, Tune's state complete, and each configuration and seed run once (for the grid: every
+point with every seed). With ``--replicate-every N``, every N-th schedule also replicates the finished study
+(2 configurations x 2 seeds) under its own kill schedule and checks the replication the same way
 (:func:`check_replication`).
 
     python bench/chaos.py --schedules 20 --seed 0 --parallel 3   # one line per schedule, then the summary
@@ -64,6 +65,7 @@ ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS":
        # Ray's memory monitor kills workers when the machine's memory is nearly full (other programs' use counts):
        # a kill the harness did not schedule
        "RAY_memory_monitor_refresh_ms": "0"}
+GRID_SEEDS = (0, 1)  # the seeds of the grid study (write_study)
 STUDY_ENV = ("MLFLOW_TRACKING_URI", "MANNSTUDY_STORAGE", "MANNSTUDY_RESULTS_DIR")
 RAY_START_FAILED = "The current node timed out during startup"  # ray.init's error on an overloaded machine
 
@@ -232,7 +234,7 @@ def check_sweep(study_file: Path) -> tuple[list[str], int, int]:
     import mlflow
     import optuna
 
-    from study.spec import load_spec
+    from study.spec import SEED_ATTR, grid_points, load_spec, params_key
     from study.sweep import experiment_dir
     from study.tracking import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STUDY, TAG_TRIAL_ID
 
@@ -247,6 +249,15 @@ def check_sweep(study_file: Path) -> tuple[list[str], int, int]:
     tune_ids = Counter(t.user_attrs.get("tune_trial_id") for t in ran)
     if len(ran) != total:
         problems.append(f"optuna: {len(ran)} trials ran, expected {total}")
+    # each configuration and seed ran once; a grid study ran every point with every seed
+    pairs = Counter((params_key(t.params), t.user_attrs.get(SEED_ATTR)) for t in ran)
+    twice = sorted(str(pair) for pair, n in pairs.items() if n > 1)
+    if twice:
+        problems.append(f"optuna: ran more than once: {', '.join(twice)}")
+    if spec.sampler == "grid":
+        expected = {(params_key(p), seed) for p in grid_points(spec) for seed in spec.seeds}
+        if set(pairs) != expected:
+            problems.append(f"optuna: grid points x seeds not run: {sorted(map(str, expected - set(pairs)))}")
     client = mlflow.MlflowClient(spec.tracking_uri)
     experiment = client.get_experiment_by_name(spec.name)
     parents = client.search_runs([experiment.experiment_id],
@@ -365,9 +376,17 @@ def mlflow_template(folder: Path) -> Path:
     return db
 
 
-def write_study(folder: Path, trials: int, template: Path | None = None) -> Path:
+def write_study(folder: Path, trials: int, template: Path | None = None, grid: bool = False) -> Path:
+    """The chaos study in ``folder``: TPE, one seed; or with ``grid``, a grid of ``trials / 2`` learning rates
+    x seeds 0 and 1 (the grid queued in Optuna at start-up, each point's repeat queued when it is asked)."""
     data = json.loads(json.dumps(STUDY))
     data["budget"]["num_samples"] = trials
+    if grid:
+        if trials % len(GRID_SEEDS):
+            raise ValueError(f"--trials {trials}: a grid study needs a multiple of {len(GRID_SEEDS)}")
+        points = trials // len(GRID_SEEDS)
+        lrs = [float(f"{1e-4 * (3e-2 / 1e-4) ** (k / max(1, points - 1)):.3g}") for k in range(points)]
+        data.update(search={"lr": {"choices": lrs}}, sampler="grid", seeds=list(GRID_SEEDS))
     data["results_dir"] = str(folder / "results")
     path = folder / "chaos.yaml"
     folder.mkdir(parents=True, exist_ok=True)
@@ -379,10 +398,11 @@ def write_study(folder: Path, trials: int, template: Path | None = None) -> Path
 
 
 def sweep_schedule(folder: Path, kills: list[str], seed: int, trials: int, timeout_s: float = 900,
-                   template: Path | None = None) -> Outcome:
-    """One sweep under ``kills``; the study is left finished in ``folder`` (its records checked)."""
+                   template: Path | None = None, grid: bool = False) -> Outcome:
+    """One sweep under ``kills``; the study is left finished in ``folder`` (its records checked). ``grid``: the
+    grid study with two seeds (:func:`write_study`)."""
     started = time.monotonic()
-    path = write_study(folder, trials, template)
+    path = write_study(folder, trials, template, grid)
     out = Outcome(kills=list(kills))
     code = run_schedule(["sweep", str(path)], kills, random.Random(seed), folder,
                         folder / "results" / "optuna.db", trials, out, timeout_s)
@@ -419,12 +439,14 @@ def line(label: str, out: Outcome) -> str:
 
 
 def schedule(work: Path, i: int, seed0: int, trials: int, replicate_every: int, keep: bool,
-             template: Path) -> tuple[int, list[tuple[str, Outcome]]]:
-    """Schedule ``i``: a sweep under a random kill schedule, and every ``replicate_every``-th a replication."""
+             template: Path, grid_every: int = 0) -> tuple[int, list[tuple[str, Outcome]]]:
+    """Schedule ``i``: a sweep under a random kill schedule (every ``grid_every``-th of the grid study with two
+    seeds, the others TPE), and every ``replicate_every``-th a replication."""
     seed = seed0 * 1000 + i
     rng = random.Random(seed)
     folder = work / f"schedule-{i:02d}"
-    outs = [("sweep", sweep_schedule(folder, draw(rng), seed, trials, template=template))]
+    grid = bool(grid_every) and i % grid_every == grid_every - 1
+    outs = [("sweep", sweep_schedule(folder, draw(rng), seed, trials, template=template, grid=grid))]
     if replicate_every and i % replicate_every == replicate_every - 1 and not outs[0][1].problems:
         outs.append(("replicate", replicate_schedule(folder, draw(rng), seed + 500)))
     if all(not out.problems for _, out in outs) and not keep:
@@ -439,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=12, help="trials per study (default 12)")
     parser.add_argument("--replicate-every", type=int, default=5, metavar="N",
                         help="every N-th schedule also replicates its study under kills (0: never; default 5)")
+    parser.add_argument("--grid-every", type=int, default=2, metavar="N",
+                        help="every N-th schedule runs the grid study with two seeds (0: never; default 2)")
     parser.add_argument("--parallel", type=int, default=1, help="schedules run at once (default 1)")
     parser.add_argument("--workdir", help="where the schedules' folders go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the folders of clean schedules")
@@ -447,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mannstudy-chaos-"))
     if args.only is not None:
         seed, outs = schedule(work, args.only, args.seed, args.trials, args.replicate_every, args.keep,
-                              work / "template" / "mlflow.db")
+                              work / "template" / "mlflow.db", args.grid_every)
         for kind, out in outs:
             print(line(f"schedule {args.only:02d} seed {seed} {kind}", out), flush=True)
         record = [{"kind": kind, "clean": not out.problems, "trials": out.trials, "once": out.once}
@@ -460,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_template(work)
     started = time.monotonic()
     common = ["--seed", str(args.seed), "--trials", str(args.trials), "--replicate-every", str(args.replicate_every),
-              "--workdir", str(work)] + (["--keep"] if args.keep else [])
+              "--grid-every", str(args.grid_every), "--workdir", str(work)] + (["--keep"] if args.keep else [])
     todo, running = list(range(args.schedules)), []
     while todo or running:
         running = [p for p in running if p.poll() is None]

@@ -1,10 +1,10 @@
 """The driver SIGKILLed at fixed kinds of moments, resumed, and the records checked (bench/chaos.py's schedules).
 
-Three schedules on a 4-trial study (a tiny LSTM on copy, TPE + ASHA), each driver a real ``mannstudy``
-process with its own local Ray: a kill mid-sweep, a ``--resume``, a second kill during that resume, a final
-``--resume``; a kill during start-up then one during shut-down; and a replication of the finished study
-killed mid-run and during its resume. Every invariant is read from the stores themselves (MLflow, Optuna,
-Tune's state): see :func:`chaos.check_sweep` and :func:`chaos.check_replication`.
+Three schedules on a 4-trial study (a tiny LSTM on copy, ASHA), each driver a real ``mannstudy`` process with
+its own local Ray: a kill mid-sweep, a ``--resume``, a second kill during that resume, a final ``--resume`` (a
+grid of 2 learning rates x 2 seeds); a kill during start-up then one during shut-down (TPE); and a replication
+of the finished study killed mid-run and during its resume. Every invariant is read from the stores themselves
+(MLflow, Optuna, Tune's state): see :func:`chaos.check_sweep` and :func:`chaos.check_replication`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def finished(tmp_path_factory, mlflow_template):
 
 
 def test_a_kill_a_resume_a_kill_during_it_and_a_final_resume_account_for_every_trial_once(tmp_path, mlflow_template):
-    out = chaos.sweep_schedule(tmp_path / "mid-mid", ["mid", "mid"], seed=1, trials=TRIALS, template=mlflow_template)
+    # the grid study (2 learning rates x 2 seeds): its queued points and repeats must not run twice after a kill
+    out = chaos.sweep_schedule(tmp_path / "mid-mid", ["mid", "mid"], seed=1, trials=TRIALS, template=mlflow_template,
+                               grid=True)
     assert out.problems == [] and out.drivers == 3 + out.ray_retries  # a Ray that did not start is retried
     assert out.once == out.trials == TRIALS
 
