@@ -225,7 +225,9 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
     exp_dir = experiment_dir(spec, name)
     if resume and state.prepare_restore(exp_dir, str(spec.source)):
         keep_secret(spec.storage)  # the restored searcher's storage, pickled without its password, gets it here
-        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+        # A searched trial that failed after its retries has ended: Optuna's FAIL cannot be undone, so training it
+        # again would leave the two records disagreeing. A grid's failed pair is tried again (its run is its record).
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=grid is not None)
 
     if grid is not None:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.concurrency, reuse_actors=True,

@@ -466,3 +466,26 @@ def test_a_grid_study_restarted_without_tune_state_runs_each_point_and_seed_once
     assert ran == Counter({(lr, seed): 1 for lr in (3.0e-2, 1.0e-2, 3.0e-3) for seed in (0, 1)}), ran
     assert not [t for t in trials if not t.state.is_finished()]  # nothing left queued or running
     assert summary.counts.get("completed") == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA (a trial must fail)")
+def test_a_trial_that_failed_after_its_retries_is_not_trained_again_by_resume(ray_cluster, study_file, tmp_path,
+                                                                             record):
+    # device cuda on a machine without it: that trial fails on every attempt; the cpu one completes
+    path = study_file("asha", tmp_path, search={"device": {"choices": ["cpu", "cuda"]}},
+                      budget={"num_samples": 2, "max_steps": 20, "eval_every": 10, "early_stopping": False,
+                              "grace_period": None})
+    rec = record(path)
+    assert run_sweep(path).counts == {"completed": 1, "failed": 1}
+    failed = {r.data.tags[TAG_TRIAL_ID]: r for r in rec.children() if r.data.tags[TAG_STATUS] == "failed"}
+    (key, run), = failed.items()
+    results = len(rec.results().get(key, []))
+
+    summary = run_sweep(path, resume=True)
+    assert summary.counts == {"completed": 1, "failed": 1}
+    again = {r.data.tags[TAG_TRIAL_ID]: r for r in rec.children()}[key]
+    assert again.data.tags[TAG_ATTEMPTS] == run.data.tags[TAG_ATTEMPTS] and again.info.status == "FAILED"
+    assert len(rec.results().get(key, [])) == results
+    (t,) = [t for t in rec.trials() if t.user_attrs["tune_trial_id"] == key]
+    assert t.state == TrialState.FAIL and t.user_attrs["status"] == "failed"
