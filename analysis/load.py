@@ -1,6 +1,6 @@
 """One study's MLflow runs (and its Optuna study) -> the tidy frame of :mod:`analysis.tidy`.
 
-What is read, and from where (the layout is :mod:`study.tracking`'s and :mod:`study.replicate`'s)::
+What is read, and from where (the layout and its names are :mod:`study.record`'s)::
 
     experiment <study>                       one per study (the study name)
       run mannstudy.kind=study               the study's parent run
@@ -57,6 +57,23 @@ import numpy as np
 import pandas as pd
 
 from analysis.tidy import ID_COLUMNS, METRIC_COLUMNS, PARAM_PREFIX, config_id, validate_tidy
+from study.record import (
+    KIND_REPLICATION,
+    KIND_TRIAL,
+    RUNNING,
+    SPEC_FILE,
+    STATUS_TO_RUN_STATUS,
+    TAG_KIND,
+    TAG_MODEL,
+    TAG_PARENT,
+    TAG_REPLICATION,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_STATUS_PREFIX,
+    TAG_STUDY,
+    TAG_TRIAL_ID,
+    TAG_TRIAL_NAME,
+)
 
 PAGE_SIZE = 1000  # runs per search_runs page (MLflow's maximum)
 SQL_CHUNK = 500  # run ids per bulk query (well under SQLite's bound-parameter limit)
@@ -128,8 +145,7 @@ def _search_all(client, experiment_id: str, filter_string: str) -> list:
 
 def find_study_runs(tracking_uri: str, study_name: str, include_replications: bool = True) -> StudyRuns:
     """The parent run, replication runs and trial runs of ``study_name``; LoadError when there is no such study."""
-    from study.replicate import KIND_REPLICATION, TAG_REPLICATION
-    from study.tracking import TAG_KIND, TAG_PARENT, TAG_STUDY, find_study_run
+    from study.tracking import find_study_run
 
     _check_results_exist(tracking_uri, study_name)
     client = _client(tracking_uri)
@@ -150,7 +166,7 @@ def find_study_runs(tracking_uri: str, study_name: str, include_replications: bo
             if rid and run.data.tags.get(TAG_STUDY, study_name) == study_name:
                 replications.setdefault(rid, run)  # the oldest run of an id wins (runs come by start time)
     parents = {parent_id, *(r.info.run_id for r in replications.values())}
-    trials = [r for r in _search_all(client, exp_id, f"tags.`{TAG_KIND}` = 'trial'")
+    trials = [r for r in _search_all(client, exp_id, f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
               if r.data.tags.get(TAG_PARENT) in parents]
     return StudyRuns(tracking_uri, study_name, exp_id, parent, replications, trials)
 
@@ -285,11 +301,9 @@ def _typed_column(values: list) -> pd.Series:
 
 def _status(run) -> tuple[str, float]:
     """(tidy status, status step) of a trial run, from its tags (or, untagged, from MLflow's run status)."""
-    from study.tracking import TAG_STATUS, TAG_STATUS_PREFIX
-
     tags = run.data.tags
     status = tags.get(TAG_STATUS) or _RUN_STATUS.get(run.info.status, "failed")
-    if status not in ("completed", "stopped_early", "diverged", "failed", "running"):
+    if status not in (*STATUS_TO_RUN_STATUS, RUNNING):
         status = "failed"
     if status in ("completed", "running"):
         return status, math.nan
@@ -362,8 +376,6 @@ def load_study(
 def tidy_from_runs(runs: StudyRuns, optuna_info: OptunaInfo | None = None, metrics: Iterable[str] | None = None,
                    history_method: str = "auto") -> pd.DataFrame:
     """The tidy frame of already-found runs (:func:`find_study_runs`)."""
-    from study.tracking import TAG_MODEL, TAG_PARENT, TAG_SEED, TAG_TRIAL_ID
-
     replication_of = {r.info.run_id: rid for rid, r in runs.replications.items()}
     trials = runs.trials
     keys = set(metrics) if metrics is not None else {k for r in trials for k in r.data.metrics}
@@ -392,7 +404,7 @@ def tidy_from_runs(runs: StudyRuns, optuna_info: OptunaInfo | None = None, metri
             else math.nan,
             "stop_at_error": _number(p.get("stop_at_error")),
             "stop_after_evals": _number(p.get("stop_after_evals")),
-            "trial_name": tags.get("mannstudy.trial_name"),
+            "trial_name": tags.get(TAG_TRIAL_NAME),
             "optuna_trial": (optuna_info.trial_numbers.get(str(trial_id)) if optuna_info else None),
         })
         params.append(p)
@@ -520,7 +532,7 @@ def recorded_spec(runs: StudyRuns) -> dict[str, Any] | None:
     client = _client(runs.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(runs.parent.info.run_id, "spec.json", tmp)
+            path = client.download_artifacts(runs.parent.info.run_id, SPEC_FILE, tmp)
         except Exception:  # no artifact, or a store that cannot serve it: the spec is then unknown
             return None
         spec = json.loads(Path(path).read_text())

@@ -54,6 +54,7 @@ from analysis.load import (
     tidy_from_runs,
 )
 from analysis.tidy import final_rows, params_of, study_target, study_target_setting
+from study.record import REPORT_DIR, TAG_RESULTS_DIR
 
 SECTIONS = (
     ("paper", "Paper comparison"),  # only for a study whose file has a ``paper`` block
@@ -1053,7 +1054,7 @@ def build_context(tracking_uri: str, study_name: str, optuna_storage: str | None
         df[metric] = np.nan
     if "error" not in df.columns:
         df["error"] = np.nan
-    results = results_dir if results_dir is not None else runs.parent.data.tags.get("mannstudy.results_dir")
+    results = results_dir if results_dir is not None else runs.parent.data.tags.get(TAG_RESULTS_DIR)
     running = runs.running or bool(optuna_info and optuna_info.running) or bool((df["status"] == "running").any())
     spec = recorded_spec(runs)
     space = study_space(runs, spec) or (dict(optuna_info.distributions) if optuna_info else None)
@@ -1128,7 +1129,7 @@ def make_report(
         from study.tracking import TrackingError, log_study_artifacts
 
         try:
-            log_study_artifacts(tracking_uri, ctx.runs.parent.info.run_id, list(paths.values()), "report")
+            log_study_artifacts(tracking_uri, ctx.runs.parent.info.run_id, list(paths.values()), REPORT_DIR)
         except TrackingError as err:
             print(f"mannstudy: warning: report not logged to MLflow: {err}", file=sys.stderr)
     return paths

@@ -234,9 +234,9 @@ def check_sweep(study_file: Path) -> tuple[list[str], int, int]:
     import mlflow
     import optuna
 
+    from study.record import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STUDY, TAG_TRIAL_ID
     from study.spec import SEED_ATTR, grid_points, load_spec, params_key
     from study.sweep import experiment_dir
-    from study.tracking import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STUDY, TAG_TRIAL_ID
 
     spec = load_spec(study_file)
     total, every = spec.budget.num_samples, spec.budget.eval_every
@@ -321,9 +321,16 @@ def check_replication(study_file: Path, seeds: int, top: int) -> tuple[list[str]
     """(problems, runs asked for, runs accounted for exactly once) of a finished replication."""
     import mlflow
 
-    from study.replicate import KIND_REPLICATION
+    from study.record import (
+        KIND_REPLICATION,
+        STATUS_TO_RUN_STATUS,
+        TAG_KIND,
+        TAG_PARENT,
+        TAG_SEED,
+        TAG_STATUS,
+        TAG_STATUS_PREFIX,
+    )
     from study.spec import load_spec
-    from study.tracking import STATUS_TO_RUN_STATUS, TAG_KIND, TAG_PARENT, TAG_SEED, TAG_STATUS, TAG_STATUS_PREFIX
 
     spec = load_spec(study_file)
     client = mlflow.MlflowClient(spec.tracking_uri)

@@ -17,7 +17,7 @@ pair that failed is retried in its own run). By default all seeds of a configura
 trial as one batched model (:func:`mann.multiseed.fit_seeds`); ``seeds_per_trial`` splits them (1: one
 trial per pair).
 
-MLflow layout (read by :mod:`analysis.load`)::
+MLflow layout (names in :mod:`study.record`; read by :mod:`analysis.load`)::
 
     experiment <study>
       run mannstudy.kind=study                      the study's parent run
@@ -32,8 +32,6 @@ Tune's state lives in ``<results_dir>/ray/<id>/`` (a local folder or a URI, as t
 ``run_point_<id>.c<i>.s<seed>_<trial id>``, or ``run_point_<id>.c<i>_x<S>_<trial id>`` for S seeds batched
 (checkpoints ``checkpoint_<n>/seed-<s>/`` inside), so ``resume=True`` finishes an interrupted replication with
 ``Tuner.restore``; a resumed replication keeps the layout it began with.
-
-Ray is imported inside the functions: :mod:`analysis.load` imports the tag names from here.
 """
 
 from __future__ import annotations
@@ -51,12 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from mann.config import ConfigError
+from study.record import KIND_REPLICATION, REPLICATION_FILE, TAG_REPLICATION, TAG_STUDY_RUN
 from study.spec import MODEL_PARAM, SEED_ATTR, SpecError, StudySpec, load_spec, read_yaml, trial_overrides
 
-KIND_REPLICATION = "replication"  # mannstudy.kind of a replication's parent run
-TAG_REPLICATION = "mannstudy.replication"  # its id
-TAG_STUDY_RUN = "mannstudy.study_run"  # the run id of the study it replicates
-REPLICATION_FILE = "replication.json"
 ID_PREFIX = "rep-"  # every replication id starts so; Tune's folder is <results_dir>/ray/<id>, never the sweep's
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -242,7 +237,8 @@ def check_name(name: str) -> str:
 def start_replication_run(uri: str, experiment_id: str, spec: StudySpec, study_run_id: str, rep_id: str,
                           configs: Sequence[ReplicaConfig], seeds: Sequence[int]) -> str:
     """Get or create the replication's parent run (nested under the study's run); return its id."""
-    from study.tracking import TAG_KIND, TAG_PARENT, TAG_STUDY, _client, _retry, provenance_tags
+    from study.record import TAG_KIND, TAG_PARENT, TAG_STUDY
+    from study.tracking import _client, _retry, provenance_tags
 
     client = _client(uri)
     filter_string = f"tags.`{TAG_KIND}` = '{KIND_REPLICATION}' AND tags.`{TAG_REPLICATION}` = '{rep_id}'"
@@ -390,7 +386,8 @@ def run_replication(
 
 def _outcome(uri: str, experiment_id: str, parent_run_id: str, spec: StudySpec) -> tuple[dict[str, int], float | None]:
     """(child runs per status, the best objective among the completed ones (their last value) or None)."""
-    from study.tracking import RUNNING, TAG_KIND, TAG_PARENT, TAG_STATUS, _client
+    from study.record import RUNNING, TAG_KIND, TAG_PARENT, TAG_STATUS
+    from study.tracking import _client
 
     client = _client(uri)
     runs, token = [], None

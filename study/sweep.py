@@ -365,7 +365,8 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
     Not ``searched`` (a grid: no Optuna study): the run's own status tag is the record; a run that wrote
     its end but was not ended gets that end, any other still RUNNING is ``failed`` with ``reason`` when ``lost``.
     """
-    from study.tracking import TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client
+    from study.record import TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
+    from study.tracking import _client
     from study.trainable import ENDED
 
     client = _client(tracking_uri)
@@ -407,8 +408,8 @@ def _optuna_verdicts(spec: StudySpec, runs: dict, reason: str, lost: bool, fixed
     counted in ``fixed``); return trial id -> the user attributes of each trial Optuna records as ended."""
     import optuna
 
+    from study.record import STATUS_TO_RUN_STATUS, TAG_STATUS, TAG_STATUS_PREFIX
     from study.search import fail_running_trials, tell_recorded_end
-    from study.tracking import STATUS_TO_RUN_STATUS, TAG_STATUS, TAG_STATUS_PREFIX
     from study.trainable import ENDED
 
     study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(spec))
@@ -428,7 +429,8 @@ def _optuna_verdicts(spec: StudySpec, runs: dict, reason: str, lost: bool, fixed
 def _end_run(client, run_id: str, status: str, details: dict) -> None:
     from mlflow.entities import RunTag
 
-    from study.tracking import STATUS_TO_RUN_STATUS, TAG_NOTE, TAG_STATUS, TAG_STATUS_PREFIX, status_note
+    from study.record import STATUS_TO_RUN_STATUS, TAG_NOTE, TAG_STATUS, TAG_STATUS_PREFIX
+    from study.tracking import status_note
 
     tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
     tags += [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
@@ -573,6 +575,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     (e.g. a test cluster) is used as it is and left running. ``callbacks``: extra Tune callbacks (new sweeps only).
     """
     from study import state, tracking
+    from study.record import TAG_RESULTS_DIR
 
     started = time.monotonic()
     spec = load_spec(path)
@@ -610,7 +613,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
                                                     if "://" not in spec.results_dir else None)
         parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
-                                          extra_tags={"mannstudy.results_dir": spec.results_dir})
+                                          extra_tags={TAG_RESULTS_DIR: spec.results_dir})
     except BaseException:
         if started_ray:
             disconnect_ray()

@@ -8,16 +8,9 @@ Why not Ray's ``MLflowLoggerCallback``: it makes no parent run and sends one req
 Here a trial buffers its metrics and sends them with ``log_batch`` (at most 1,000 a
 request) every ``flush_every`` evaluations or ``flush_interval_s`` seconds.
 
-Layout in MLflow (tags are the contract the analysis reads)::
-
-    experiment <name>                          created on the driver, explicit artifact location; tags: the
-                                               UI's kind (runs, not GenAI) and runs view (columns, sort order)
-      parent run  mannstudy.kind=study          params: the spec as dotted keys; artifacts: study file, spec.json
-                  mannstudy.study=<name>        tags: git commit, package versions; description: the spec's and
-                                                the outcome; metrics study.*: the summary (log_study_summary)
-        child run mannstudy.kind=trial          one per trial id (get-or-create), nested via mlflow.parentRunId,
-                  mannstudy.trial_id=<id>       named by what it is (``ntm lr=3.2e-3 seed=1``, trial_run_name)
-                                                tags: node, seed, model, attempts, status
+The record's layout and vocabulary (run kinds, tags, statuses, artifact names) are :mod:`study.record`'s;
+this module writes it, and every read of it goes through the functions here too (the analysis included),
+so that MLflow's client, its paging and its internals are handled in one place.
 
 Trial status -> MLflow run status (``STATUS_TO_RUN_STATUS``)::
 
@@ -70,47 +63,39 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from study.record import (
+    EXPERIMENT_KIND,
+    KIND_STUDY,
+    KIND_TRIAL,
+    RUNNING,
+    SPEC_FILE,
+    STATUS_TO_RUN_STATUS,
+    SUMMARY_PREFIX,
+    TAG_ATTEMPTS,
+    TAG_EXPERIMENT_KIND,
+    TAG_GIT_COMMIT,
+    TAG_GIT_DIRTY,
+    TAG_KIND,
+    TAG_MODEL,
+    TAG_NODE,
+    TAG_NODE_IP,
+    TAG_NOTE,
+    TAG_PARENT,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_STATUS_PREFIX,
+    TAG_STOP,
+    TAG_STUDY,
+    TAG_TRIAL_ID,
+    TAG_VERSION_PREFIX,
+    TAG_VIEW,
+    VIEW_KEY,
+)
 from study.redact import redact, redact_values
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-STATUS_TO_RUN_STATUS = {
-    "completed": "FINISHED",
-    "stopped_early": "FINISHED",
-    "diverged": "FAILED",
-    "failed": "FAILED",
-}
-RUNNING = "running"
-
-TAG_KIND = "mannstudy.kind"  # "study" (parent) or "trial" (child)
-TAG_STUDY = "mannstudy.study"
-TAG_TRIAL_ID = "mannstudy.trial_id"
-TAG_STATUS = "mannstudy.status"  # running | completed | stopped_early | diverged | failed
-TAG_STATUS_PREFIX = "mannstudy.status_"  # status_step, status_message, any other detail
-TAG_NODE = "mannstudy.node"
-TAG_NODE_IP = "mannstudy.node_ip"
-TAG_SEED = "mannstudy.seed"
-TAG_MODEL = "mannstudy.model"
-TAG_ATTEMPTS = "mannstudy.attempts"
-# The search decided to stop a trial: "scheduler" on the trial's run (ASHA), "time_budget" on the study run.
-# Written by the driver before Tune stops the trial; a trial stopped without it is being torn down with its sweep.
-TAG_STOP = "mannstudy.stop"
-TAG_VERSION_PREFIX = "mannstudy.version."
-TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows
-TAG_GIT_DIRTY = "mannstudy.git_dirty"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
-# The MLflow 3 UI opens an experiment in its GenAI view unless told otherwise: the experiment tag (read when
-# the UI has no workflow switch) and the workflowType URL parameter (read when it has one) both ask for runs.
-TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-# A runs-table view (columns, sort order) stored as an experiment tag: the UI applies it when the URL names
-# it (``viewStateShareKey``), as it does for a view a user shared. mannstudy ui prints that URL.
-VIEW_KEY = "mannstudy"
-TAG_VIEW = "mlflow.sharedViewState." + VIEW_KEY
-SUMMARY_PREFIX = "study."  # the study run's summary metrics: study.best_<objective>, study.trials_<status>, ...
 
 VERSIONED_PACKAGES = ("torch", "ray", "optuna", "mlflow", "mannstudy")
 _TRIAL_ID = re.compile(r"[A-Za-z0-9_.:\-]+")  # quoted into a search filter: no quotes or spaces
@@ -314,7 +299,7 @@ def prepare_experiment(uri: str, name: str, artifact_root: Path | str | None = N
 def find_study_run(uri: str, experiment_id: str, study_name: str, timeout_s: float = 30.0) -> str | None:
     """The parent run of ``study_name`` in the experiment, or None. The oldest wins if there are several."""
     client = _client(uri)
-    filter_string = f"tags.`{TAG_KIND}` = 'study' AND tags.`{TAG_STUDY}` = '{_quote(study_name)}'"
+    filter_string = f"tags.`{TAG_KIND}` = '{KIND_STUDY}' AND tags.`{TAG_STUDY}` = '{_quote(study_name)}'"
     runs = _retry(
         lambda: client.search_runs([experiment_id], filter_string=filter_string, max_results=100),
         uri, f"searching the run of study {study_name!r}", timeout_s,
@@ -355,12 +340,12 @@ def start_study_run(
     # Passwords of connection strings (storage, tracking_uri) never reach the record (study/redact.py).
     spec_dict = redact_values(dict(spec_dict))
     params = spec_params(spec_dict)
-    tags = {TAG_KIND: "study", TAG_STUDY: study_name, **provenance_tags()}
+    tags = {TAG_KIND: KIND_STUDY, TAG_STUDY: study_name, **provenance_tags()}
     tags.update({str(k): _cut(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in (extra_tags or {}).items()})
 
     run_id = find_study_run(uri, experiment_id, study_name, timeout_s)
     if run_id is None:
-        study_tags = {TAG_KIND: "study", TAG_STUDY: study_name}
+        study_tags = {TAG_KIND: KIND_STUDY, TAG_STUDY: study_name}
         if spec_dict.get("description"):  # the run's description; log_study_summary adds the outcome
             study_tags[TAG_NOTE] = _cut(str(spec_dict["description"]), MAX_TAG_VAL_LENGTH)
         run = _retry(
@@ -391,7 +376,7 @@ def start_study_run(
             upload.write_text(redact(text))
         _retry(lambda: client.log_artifact(run_id, str(upload)), uri, f"uploading {study_file}", timeout_s)
     spec_json = json.loads(json.dumps(spec_dict, default=str))
-    _retry(lambda: client.log_dict(run_id, spec_json, "spec.json"), uri, "uploading spec.json", timeout_s)
+    _retry(lambda: client.log_dict(run_id, spec_json, SPEC_FILE), uri, f"uploading {SPEC_FILE}", timeout_s)
     view = json.dumps(runs_view(spec_dict))
     _retry(lambda: client.set_experiment_tag(experiment_id, TAG_VIEW, view), uri, "storing the runs view", timeout_s)
     return run_id
@@ -630,7 +615,7 @@ class TrialTracker:
         self._closed = False
 
         params = {str(k): _param_value(v) for k, v in (params or {}).items()}
-        run_tags = {TAG_KIND: "trial", TAG_TRIAL_ID: trial_id, TAG_STATUS: RUNNING, **node_tags()}
+        run_tags = {TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial_id, TAG_STATUS: RUNNING, **node_tags()}
         for key, tag in (("seed", TAG_SEED), ("model", TAG_MODEL)):
             if key in params:
                 run_tags[tag] = params[key]
@@ -915,7 +900,7 @@ def study_views(uri: str, timeout_s: float = 30.0) -> list[tuple[str, str, bool]
 
     def read() -> list[tuple[str, str, bool]]:
         experiments = {e.experiment_id: e for e in client.search_experiments()}
-        runs = client.search_runs(list(experiments), filter_string=f"tags.`{TAG_KIND}` = 'study'",
+        runs = client.search_runs(list(experiments), filter_string=f"tags.`{TAG_KIND}` = '{KIND_STUDY}'",
                                   max_results=1000) if experiments else []
         found = {run.info.experiment_id: run.data.tags.get(TAG_STUDY, "") for run in runs}
         return [(eid, name, TAG_VIEW in experiments[eid].tags) for eid, name in sorted(found.items(), key=_by_id)]

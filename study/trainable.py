@@ -17,7 +17,7 @@ How the trial ended is decided here, where it is known, and written both to MLfl
   objective at its worst value (so ASHA ranks it last) and ``trial_status=diverged``.
 - Tune stops the trial inside ``tune.report``: Ray raises ``SystemExit`` in the training thread.
   When the search decided the stop (ASHA, or the study's time budget: the driver tags the trial's run or
-  the study run first, ``tracking.TAG_STOP``), ``on_eval`` catches it and asks ``fit`` to stop, so ``fit``
+  the study run first, ``record.TAG_STOP``), ``on_eval`` catches it and asks ``fit`` to stop, so ``fit``
   runs its final evaluation of the current weights; its ``final_*`` metrics are logged at the last
   reported step, the trial is recorded ``stopped_early`` there, and the thread then ends with
   ``SystemExit`` as Ray asked (no further report). Ray waits for that thread before it reuses the
@@ -92,7 +92,8 @@ def _recorded_end(context: TrialContext, trial_id: str) -> tuple[str, dict] | No
     The result is the run's latest metrics at the recorded step with the recorded status: what the
     trial reported when it ended (a diverged trial gets the worst objective again, as then).
     """
-    from study.tracking import TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID, _client, _retry
+    from study.record import TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
+    from study.tracking import _client, _retry
 
     uri = context.tracking_uri
     client = _client(uri)

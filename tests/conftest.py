@@ -236,13 +236,13 @@ class StudyRecord:
         return self.client.get_experiment_by_name(self.spec.name).experiment_id
 
     def parents(self):
-        from study.tracking import TAG_KIND, TAG_STUDY
+        from study.record import TAG_KIND, TAG_STUDY
 
         return self.client.search_runs(
             [self.experiment_id()], f"tags.`{TAG_KIND}` = 'study' and tags.`{TAG_STUDY}` = '{self.spec.name}'")
 
     def children(self):
-        from study.tracking import TAG_KIND
+        from study.record import TAG_KIND
 
         return self.client.search_runs([self.experiment_id()], f"tags.`{TAG_KIND}` = 'trial'", max_results=10_000)
 

@@ -208,9 +208,8 @@ def cluster_sweep(postgres, s3, ray_env, record, tmp_path_factory):
 def test_a_sweep_killed_and_resumed_runs_end_to_end_on_object_storage_and_postgresql(cluster_sweep, postgres):
     import psycopg
 
-    from study.replicate import KIND_REPLICATION, TAG_REPLICATION
+    from study.record import KIND_REPLICATION, TAG_KIND, TAG_PARENT, TAG_REPLICATION, TAG_SEED, TAG_STATUS, TAG_TRIAL_ID
     from study.state import BEGUN, STATE_BUNDLE, TUNER_COPY
-    from study.tracking import TAG_KIND, TAG_PARENT, TAG_SEED, TAG_STATUS, TAG_TRIAL_ID
 
     rec = cluster_sweep["rec"]
     assert rec.spec.results_dir == "s3://results/pg" and rec.spec.storage.startswith("postgresql://")

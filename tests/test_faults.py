@@ -30,9 +30,9 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from mann.train import END_METRICS
+from study.record import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STOP, TAG_TRIAL_ID
 from study.state import STATE_BUNDLE, state_dir
 from study.sweep import run_sweep
-from study.tracking import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_STATUS, TAG_STATUS_PREFIX, TAG_STOP, TAG_TRIAL_ID
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import yaml
 from analysis.generalization import GeneralizationError, find_checkpoint
 from analysis.load import load_study
 from mann.train import config_to_flat_dict, load_checkpoint, make_train_config
+from study.record import TAG_ATTEMPTS, TAG_PARENT, TAG_REPLICATION, TAG_SEED, TAG_STATUS, TAG_TRIAL_ID
 from study.replicate import (
-    TAG_REPLICATION,
     configs_from_file,
     replication_grid,
     replication_points,
@@ -26,17 +26,7 @@ from study.replicate import (
 from study.spec import load_spec, trial_overrides
 from study.state import mark_begun
 from study.sweep import experiment_dir
-from study.tracking import (
-    TAG_ATTEMPTS,
-    TAG_PARENT,
-    TAG_SEED,
-    TAG_STATUS,
-    TAG_TRIAL_ID,
-    TrialTracker,
-    _client,
-    prepare_experiment,
-    start_study_run,
-)
+from study.tracking import TrialTracker, _client, prepare_experiment, start_study_run
 
 STUDY = {
     "name": "batched",

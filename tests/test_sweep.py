@@ -25,20 +25,11 @@ import pytest
 from mlflow_server import free_port
 from optuna.trial import TrialState
 
+from study.record import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
 from study.spec import load_spec
 from study.state import STATE_BUNDLE, TUNER_COPY, TUNER_PKL, prepare_restore, repair_checkpoints, state_dir
 from study.sweep import SweepError, SweepSummary, reconcile, run_sweep
-from study.tracking import (
-    STATUS_TO_RUN_STATUS,
-    TAG_ATTEMPTS,
-    TAG_PARENT,
-    TAG_STATUS,
-    TAG_STATUS_PREFIX,
-    TAG_TRIAL_ID,
-    TrialTracker,
-    prepare_experiment,
-    start_study_run,
-)
+from study.tracking import TrialTracker, prepare_experiment, start_study_run
 from study.trainable import TrialContext, _recorded_end
 
 REPO = Path(__file__).resolve().parent.parent

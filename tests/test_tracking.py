@@ -22,7 +22,7 @@ import mlflow
 import pytest
 from mlflow_server import MlflowServer, free_port
 
-from study.tracking import (
+from study.record import (
     EXPERIMENT_KIND,
     STATUS_TO_RUN_STATUS,
     SUMMARY_PREFIX,
@@ -42,6 +42,8 @@ from study.tracking import (
     TAG_VERSION_PREFIX,
     TAG_VIEW,
     VIEW_KEY,
+)
+from study.tracking import (
     TrackingError,
     TrialTracker,
     check_reachable,
