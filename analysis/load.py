@@ -26,22 +26,9 @@ Extra columns beside the schema: ``task``, ``target_error`` (the task's success 
 the run lacks them), ``trial_name`` (Tune's trial name: finds checkpoints), ``optuna_trial``
 (the Optuna trial number, when the Optuna study was given and the run was one of its trials).
 
-Fetching. ``search_runs`` pages through the trial runs 1,000 at a time (the most MLflow returns
-per page). Metric histories: ``MlflowClient`` has only ``get_metric_history(run, key)``, one
-request per run and key, so this module asks the store for histories of many runs at once:
-
-- a database store (SQLite, PostgreSQL): ``get_metric_history_bulk`` of MLflow's SQLAlchemy
-  store, one query per metric key and 500 runs;
-- a tracking server: the bulk endpoint the MLflow UI draws its charts from, one request per metric
-  key and 100 runs (falling back to the public, slower ``get-history-bulk-interval``; see
-  :func:`_rest_bulk`);
-- anything else: ``get_metric_history`` per run and key.
-
-``history_method="per_run"`` forces the last. Measured on this project's 2-core machine (shared and
-busy: orders of magnitude only), 500 runs x 13 keys x 30 evaluations (195,000 points): SQLite,
-bulk 7-14 s vs per run 46 s; a local tracking server, the UI's bulk endpoint 15-22 s,
-get-history-bulk-interval 111 s, per run (6,500 requests) 166-176 s. Listing the 500 runs
-(search_runs, one page) took 2-9 s.
+Fetching (paging through the runs; the histories of many runs' metrics at once, by the store's bulk call
+where it has one) is :mod:`study.tracking`'s: :func:`study.tracking.runs_of_kind`,
+:func:`study.tracking.metric_histories`, where the measured costs of each way are noted.
 """
 
 from __future__ import annotations
@@ -59,6 +46,7 @@ import pandas as pd
 from analysis.tidy import ID_COLUMNS, METRIC_COLUMNS, PARAM_PREFIX, config_id, validate_tidy
 from study.record import (
     KIND_REPLICATION,
+    KIND_STUDY,
     KIND_TRIAL,
     RUNNING,
     SPEC_FILE,
@@ -75,11 +63,6 @@ from study.record import (
     TAG_TRIAL_NAME,
 )
 
-PAGE_SIZE = 1000  # runs per search_runs page (MLflow's maximum)
-SQL_CHUNK = 500  # run ids per bulk query (well under SQLite's bound-parameter limit)
-REST_CHUNK = 100  # run ids per bulk request to a tracking server (the server's limit)
-UI_MAX_POINTS = 25000  # points per get-history-bulk answer the server returns at most
-REST_MAX_POINTS = 2500  # points per run and key get-history-bulk-interval returns at most (MAX_RESULTS_PER_RUN)
 EXTRA_COLUMNS = ("task", "target_error", "stop_at_error", "stop_after_evals", "trial_name", "optuna_trial")
 # Params that are no hyperparameters or have their own column.
 _OWN_COLUMN = ("model", "task", "seed")
@@ -115,12 +98,6 @@ class StudyRuns:
         )
 
 
-def _client(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
 def _check_results_exist(uri: str, study_name: str) -> None:
     """LoadError for a SQLite tracking file that does not exist: loading only reads, and MLflow would create an
     empty database there (logging its migrations) for a study that has no results."""
@@ -131,42 +108,28 @@ def _check_results_exist(uri: str, study_name: str) -> None:
                             "first: mannstudy sweep STUDY_FILE)")
 
 
-def _search_all(client, experiment_id: str, filter_string: str) -> list:
-    """Every active run matching ``filter_string``, paging ``PAGE_SIZE`` at a time."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=PAGE_SIZE,
-                                  page_token=token, order_by=["attributes.start_time ASC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def find_study_runs(tracking_uri: str, study_name: str, include_replications: bool = True) -> StudyRuns:
     """The parent run, replication runs and trial runs of ``study_name``; LoadError when there is no such study."""
-    from study.tracking import find_study_run
+    from study import tracking
 
     _check_results_exist(tracking_uri, study_name)
-    client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name(study_name)
-    if experiment is None:
+    exp_id = tracking.find_experiment(tracking_uri, study_name)
+    if exp_id is None:
         raise LoadError(f"MLflow at {tracking_uri}: no experiment named {study_name!r} (the study's name; "
                         "run the study first, or check the name and the tracking URI)")
-    exp_id = experiment.experiment_id
-    parent_id = find_study_run(tracking_uri, exp_id, study_name)
+    parent_id = tracking.find_study_run(tracking_uri, exp_id, study_name)
     if parent_id is None:
         raise LoadError(f"MLflow at {tracking_uri}: experiment {study_name!r} has no study run "
-                        f"(tag {TAG_KIND}=study, {TAG_STUDY}={study_name})")
-    parent = client.get_run(parent_id)
+                        f"(tag {TAG_KIND}={KIND_STUDY}, {TAG_STUDY}={study_name})")
+    parent = tracking.get_run(tracking_uri, parent_id)
     replications = {}
     if include_replications:
-        for run in _search_all(client, exp_id, f"tags.`{TAG_KIND}` = '{KIND_REPLICATION}'"):
+        for run in tracking.runs_of_kind(tracking_uri, exp_id, KIND_REPLICATION):
             rid = run.data.tags.get(TAG_REPLICATION)
             if rid and run.data.tags.get(TAG_STUDY, study_name) == study_name:
                 replications.setdefault(rid, run)  # the oldest run of an id wins (runs come by start time)
     parents = {parent_id, *(r.info.run_id for r in replications.values())}
-    trials = [r for r in _search_all(client, exp_id, f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
+    trials = [r for r in tracking.runs_of_kind(tracking_uri, exp_id, KIND_TRIAL)
               if r.data.tags.get(TAG_PARENT) in parents]
     return StudyRuns(tracking_uri, study_name, exp_id, parent, replications, trials)
 
@@ -179,93 +142,18 @@ def metric_histories(tracking_uri: str, run_ids: Sequence[str], keys: Iterable[s
                      method: str = "auto") -> pd.DataFrame:
     """Every point of each metric ``key`` of each run: columns ``run_id``, ``key``, ``step``, ``value``, ``timestamp``.
 
-    ``method``: "auto" (bulk when the store has a bulk call, see the module docstring), "bulk", or
-    "per_run" (``get_metric_history`` per run and key).
+    ``method``: "auto" (bulk when the store has a bulk call), "bulk", or "per_run" (one request per run and
+    key); see :func:`study.tracking.metric_histories`.
     """
-    if method not in ("auto", "bulk", "per_run"):
+    from study import tracking
+
+    if method not in tracking.HISTORY_METHODS:
         raise LoadError(f"history_method: expected auto, bulk or per_run, got {method!r}")
-    keys, run_ids = list(keys), list(run_ids)
-    client = _client(tracking_uri)
-    store = _store(client)
-    rows: list[tuple] = []
-    if method != "per_run" and hasattr(store, "get_metric_history_bulk"):  # SQLAlchemy store
-        for key in keys:
-            for chunk in _chunks(run_ids, SQL_CHUNK):
-                for m in store.get_metric_history_bulk(chunk, key, max_results=None):
-                    rows.append((m.run_id, key, m.step, m.value, m.timestamp))
-    elif method != "per_run" and hasattr(store, "get_host_creds"):  # REST store: a tracking server
-        for key in keys:
-            for chunk in _chunks(run_ids, REST_CHUNK):
-                rows.extend(_rest_bulk(client, store, chunk, key))
-    elif method == "bulk":
-        raise LoadError(f"MLflow at {tracking_uri}: this store has no bulk metric-history call (use per_run)")
-    else:
-        for run_id in run_ids:
-            for key in keys:
-                rows.extend((run_id, key, m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
-    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
-
-
-def _store(client):
-    # MlflowClient keeps its store private; the bulk calls exist only there (the UI uses them).
-    tracking = getattr(client, "_tracking_client", None)
-    return getattr(tracking, "store", None)
-
-
-def _chunks(items: Sequence, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def _rest_bulk(client, store, run_ids: Sequence[str], key: str) -> list[tuple]:
-    """One metric key of up to 100 runs from a tracking server, whole.
-
-    First the endpoint MLflow's own UI draws its charts from (``/ajax-api/.../get-history-bulk``:
-    one SQL query for all the runs, at most 25,000 points an answer: a full answer is split and
-    asked again); a server that refuses it gets the public ``get-history-bulk-interval`` (one query
-    per run, up to 2,500 points per run, a run with that many is fetched whole with
-    ``get_metric_history``).
-    """
-    from mlflow.exceptions import MlflowException
-
     try:
-        return _ui_bulk(client, store, list(run_ids), key)
-    except MlflowException:
-        return _interval_bulk(client, store, list(run_ids), key)
-
-
-def _get(store, endpoint: str, params: dict) -> list[dict]:
-    from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-    response = verify_rest_response(http_request(store.get_host_creds(), endpoint, "GET", params=params), endpoint)
-    return response.json().get("metrics", [])
-
-
-def _rows(points: list[dict], key: str) -> list[tuple]:
-    return [(p["run_id"], key, int(p.get("step", 0)), float(p["value"]), int(p.get("timestamp", 0))) for p in points]
-
-
-def _ui_bulk(client, store, run_ids: list[str], key: str) -> list[tuple]:
-    params = {"run_id": run_ids, "metric_key": key, "max_results": UI_MAX_POINTS}
-    points = _get(store, "/ajax-api/2.0/mlflow/metrics/get-history-bulk", params)
-    if len(points) < UI_MAX_POINTS:
-        return _rows(points, key)
-    if len(run_ids) == 1:  # one run with that many points: page through it
-        return [(run_ids[0], key, m.step, m.value, m.timestamp) for m in client.get_metric_history(run_ids[0], key)]
-    half = len(run_ids) // 2
-    return _ui_bulk(client, store, run_ids[:half], key) + _ui_bulk(client, store, run_ids[half:], key)
-
-
-def _interval_bulk(client, store, run_ids: list[str], key: str) -> list[tuple]:
-    params = {"run_ids": run_ids, "metric_key": key, "max_results": REST_MAX_POINTS}
-    rows = _rows(_get(store, "/api/2.0/mlflow/metrics/get-history-bulk-interval", params), key)
-    per_run = pd.Series([r[0] for r in rows]).value_counts() if rows else pd.Series(dtype=int)
-    full = set(per_run[per_run >= REST_MAX_POINTS].index)
-    if full:  # the server sampled these runs: fetch them whole
-        rows = [r for r in rows if r[0] not in full]
-        for run_id in full:
-            rows.extend((run_id, key, m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
-    return rows
+        rows = tracking.metric_histories(tracking_uri, run_ids, keys, method)
+    except tracking.TrackingError as err:  # "bulk" asked of a store without a bulk call
+        raise LoadError(str(err)) from None
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -527,15 +415,13 @@ def recorded_spec(runs: StudyRuns) -> dict[str, Any] | None:
 
     None when the run has no such artifact (a study recorded without it) or the store cannot serve it.
     """
-    import tempfile
+    from study.tracking import read_artifact_text
 
-    client = _client(runs.tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(runs.parent.info.run_id, SPEC_FILE, tmp)
-        except Exception:  # no artifact, or a store that cannot serve it: the spec is then unknown
-            return None
-        spec = json.loads(Path(path).read_text())
+    try:
+        text = read_artifact_text(runs.tracking_uri, runs.parent.info.run_id, SPEC_FILE)
+    except Exception:  # no artifact, or a store that cannot serve it: the spec is then unknown
+        return None
+    spec = json.loads(text)
     return spec if isinstance(spec, dict) else None
 
 

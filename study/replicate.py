@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 from mann.config import ConfigError
-from study.record import KIND_REPLICATION, REPLICATION_FILE, TAG_REPLICATION, TAG_STUDY_RUN
 from study.spec import MODEL_PARAM, SEED_ATTR, SpecError, StudySpec, load_spec, read_yaml, trial_overrides
 
 ID_PREFIX = "rep-"  # every replication id starts so; Tune's folder is <results_dir>/ray/<id>, never the sweep's
@@ -237,26 +236,11 @@ def check_name(name: str) -> str:
 def start_replication_run(uri: str, experiment_id: str, spec: StudySpec, study_run_id: str, rep_id: str,
                           configs: Sequence[ReplicaConfig], seeds: Sequence[int]) -> str:
     """Get or create the replication's parent run (nested under the study's run); return its id."""
-    from study.record import TAG_KIND, TAG_PARENT, TAG_STUDY
-    from study.tracking import _client, _retry, provenance_tags
+    from study import tracking
 
-    client = _client(uri)
-    filter_string = f"tags.`{TAG_KIND}` = '{KIND_REPLICATION}' AND tags.`{TAG_REPLICATION}` = '{rep_id}'"
-    found = _retry(lambda: client.search_runs([experiment_id], filter_string=filter_string, max_results=10),
-                   uri, f"searching replication {rep_id}", 30.0)
-    if found:
-        run_id = min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
-        _retry(lambda: client.update_run(run_id, status="RUNNING"), uri, "reopening the replication run", 30.0)
-        return run_id
-    tags = {TAG_KIND: KIND_REPLICATION, TAG_REPLICATION: rep_id, TAG_STUDY: spec.name, TAG_STUDY_RUN: study_run_id,
-            TAG_PARENT: study_run_id, "mannstudy.replication_seeds": json.dumps(list(seeds)), **provenance_tags()}
-    run = _retry(lambda: client.create_run(experiment_id, tags=tags, run_name=rep_id), uri,
-                 f"creating replication run {rep_id}", 30.0)
     record = {"replication": rep_id, "study": spec.name, "seeds": list(seeds),
               "configs": [{"label": c.label, "params": c.params, "source": c.source} for c in configs]}
-    _retry(lambda: client.log_dict(run.info.run_id, json.loads(json.dumps(record, default=str)), REPLICATION_FILE),
-           uri, f"uploading {REPLICATION_FILE}", 30.0)
-    return run.info.run_id
+    return tracking.start_replication_run(uri, experiment_id, spec.name, study_run_id, rep_id, seeds, record)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,18 +370,10 @@ def run_replication(
 
 def _outcome(uri: str, experiment_id: str, parent_run_id: str, spec: StudySpec) -> tuple[dict[str, int], float | None]:
     """(child runs per status, the best objective among the completed ones (their last value) or None)."""
-    from study.record import RUNNING, TAG_KIND, TAG_PARENT, TAG_STATUS
-    from study.tracking import _client
+    from study.record import RUNNING, TAG_STATUS
+    from study.tracking import trial_runs
 
-    client = _client(uri)
-    runs, token = [], None
-    while True:
-        filter_string = f"tags.`{TAG_PARENT}` = '{parent_run_id}' AND tags.`{TAG_KIND}` = 'trial'"
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    runs = trial_runs(uri, experiment_id, parent_run_id)
     counts: dict[str, int] = {}
     for run in runs:
         status = run.data.tags.get(TAG_STATUS, RUNNING)

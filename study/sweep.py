@@ -365,17 +365,12 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
     Not ``searched`` (a grid: no Optuna study): the run's own status tag is the record; a run that wrote
     its end but was not ended gets that end, any other still RUNNING is ``failed`` with ``reason`` when ``lost``.
     """
-    from study.record import TAG_KIND, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
-    from study.tracking import _client
+    from study.record import TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
+    from study.tracking import end_trial_run, get_run, trial_runs
     from study.trainable import ENDED
 
-    client = _client(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial'",
-        max_results=10_000,
-    )
+    parent = get_run(tracking_uri, parent_run_id)
+    children = trial_runs(tracking_uri, parent.info.experiment_id, parent_run_id)
     runs = {}  # trial id -> its run (the oldest, the one TrialTracker attaches to)
     for run in sorted(children, key=lambda r: (r.info.start_time, r.info.run_id), reverse=True):
         runs[run.data.tags.get(TAG_TRIAL_ID)] = run
@@ -398,7 +393,7 @@ def reconcile(spec: StudySpec, tracking_uri: str, parent_run_id: str, reason: st
         details = {"step": verdict["status_step"]} if verdict and "status_step" in verdict else {}
         if status == "failed":
             details["message"] = reason
-        _end_run(client, run.info.run_id, status, details)
+        end_trial_run(tracking_uri, run.info.run_id, status, details)
         fixed["mlflow"] += 1
     return fixed
 
@@ -424,18 +419,6 @@ def _optuna_verdicts(spec: StudySpec, runs: dict, reason: str, lost: bool, fixed
         fixed["optuna"] += len(fail_running_trials(study, reason))
     return {t.user_attrs["tune_trial_id"]: t.user_attrs for t in study.get_trials(deepcopy=False)
             if "tune_trial_id" in t.user_attrs and t.user_attrs.get("status") in STATUS_TO_RUN_STATUS}
-
-
-def _end_run(client, run_id: str, status: str, details: dict) -> None:
-    from mlflow.entities import RunTag
-
-    from study.record import STATUS_TO_RUN_STATUS, TAG_NOTE, TAG_STATUS, TAG_STATUS_PREFIX
-    from study.tracking import status_note
-
-    tags = [RunTag(TAG_STATUS, status), RunTag(TAG_NOTE, status_note(status, details))]
-    tags += [RunTag(TAG_STATUS_PREFIX + k, str(v)) for k, v in details.items()]
-    client.log_batch(run_id, tags=tags, synchronous=True)
-    client.set_terminated(run_id, status=STATUS_TO_RUN_STATUS[status])
 
 
 def summarize(spec: StudySpec) -> SweepSummary:

@@ -92,17 +92,13 @@ def _recorded_end(context: TrialContext, trial_id: str) -> tuple[str, dict] | No
     The result is the run's latest metrics at the recorded step with the recorded status: what the
     trial reported when it ended (a diverged trial gets the worst objective again, as then).
     """
-    from study.record import TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
-    from study.tracking import _client, _retry
+    from study.record import TAG_STATUS, TAG_STATUS_PREFIX
+    from study.tracking import find_trial_runs
 
-    uri = context.tracking_uri
-    client = _client(uri)
-    query = f"tags.`{TAG_PARENT}` = '{context.parent_run_id}' AND tags.`{TAG_TRIAL_ID}` = '{trial_id}'"
-    runs = _retry(lambda: client.search_runs([context.experiment_id], filter_string=query, max_results=100),
-                  uri, f"reading the run of trial {trial_id}", 60.0)
+    runs = find_trial_runs(context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id, 60.0)
     if not runs:
         return None
-    run = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))  # the one TrialTracker attaches to
+    run = runs[0]  # the oldest: the one TrialTracker attaches to
     tags = run.data.tags
     status = tags.get(TAG_STATUS)
     if status not in ENDED:
@@ -200,7 +196,7 @@ def _prepare_process(tracking_uri: str) -> None:
         import mann.train  # noqa: F401  (torch; and no torch._dynamo: mann.optim is not torch.optim)
         from study import tracking
 
-        tracking._client(tracking_uri)  # MLflow builds and caches the store (for SQLite: SQLAlchemy, schema check)
+        tracking.warm_up(tracking_uri)
     finally:
         if was_enabled:
             gc.enable()

@@ -21,6 +21,7 @@ from mlflow.entities import Metric
 from mlflow_server import MlflowServer
 
 import analysis.load as load
+import study.tracking as tracking
 from analysis.load import LoadError, export, load_study, parse_param
 from analysis.tidy import config_id, param_columns, validate_tidy
 from mann.train import config_to_flat_dict, make_train_config
@@ -211,8 +212,8 @@ def test_config_id_ignores_the_seed_and_hashes_every_param(study, frame):
 
 
 def test_paging_and_per_run_histories_give_the_same_frame(study, frame, monkeypatch):
-    monkeypatch.setattr(load, "PAGE_SIZE", 3)  # 8 trial runs: three pages of search_runs
-    monkeypatch.setattr(load, "SQL_CHUNK", 2)  # and bulk queries of two runs
+    monkeypatch.setattr(tracking, "PAGE_SIZE", 3)  # 8 trial runs: three pages of search_runs
+    monkeypatch.setattr(tracking, "SQL_CHUNK", 2)  # and bulk queries of two runs
     paged = load_study(study["uri"], NAME, optuna_storage=study["storage"])
     pd.testing.assert_frame_equal(paged, frame)
     per_run = load_study(study["uri"], NAME, optuna_storage=study["storage"], history_method="per_run")
@@ -257,10 +258,10 @@ def test_a_tracking_server_gives_the_same_frame_through_its_bulk_endpoint(study,
         pd.testing.assert_frame_equal(remote, frame)
         # the public endpoint (a server that refuses the UI's) and the per-run path agree too
         client = mlflow.MlflowClient(server.url)
-        store = load._store(client)
+        store = tracking._store(client)
         ids = list(frame["run_id"].unique())
-        ui = sorted(load._ui_bulk(client, store, ids, "error"))
-        assert ui == sorted(load._interval_bulk(client, store, ids, "error"))
+        ui = sorted(tracking._ui_bulk(client, store, ids, "error"))
+        assert ui == sorted(tracking._interval_bulk(client, store, ids, "error"))
         per_run = load.metric_histories(server.url, ids, ["error"], "per_run")
         assert len(per_run) == len(ui)
 

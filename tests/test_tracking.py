@@ -24,6 +24,8 @@ from mlflow_server import MlflowServer, free_port
 
 from study.record import (
     EXPERIMENT_KIND,
+    KIND_TRIAL,
+    SPEC_FILE,
     STATUS_TO_RUN_STATUS,
     SUMMARY_PREFIX,
     TAG_ATTEMPTS,
@@ -48,15 +50,22 @@ from study.tracking import (
     TrialTracker,
     check_reachable,
     cli_ui,
+    end_trial_run,
+    find_experiment,
     find_study_run,
+    find_trial_runs,
     last_logged_step,
     log_study_artifacts,
     log_study_summary,
+    metric_histories,
     prepare_experiment,
+    read_artifact_text,
     resolve_tracking_uri,
+    runs_of_kind,
     runs_url,
     start_study_run,
     trial_run_name,
+    trial_runs,
     ui_command,
 )
 
@@ -328,6 +337,34 @@ def test_statuses_map_to_tags_and_run_statuses(sqlite_uri, study_file):
     assert run.info.status == "FAILED" and run.data.tags["mannstudy.status_message"] == "RuntimeError: boom"
     assert run.data.tags[TAG_NOTE] == "failed: RuntimeError: boom"
     assert run.data.metrics["error"] == 0.5
+
+
+def test_the_record_is_read_back_and_a_lost_trial_ended_as_its_tracker_would(sqlite_uri, study_file):
+    """The reading functions the sweep's reconcile, the replication and the analysis use, on one small study."""
+    experiment_id, parent = _study(sqlite_uri, "reading", study_file)
+    ended = TrialTracker(sqlite_uri, experiment_id, parent, "read_0")
+    ended.log_metrics({"error": 0.5}, 0)
+    ended.set_status("stopped_early", step=3)
+    ended.close()
+    lost = TrialTracker(sqlite_uri, experiment_id, parent, "read_1")  # its process died: the run stays RUNNING
+    lost.log_metrics({"error": 0.25}, 0)
+    lost.log_metrics({"error": 0.125}, 3)
+    lost.close()
+    end_trial_run(sqlite_uri, lost.run_id, "stopped_early", {"step": 3})
+    runs = {r.info.run_id: r for r in trial_runs(sqlite_uri, experiment_id, parent)}
+    assert set(runs) == {ended.run_id, lost.run_id}
+    assert runs[lost.run_id].info.status == runs[ended.run_id].info.status == "FINISHED"
+    status_tags = [{k: v for k, v in r.data.tags.items() if k.startswith("mannstudy.status") or k == TAG_NOTE}
+                   for r in runs.values()]
+    assert status_tags[0] == status_tags[1]
+    assert [r.info.run_id for r in find_trial_runs(sqlite_uri, experiment_id, parent, "read_1")] == [lost.run_id]
+    assert find_experiment(sqlite_uri, "reading") == experiment_id and find_experiment(sqlite_uri, "none") is None
+    assert [r.info.run_id for r in runs_of_kind(sqlite_uri, experiment_id, KIND_TRIAL)] == [ended.run_id, lost.run_id]
+    assert json.loads(read_artifact_text(sqlite_uri, parent, SPEC_FILE))["name"] == "demo"
+    for method in ("auto", "per_run"):
+        rows = metric_histories(sqlite_uri, [ended.run_id, lost.run_id], ["error"], method)
+        assert sorted((run_id == lost.run_id, step, value) for run_id, _, step, value, _ in rows) == [
+            (False, 0, 0.5), (True, 0, 0.25), (True, 3, 0.125)]
 
 
 def test_refused_points_are_reported_not_retried_forever(sqlite_uri, study_file, caplog):
