@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from mann.fast import bias_grad, fused_kernels, linear, output_backward, weight_grad
+from mann.fast_shared import bias_grad, fused_kernels, linear, output_backward, weight_grad
 
 LINK_KEEP_BYTES = 24 * 2**20  # keep every L_t while they all fit in this (about the L3 cache); else checkpoint
 
@@ -207,7 +207,7 @@ def dnc_loop(model, x, memory, read_w, write_w, link, precedence, usage, reads, 
     clip = model.cfg.clip_value
     B, T, I = x.shape
     w_ih, w_hh, b_ih, b_hh, w_if, b_if, w_out, b_out = params
-    w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT  # [R W + C, 4C] (or [S, ...]: see mann.fast.linear)
+    w_rec = torch.cat([w_ih[..., I:], w_hh], dim=-1).mT  # [R W + C, 4C] (or [S, ...]: see mann.fast_shared.linear)
     # the input's share of the controller pre-activations, every step in one matmul
     xproj = linear(x, w_ih[..., :I].mT, b_ih + b_hh)  # [B, T, 4C]
     state = Carry(memory, read_w, write_w, precedence, usage, reads.reshape(B, -1), h, c)
@@ -279,7 +279,7 @@ def dnc_backward(ctx, gy: Tensor):
 
 def dnc_forward(model, x: Tensor, state=None, memory_size: int | None = None, params=None) -> Tensor:
     """DNC.forward through the fused path: x [B, T, I] -> logits [B, T, O]. ``params``: the weights to use instead of
-    the model's, in :func:`param_names`' order, each as the model's or stacked per seed (see mann.fast.linear)."""
+    the model's, in :func:`param_names`' order, each as the model's or stacked per seed (fast_shared.linear)."""
     if state is None:
         state = model.initial_state(x.shape[0], memory_size)
     params = dnc_params(model) if params is None else tuple(params)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from mann.fast import bias_grad, fused_kernels, linear, output_backward, weight_grad
+from mann.fast_shared import bias_grad, fused_kernels, linear, output_backward, weight_grad
 
 
 class NTMDims(NamedTuple):
@@ -138,7 +138,7 @@ def ntm_loop(model, x, memory, weights, reads, h, c, params, save: bool):
     B, T, I = x.shape
     if d.lstm:
         w_ih, w_hh, b_ih, b_hh, w_if, b_if, w_out, b_out = params
-        # [R W + C, 4C] (or [S, ...]: see mann.fast.linear)
+        # [R W + C, 4C] (or [S, ...]: see mann.fast_shared.linear)
         bias, w_rec = b_ih + b_hh, torch.cat([w_ih[..., I:], w_hh], dim=-1).mT
     else:
         w_ih, bias, w_if, b_if, w_out, b_out = params
@@ -223,7 +223,7 @@ def ntm_backward(ctx, gy: Tensor):
 
 def ntm_forward(model, x: Tensor, state=None, memory_size: int | None = None, params=None) -> Tensor:
     """NTM.forward through the fused path: x [B, T, I] -> logits [B, T, O]. ``params``: the weights to use instead of
-    the model's, in :func:`param_names`' order, each as the model's or stacked per seed (see mann.fast.linear)."""
+    the model's, in :func:`param_names`' order, each as the model's or stacked per seed (fast_shared.linear)."""
     if state is None:
         state = model.initial_state(x.shape[0], memory_size)
     params = ntm_params(model) if params is None else tuple(params)

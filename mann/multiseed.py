@@ -11,7 +11,7 @@ How the seeds share one forward ("fold"): the seed axis is folded into the batch
 ``s*B .. (s+1)*B - 1`` of a [S*B, ...] batch belong to seed s; memory, addressing and state are per row anyway,
 so only the parametric layers need seed s's weights for seed s's rows. An NTM or DNC whose run takes the fused CPU
 path (mann.dispatch) runs it with the stacked weights, which it applies block by block in one bmm
-(mann.fast.linear). Any other model runs its own code on S*B rows, its ``nn.Linear``/``nn.LSTMCell``/
+(mann.fast_shared.linear). Any other model runs its own code on S*B rows, its ``nn.Linear``/``nn.LSTMCell``/
 ``nn.LSTM`` layers swapped for per-seed versions (``nn.LSTM``: one fused call per seed, faster here than a
 step-by-step batched LSTM).
 ``torch.func.vmap`` over ``functional_call`` was the other candidate: it cannot batch ``nn.LSTMCell`` (no rule
