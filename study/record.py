@@ -11,7 +11,8 @@ Layout::
       run kind=study                           the study's parent run
           TAG_KIND=study, TAG_STUDY=<study>    params: the spec as dotted keys; artifacts: the study file,
           TAG_RESULTS_DIR, TAG_GIT_COMMIT,     SPEC_FILE; after a sweep or replication, the summary metrics
-          TAG_GIT_DIRTY, TAG_VERSION_PREFIX*   SUMMARY_PREFIX* and the report under REPORT_DIR/
+          TAG_GIT_DIRTY, TAG_VERSION_PREFIX*,  SUMMARY_PREFIX* and the report under REPORT_DIR/
+          TAG_NOTE (description, outcome)
         run kind=trial                         one per trial of the search (get-or-create by trial id)
             TAG_KIND=trial, TAG_TRIAL_ID,      params: the trial's TrainConfig as dotted keys; metrics: one
             TAG_PARENT=<study run>, TAG_STUDY, point per evaluation step
@@ -19,7 +20,8 @@ Layout::
             TAG_TRIAL_NAME (Tune's), TAG_NOTE (how it ended, in words)
         run kind=replication                   one per replication of the study's best configurations
             TAG_KIND=replication, TAG_REPLICATION=<id>, TAG_STUDY, TAG_STUDY_RUN=<study run>,
-            TAG_PARENT=<study run>, TAG_REPLICATION_SEEDS, TAG_VERSION_PREFIX*; artifact REPLICATION_FILE
+            TAG_PARENT=<study run>, TAG_REPLICATION_SEEDS, provenance (TAG_GIT_COMMIT, TAG_VERSION_PREFIX*...);
+            artifact REPLICATION_FILE
           run kind=trial                       one per (configuration, seed), tagged as a search's trial;
                                                TAG_TRIAL_ID=<replication id>.c<i>.s<seed>
 
