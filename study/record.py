@@ -12,12 +12,12 @@ Layout::
           TAG_KIND=study, TAG_STUDY=<study>    params: the spec as dotted keys; artifacts: the study file,
           TAG_RESULTS_DIR, TAG_GIT_COMMIT,     SPEC_FILE; after a sweep or replication, the summary metrics
           TAG_GIT_DIRTY, TAG_VERSION_PREFIX*,  SUMMARY_PREFIX* and the report under REPORT_DIR/
-          TAG_NOTE (description, outcome)
+          TAG_NOTE (description, outcome), TAG_STOP=time_budget once the time budget is spent
         run kind=trial                         one per trial of the search (get-or-create by trial id)
             TAG_KIND=trial, TAG_TRIAL_ID,      params: the trial's TrainConfig as dotted keys; metrics: one
             TAG_PARENT=<study run>, TAG_STUDY, point per evaluation step
             TAG_STATUS (+ TAG_STATUS_PREFIX*), TAG_ATTEMPTS, TAG_SEED, TAG_MODEL, TAG_NODE, TAG_NODE_IP,
-            TAG_TRIAL_NAME (Tune's), TAG_NOTE (how it ended, in words)
+            TAG_TRIAL_NAME (Tune's), TAG_NOTE (how it ended, in words), TAG_STOP=scheduler (when ASHA stops it)
         run kind=replication                   one per replication of the study's best configurations
             TAG_KIND=replication, TAG_REPLICATION=<id>, TAG_STUDY, TAG_STUDY_RUN=<study run>,
             TAG_PARENT=<study run>, TAG_REPLICATION_SEEDS, provenance (TAG_GIT_COMMIT, TAG_VERSION_PREFIX*...);
