@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 # Raised for user mistakes by modules that handlers import lazily (matched by name so that importing this
 # module never imports them).
-_USER_ERRORS = {"SweepError", "TrackingError", "CheckpointError", "SpecError", "TidyError", "ReportError",
+_USER_ERRORS = {"SweepError", "StateError", "TrackingError", "CheckpointError", "SpecError", "TidyError", "ReportError",
                 "ReplicationError", "SensitivityError", "SubmitError"}
 
 

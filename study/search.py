@@ -37,8 +37,11 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
 
+# isort: off
+import study.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
+from ray.tune.search.optuna import OptunaSearch
+# isort: on
 from study.redact import keep_secret, recall_secret, redact
 
 log = logging.getLogger(__name__)

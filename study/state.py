@@ -46,10 +46,13 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 # isort: off
-import study.sweep  # noqa: F401  (sets Ray's environment before ray is imported)
+import study.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
 from ray.tune import Callback, Stopper
-from study.sweep import SweepError
 # isort: on
+
+class StateError(RuntimeError):
+    """A run whose kept state cannot be restored (one line naming what to do; exit code 2)."""
+
 
 STATE_FOLDER = ".mannstudy"  # under <results_dir>/ray, beside Tune's experiment folders
 BEGUN, TUNER_COPY, STATE_BUNDLE = "begun", "tuner.pkl", "state.pkl"
@@ -218,7 +221,7 @@ def prepare_restore(exp_dir: Location, what: str) -> bool:
       after the newest complete save, perhaps torn) is set aside as ``*.stale``, since Tune restores from the
       newest name.
     - A trial whose newest checkpoint has gone resumes from its newest checkpoint that exists, or restarts.
-    Raises SweepError (one line naming ``what`` and what to do) for a state that cannot be restored.
+    Raises StateError (one line naming ``what`` and what to do) for a state that cannot be restored.
     """
     exp_dir = str(exp_dir)
     kept = state_dir(exp_dir)
@@ -230,7 +233,7 @@ def prepare_restore(exp_dir: Location, what: str) -> bool:
         if not is_file(live) or read_bytes(live) != good:
             write_atomically(live, good)
     elif not is_file(live) or not _loads(read_bytes(live)):
-        raise SweepError(f"{what}: --resume: {live} is damaged and there is no copy in {kept}; the run cannot be "
+        raise StateError(f"{what}: --resume: {live} is damaged and there is no copy in {kept}; the run cannot be "
                          f"resumed (start it again under another name or results_dir)")
     if is_file(join(kept, STATE_BUNDLE)):
         files = pickle.loads(read_bytes(join(kept, STATE_BUNDLE)))
@@ -245,7 +248,7 @@ def prepare_restore(exp_dir: Location, what: str) -> bool:
     try:
         state = json.loads(read_bytes(newest_state))
     except ValueError as err:
-        raise SweepError(f"{what}: --resume: Tune's experiment state {newest_state} is damaged ({err}) and there is "
+        raise StateError(f"{what}: --resume: Tune's experiment state {newest_state} is damaged ({err}) and there is "
                          f"no complete copy in {kept}; the run cannot be resumed (start it again under another "
                          "name or results_dir)") from None
     if repair_checkpoints(state, exp_dir):

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+import study.ray_env  # noqa: F401  (Ray's environment, before this module's functions import ray)
+
 DASHBOARD = "http://127.0.0.1:8265"  # where `ray dashboard cluster.yaml` forwards the head's dashboard
 
 

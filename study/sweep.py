@@ -32,42 +32,15 @@ from mann.config import to_dict
 from study.redact import keep_secret, recall_secret, redact
 from study.spec import StudySpec, define_by_run, grid_points, load_spec, make_sampler, params_key, planned_runs
 
+# isort: off
+from study.ray_env import PENDING_ENV, PENDING_GIVEN  # before ray: sets Ray's environment
+from ray.tune import Callback
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.stopper import TimeoutStopper
+# isort: on
+
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder under <results_dir>/ray
 MAX_FAILURES = 2  # retries per trial (a lost node, a crash), each from the trial's last checkpoint
-
-# Set before Ray is imported (read at import / controller start).
-RAY_ENV = {
-    # Snapshot the experiment state after every event: with the default (~10 s) a driver killed right
-    # after a trial finished re-runs that trial on --resume.
-    "TUNE_GLOBAL_CHECKPOINT_S": "0",
-    # No TensorBoard/CSV loggers per trial: MLflow is the record (the JSON logger is added back
-    # explicitly: Tune's ResultGrid reads result.json).
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Our own one-line progress instead of Ray's table.
-    "RAY_AIR_NEW_OUTPUT": "0",
-    # Trials Tune keeps asked but waiting for resources: one, unless run_sweep sets the study's own
-    # (pending_trials). A trial asked but never started is an orphan if the driver dies (reconcile()
-    # then marks it not_run).
-    "TUNE_MAX_PENDING_TRIALS_PG": "1",
-    # A local Ray (started by connect_ray) would prestart one idle worker per CPU when the driver connects and
-    # make ray.init wait for them; Tune never uses them (its trial actors carry a runtime_env, so they get
-    # workers of their own). 2 CPUs: ray.init 5.3 s -> 2.3 s, and ~0.9 CPU s of idle workers saved. Ray's
-    # RAY_<config> variable for its prestart_worker_first_driver setting; no effect on a cluster started apart.
-    "RAY_prestart_worker_first_driver": "0",
-    # Ctrl+C raises KeyboardInterrupt in the driver (the study run is KILLED, --resume continues the trials that
-    # were running) instead of Tune's handler, which would stop every running trial as if the search had: each
-    # would run its final evaluation and be recorded stopped_early, ended for good.
-    "TUNE_DISABLE_SIGINT_HANDLER": "1",
-}
-PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
-_PENDING_GIVEN = os.environ.get(PENDING_ENV)  # a value set before mannstudy's is kept for every study
-for _key, _value in RAY_ENV.items():
-    os.environ.setdefault(_key, _value)
-
-from ray.tune import Callback  # noqa: E402  (after RAY_ENV)
-from ray.tune.logger import JsonLoggerCallback  # noqa: E402
-from ray.tune.stopper import TimeoutStopper  # noqa: E402
 
 
 class SweepError(RuntimeError):
@@ -604,7 +577,7 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     try:
         context = TrialContext(spec=public_spec(spec), tracking_uri=uri, experiment_id=experiment_id,
                                parent_run_id=parent, threads=max(1, int(spec.resources.cpu)))
-        os.environ[PENDING_ENV] = _PENDING_GIVEN or str(pending_trials(spec, ray.cluster_resources()))
+        os.environ[PENDING_ENV] = PENDING_GIVEN or str(pending_trials(spec, ray.cluster_resources()))
         if resume and _existing_trials(spec):
             # A restore runs trials Tune's state left running: first give their runs the ends Optuna recorded.
             # With no Tune state the study starts afresh and nothing recorded runs any more.

@@ -62,6 +62,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import study.ray_env  # noqa: F401  (Ray's environment, before this module's functions import ray)
+from study.record import TAG_TRIAL_NAME
 from study.search import STATUS_KEY, STEP_KEY
 from study.spec import StudySpec, trial_overrides
 
@@ -240,7 +242,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
 
     tracker = TrialTracker(
         context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id,
-        params=config_to_flat_dict(cfg), tags={"mannstudy.trial_name": tune_context.get_trial_name()},
+        params=config_to_flat_dict(cfg), tags={TAG_TRIAL_NAME: tune_context.get_trial_name()},
         run_name=trial_run_name(config), flush_every=context.flush_every,
     )
     restored_from = checkpoint.get_metadata() if checkpoint else {}  # {step, wall_time} of the checkpoint
@@ -419,7 +421,7 @@ def run_seeds(params: dict, keys: dict[int, str], context: TrialContext) -> None
     trackers = {
         s: TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, keys[s],
                         params=config_to_flat_dict(configs[s]),
-                        tags={"mannstudy.trial_name": tune_context.get_trial_name()},
+                        tags={TAG_TRIAL_NAME: tune_context.get_trial_name()},
                         run_name=trial_run_name({**params, "seed": s}), flush_every=context.flush_every)
         for s in seeds if s not in ended
     }

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from study.record import STATUS_TO_RUN_STATUS, TAG_ATTEMPTS, TAG_PARENT, TAG_STATUS, TAG_STATUS_PREFIX, TAG_TRIAL_ID
 from study.spec import load_spec
-from study.state import STATE_BUNDLE, TUNER_COPY, TUNER_PKL, prepare_restore, repair_checkpoints, state_dir
+from study.state import STATE_BUNDLE, TUNER_COPY, TUNER_PKL, StateError, prepare_restore, repair_checkpoints, state_dir
 from study.sweep import SweepError, SweepSummary, reconcile, run_sweep
 from study.tracking import TrialTracker, prepare_experiment, start_study_run
 from study.trainable import TrialContext, _recorded_end
@@ -303,7 +303,7 @@ def test_a_torn_tune_state_is_restored_from_the_copies_kept_outside_tunes_folder
     (kept / STATE_BUNDLE).unlink()
     (exp / state).write_text("{")
     for damaged in ("experiment state", "tuner.pkl"):
-        with pytest.raises(SweepError) as info:
+        with pytest.raises(StateError) as info:
             prepare_restore(exp, "study.yaml")
         message = str(info.value)
         assert "\n" not in message and "study.yaml: --resume" in message and "cannot be resumed" in message
