@@ -36,13 +36,11 @@ Tune's state lives in ``<results_dir>/ray/<id>/`` (a local folder or a URI, as t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,12 +307,9 @@ def run_replication(
     The sweep's machinery runs it: :func:`study.sweep.make_tuner` with the grid, :func:`study.sweep.reconcile`
     without an Optuna study.
     """
-    from mann import native
     from study import state, tracking
-    from study.sweep import connect_ray, disconnect_ray, experiment_dir, make_tuner, public_spec, reconcile
-    from study.trainable import TrialContext
+    from study.sweep import experiment_dir, make_tuner, run_job
 
-    started = time.monotonic()
     spec = load_spec(study_file)
     configs, seed_list = plan_replication(spec, top_k, seeds, configs_file)
     grid = replication_grid(configs, seed_list)
@@ -331,41 +326,30 @@ def run_replication(
 
     uri = spec.tracking_uri
     tracking.check_reachable(uri)
-    experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
-                                                if "://" not in spec.results_dir else None)
-    study_run = tracking.find_study_run(uri, experiment_id, spec.name)
+    experiment_id = tracking.find_experiment(uri, spec.name)
+    study_run = tracking.find_study_run(uri, experiment_id, spec.name) if experiment_id else None
     if study_run is None:
         raise ReplicationError(f"{study_file}: study {spec.name!r} has no MLflow run at {uri} (run the sweep first)")
-    if not resume:
-        state.mark_begun(exp_dir)  # before anything is recorded: a --resume can finish what follows
-    parent = start_replication_run(uri, experiment_id, spec, study_run, rep_id, configs, seed_list)
-    # A resume without Tune's state starts the grid afresh: its trials find their runs by run key.
-    started_ray = False
-    try:
-        native.prepare()
-        started_ray = connect_ray(address, num_cpus)
-        context = TrialContext(spec=public_spec(spec), tracking_uri=uri, experiment_id=experiment_id,
-                               parent_run_id=parent, threads=max(1, int(spec.resources.cpu)))
+
+    def start_run(experiment_id: str) -> str:
+        return start_replication_run(uri, experiment_id, spec, study_run, rep_id, configs, seed_list)
+
+    def make(context):
+        # A resume without Tune's state starts the grid afresh: its trials find their runs by run key.
         tuner = make_tuner(spec, context, resume, grid=points, name=rep_id)
         print(f"replicate {spec.name}: {len(configs)} configs x {len(seed_list)} seeds {seed_list} "
-              f"= {len(grid)} runs to {spec.budget.max_steps} steps; MLflow run {parent} ({rep_id})", flush=True)
+              f"= {len(grid)} runs to {spec.budget.max_steps} steps; MLflow run {context.parent_run_id} ({rep_id})",
+              flush=True)
         for c in configs:
             print(f"  {c.label}: {c.source}: {json.dumps(c.params, default=str)}", flush=True)
-        tuner.fit()
-        reconcile(spec, uri, parent, "lost: the run did not finish in this replication", searched=False)
+        return tuner
+
+    def outcome(parent: str):
         counts, best = _outcome(uri, experiment_id, parent, spec)
-        tracking.log_study_summary(uri, parent, counts, time.monotonic() - started, spec.objective.metric, best)
-        tracking.finish_study_run(uri, parent, "FINISHED")
-        return ReplicationSummary(rep_id, parent, exp_dir, configs, seed_list, counts)
-    except BaseException as err:
-        # The replication run says the driver stopped (--resume reopens it); the error itself propagates.
-        with contextlib.suppress(Exception):
-            tracking.finish_study_run(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-                                      timeout_s=5.0)
-        raise
-    finally:
-        if started_ray:
-            disconnect_ray()
+        return ReplicationSummary(rep_id, parent, exp_dir, configs, seed_list, counts), counts, best
+
+    return run_job(spec, str(study_file), exp_dir, resume, start_run, make, outcome, address=address,
+                   num_cpus=num_cpus, searched=False, lost_reason="lost: the run did not finish in this replication")
 
 
 def _outcome(uri: str, experiment_id: str, parent_run_id: str, spec: StudySpec) -> tuple[dict[str, int], float | None]:

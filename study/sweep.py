@@ -23,7 +23,7 @@ import os
 import posixpath
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -533,7 +533,6 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
     from study import state, tracking
     from study.record import TAG_RESULTS_DIR
 
-    started = time.monotonic()
     spec = load_spec(path)
     exp_dir = experiment_dir(spec)
     begun = state.has_begun(exp_dir) or state.has_tune_state(exp_dir)
@@ -551,25 +550,64 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
             f"{path}: study {spec.name!r} already has results in {spec.results_dir} "
             "(use --resume to finish it, or give the study another name / results_dir)"
         )
+
+    def make(context):
+        tuner = make_tuner(spec, context, resume, callbacks)
+        print(f"sweep {spec.name}: {spec.budget.num_samples} trials of {', '.join(spec.models)} on {spec.task}; "
+              f"MLflow {redact(uri)} (parent run {context.parent_run_id})", flush=True)
+        return tuner
+
+    def start_run(experiment_id: str) -> str:
+        return tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
+                                        extra_tags={TAG_RESULTS_DIR: spec.results_dir})
+
+    def outcome(parent: str):
+        summary = summarize(spec)
+        summary.parent_run_id = parent
+        return summary, summary.counts, summary.best["value"] if summary.best else None
+
+    return run_job(spec, str(path), exp_dir, resume, start_run, make, outcome, address=address, num_cpus=num_cpus,
+                   lost_reason="lost: the trial did not finish in this sweep (driver or node lost)")
+
+
+def run_job(spec: StudySpec, source: str, exp_dir: str, resume: bool, start_run: Callable[[str], str],
+            make: Callable[[Any], Any], outcome: Callable[[str], tuple[Any, dict[str, int], float | None]], *,
+            address: str | None = None, num_cpus: int | None = None, searched: bool = True,
+            lost_reason: str = "lost: the trial did not finish in this run"):
+    """The driver of one run of the sweep machinery: a search (:func:`run_sweep`) or a fixed grid
+    (:func:`study.replicate.run_replication`), once its caller has checked the request. Returns ``outcome``'s
+    first value.
+
+    In order: mann's kernels built on this machine; Ray joined (or started: ``address``, ``num_cpus``); a record
+    the trials' machines cannot share refused (:func:`unshared_record`) before anything is written; the run marked
+    begun (a new one); the MLflow experiment and the parent run (``start_run(experiment_id)`` -> its id); the
+    trials' context; a searched study's ends only Optuna recorded given to their runs before a restore; the
+    Tuner (``make(context)``) run to its end; :func:`reconcile` (``searched``: with Optuna; else each run's own
+    status tag is the record; ``lost_reason`` for what was lost); ``outcome(parent)`` -> (result, counts by
+    status, best objective), logged on the parent run, which is then FINISHED. When the driver stops before that,
+    the parent run is KILLED (Ctrl+C) or FAILED and the error propagates; ``--resume`` reopens it.
+    """
     import ray
 
     from mann import native
+    from study import state, tracking
     from study.trainable import TrialContext
 
+    started = time.monotonic()
+    uri = spec.tracking_uri
     # Build mann/csrc's kernels on this machine now (~35 s, once), not in the first trials' workers: a local
-    # sweep's workers then only load them. Cluster nodes build theirs in cluster.yaml's setup_commands.
+    # run's workers then only load them. Cluster nodes build theirs in cluster.yaml's setup_commands.
     native.prepare()
     started_ray = connect_ray(address, num_cpus)
     try:
         problem = unshared_record(spec, ray.nodes(), ray.get_runtime_context().get_node_id())
         if problem:
-            raise SweepError(f"{path}: {problem}")
+            raise SweepError(f"{source}: {problem}")
         if not resume:
             state.mark_begun(exp_dir)  # before anything is recorded: a --resume can finish what follows
         experiment_id = tracking.prepare_experiment(uri, spec.name, Path(spec.results_dir) / "mlartifacts"
                                                     if "://" not in spec.results_dir else None)
-        parent = tracking.start_study_run(uri, experiment_id, spec.name, _spec_dict(spec), Path(path),
-                                          extra_tags={TAG_RESULTS_DIR: spec.results_dir})
+        parent = start_run(experiment_id)
     except BaseException:
         if started_ray:
             disconnect_ray()
@@ -578,24 +616,20 @@ def run_sweep(path: str | os.PathLike, address: str | None = None, resume: bool 
         context = TrialContext(spec=public_spec(spec), tracking_uri=uri, experiment_id=experiment_id,
                                parent_run_id=parent, threads=max(1, int(spec.resources.cpu)))
         os.environ[PENDING_ENV] = PENDING_GIVEN or str(pending_trials(spec, ray.cluster_resources()))
-        if resume and _existing_trials(spec):
+        if resume and searched and _existing_trials(spec):
             # A restore runs trials Tune's state left running: first give their runs the ends Optuna recorded.
-            # With no Tune state the study starts afresh and nothing recorded runs any more.
+            # With no Tune state the study starts afresh and nothing recorded runs any more. (A grid's trials
+            # find their runs' ends themselves, by run key.)
             reconcile(spec, uri, parent, "lost: the driver stopped before Tune saved its state",
                       lost=not state.has_tune_state(exp_dir))
-        tuner = make_tuner(spec, context, resume, callbacks)
-        print(f"sweep {spec.name}: {spec.budget.num_samples} trials of {', '.join(spec.models)} on {spec.task}; "
-              f"MLflow {redact(uri)} (parent run {parent})", flush=True)
-        tuner.fit()
-        reconcile(spec, uri, parent, "lost: the trial did not finish in this sweep (driver or node lost)")
-        summary = summarize(spec)
-        summary.parent_run_id = parent
-        tracking.log_study_summary(uri, parent, summary.counts, time.monotonic() - started, spec.objective.metric,
-                                   summary.best["value"] if summary.best else None)
+        make(context).fit()
+        reconcile(spec, uri, parent, lost_reason, searched=searched)
+        result, counts, best = outcome(parent)
+        tracking.log_study_summary(uri, parent, counts, time.monotonic() - started, spec.objective.metric, best)
         tracking.finish_study_run(uri, parent, "FINISHED")
-        return summary
+        return result
     except BaseException as err:
-        # The study run says the sweep stopped (--resume reopens it); the error itself propagates.
+        # The parent run says the driver stopped (--resume reopens it); the error itself propagates.
         with contextlib.suppress(Exception):
             tracking.finish_study_run(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
                                       timeout_s=5.0)

@@ -206,27 +206,60 @@ def _prepare_process(tracking_uri: str) -> None:
     _process_prepared = True
 
 
+def _start_attempt(context: TrialContext) -> None:
+    """What every attempt does first in its worker: the GPUs it may see, the previous trial's thread ended, the
+    process prepared once, torch's threads set to the trial's CPU share."""
+    hide_gpus(context.spec.resources.gpu)
+    _wait_for_thread_end()
+    _prepare_process(context.tracking_uri)
+    import torch
+
+    torch.set_num_threads(max(1, context.threads))
+
+
+def _tracker(context: TrialContext, key: str, cfg, config: dict):
+    """The MLflow run of run key ``key`` (created, or attached to on a retry): ``cfg``'s flat keys as params,
+    Tune's trial name as a tag, named by ``config`` (the trial's parameters and seed)."""
+    from ray import tune
+
+    from mann.train import config_to_flat_dict
+    from study.tracking import TrialTracker, trial_run_name
+
+    return TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, key,
+                        params=config_to_flat_dict(cfg), tags={TAG_TRIAL_NAME: tune.get_context().get_trial_name()},
+                        run_name=trial_run_name(config), flush_every=context.flush_every)
+
+
+def _tune_report(result: dict, write=None, metadata: dict | None = None) -> None:
+    """``tune.report(result)``, with a checkpoint when ``write(folder)`` is given: it fills a temporary folder,
+    which Tune copies (``metadata`` is the checkpoint's, e.g. its step)."""
+    from ray import tune
+
+    if write is None:
+        tune.report(result)
+        return
+    with tempfile.TemporaryDirectory(prefix="mannstudy-ckpt-") as tmp:
+        write(tmp)
+        saved = tune.Checkpoint.from_directory(tmp)
+        saved.set_metadata(metadata or {})
+        tune.report(result, checkpoint=saved)
+
+
 def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) -> None:
     """Tune function trainable. ``config``: the define-by-run parameters (``model``, ``seed``, searched keys).
 
     ``trial_id``: the trial's run key in MLflow (``mannstudy.trial_id``); default Tune's trial id. A grid point
     (:func:`run_point`) names its own, so that a resumed grid finds its runs whatever Tune's state holds.
     """
-    hide_gpus(context.spec.resources.gpu)
-    _wait_for_thread_end()
-    _prepare_process(context.tracking_uri)
+    _start_attempt(context)
     import ray
-    import torch
     from ray import tune
 
-    from mann.train import CHECKPOINT_NAME, FINAL_PREFIX, config_to_flat_dict, fit, make_train_config
-    from study.tracking import TrialTracker, trial_run_name
+    from mann.train import CHECKPOINT_NAME, FINAL_PREFIX, fit, make_train_config
 
-    torch.set_num_threads(max(1, context.threads))
     clock = _CpuClock()
     spec = context.spec
-    tune_context = tune.get_context()
-    trial_id = trial_id or tune_context.get_trial_id()
+    trial_id = trial_id or tune.get_context().get_trial_id()
     checkpoint = tune.get_checkpoint()
     node_id = ray.get_runtime_context().get_node_id()
     # A restored trial may have ended in an earlier session, with or without a checkpoint: read the record first.
@@ -240,11 +273,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
     cfg = make_train_config(model, spec.task, overrides)
     metric, mode = spec.objective.metric, spec.objective.mode
 
-    tracker = TrialTracker(
-        context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id,
-        params=config_to_flat_dict(cfg), tags={TAG_TRIAL_NAME: tune_context.get_trial_name()},
-        run_name=trial_run_name(config), flush_every=context.flush_every,
-    )
+    tracker = _tracker(context, trial_id, cfg, config)
     restored_from = checkpoint.get_metadata() if checkpoint else {}  # {step, wall_time} of the checkpoint
     clock.start(float(restored_from.get("wall_time", 0.0)))
     attempt = {"node_id": node_id, "start_step": int(restored_from.get("step", 0)),
@@ -256,14 +285,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
     def report(metrics: dict, status: str, save_checkpoint=None) -> None:
         last["step"], last["final"] = int(metrics.get(STEP_KEY, last["step"])), status if status != "running" else None
         result = {**metrics, STATUS_KEY: status, **attempt, **clock.fields()}
-        if save_checkpoint is None:
-            tune.report(result)
-            return
-        with tempfile.TemporaryDirectory(prefix="mannstudy-ckpt-") as tmp:
-            save_checkpoint(tmp)
-            saved = tune.Checkpoint.from_directory(tmp)
-            saved.set_metadata({"step": last["step"], "wall_time": float(metrics.get("wall_time", 0.0))})
-            tune.report(result, checkpoint=saved)
+        _tune_report(result, save_checkpoint, {"step": last["step"], "wall_time": float(metrics.get("wall_time", 0.0))})
 
     def on_eval(metrics: dict, save_checkpoint) -> bool:
         nonlocal evaluations
@@ -383,23 +405,17 @@ def run_seeds(params: dict, keys: dict[int, str], context: TrialContext) -> None
     the end holding ``seed-<s>/checkpoint.pt`` per seed. No early stopping: every seed trains to max_steps. A
     seed whose run recorded its end in an earlier attempt is not trained again.
     """
-    hide_gpus(context.spec.resources.gpu)
-    _wait_for_thread_end()
-    _prepare_process(context.tracking_uri)
+    _start_attempt(context)
     import shutil
 
     import ray
-    import torch
     from ray import tune
 
     from mann.multiseed import SEED_DIR, fit_seeds
-    from mann.train import FINAL_PREFIX, config_to_flat_dict, make_train_config
-    from study.tracking import TrialTracker, trial_run_name
+    from mann.train import FINAL_PREFIX, make_train_config
 
-    torch.set_num_threads(max(1, context.threads))
     spec = context.spec
     metric, mode = spec.objective.metric, spec.objective.mode
-    tune_context = tune.get_context()
     checkpoint = tune.get_checkpoint()
     seeds = list(keys)
     configs = {}
@@ -418,13 +434,7 @@ def run_seeds(params: dict, keys: dict[int, str], context: TrialContext) -> None
     restored_from = checkpoint.get_metadata() if checkpoint else {}
     attempt = {"node_id": ray.get_runtime_context().get_node_id(), "start_step": int(restored_from.get("step", 0)),
                "seeds": len(seeds)}
-    trackers = {
-        s: TrialTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, keys[s],
-                        params=config_to_flat_dict(configs[s]),
-                        tags={TAG_TRIAL_NAME: tune_context.get_trial_name()},
-                        run_name=trial_run_name({**params, "seed": s}), flush_every=context.flush_every)
-        for s in seeds if s not in ended
-    }
+    trackers = {s: _tracker(context, keys[s], configs[s], {**params, "seed": s}) for s in seeds if s not in ended}
     staging = Path(tempfile.mkdtemp(prefix="mannstudy-seeds-"))  # seed-<s>/checkpoint.pt: each seed's latest
     at = {"step": None, "evaluations": 0}  # the evaluation step in progress; evaluation steps seen
 
@@ -438,14 +448,8 @@ def run_seeds(params: dict, keys: dict[int, str], context: TrialContext) -> None
             trial_status = "running"
         result = {STEP_KEY: step, metric: sum(values) / len(values) if values else _worst(mode),
                   STATUS_KEY: trial_status, **counts, **attempt}
-        if not save:
-            tune.report(result)
-            return
-        with tempfile.TemporaryDirectory(prefix="mannstudy-ckpt-") as tmp:  # Tune gets its own copy
-            shutil.copytree(staging, tmp, dirs_exist_ok=True)
-            saved = tune.Checkpoint.from_directory(tmp)
-            saved.set_metadata({"step": step})
-            tune.report(result, checkpoint=saved)
+        write = (lambda tmp: shutil.copytree(staging, tmp, dirs_exist_ok=True)) if save else None
+        _tune_report(result, write, {"step": step})
 
     def end_step() -> None:
         """Every seed has evaluated step at["step"]: one result for Tune."""
