@@ -75,9 +75,10 @@ class TruthfulOptunaSearch(OptunaSearch):
     form Tune may pickle; the password comes back through :func:`study.redact.recall_secret`).
     """
 
-    def __init__(self, *args, tracking_uri: str | None = None, **kwargs):
+    def __init__(self, *args, tracking_uri: str | None = None, grid: list[tuple[dict, int]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tracking_uri = keep_secret(tracking_uri) if tracking_uri else None
+        self.grid = grid  # a grid study's (point, seed) pairs, each to run once (see _refill_grid)
 
     def suggest(self, trial_id: str) -> dict | None:
         with warnings.catch_warnings():
@@ -86,11 +87,34 @@ class TruthfulOptunaSearch(OptunaSearch):
             # which on a busy machine can take that long. The warning would only alarm the user.
             warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument",
                                     category=UserWarning)
+            self._refill_grid()
             config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:
             ot_trial.set_user_attr("tune_trial_id", trial_id)
         return config
+
+    def _refill_grid(self) -> None:
+        """A grid study whose queue has run dry while a (point, seed) pair is still to run gets that pair queued.
+
+        A trial asked by a driver that was killed before Tune saved it is failed as ``not_run`` on --resume, and
+        the restored Tune still counts on a trial in its place: without this, the sampler would fill that place
+        with a point it picks (one that ran already) and the lost pair would never run.
+        """
+        from study.spec import SEED_ATTR, params_key, planned_runs
+
+        grid = getattr(self, "grid", None)  # a searcher restored from an older state has none
+        if not grid or self._ot_study is None:
+            return
+        if self._ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return
+        first_seed = grid[0][1]
+        planned = planned_runs(self._ot_study, first_seed)
+        for params, seed in grid:
+            if (params_key(params), seed) not in planned:
+                # the first seed is asked as a new configuration (which queues the repeats still to run)
+                self._ot_study.enqueue_trial(params, user_attrs={} if seed == first_seed else {SEED_ATTR: seed})
+                return
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._report(trial_id, result)

@@ -213,6 +213,8 @@ def make_tuner(spec: StudySpec, context, resume: bool, callbacks: Sequence[Callb
         space=StudySpace(public_spec(spec)), metric=metric, mode=mode, sampler=make_sampler(spec),
         points_to_evaluate=_grid_to_queue(spec) if spec.sampler == "grid" else None,
         storage=_optuna_storage(spec), study_name=spec.name, tracking_uri=spec.tracking_uri,
+        grid=[(p, seed) for p in grid_points(spec) for seed in spec.seeds]
+        if spec.sampler == "grid" and spec.seeds != "trial" else None,
     )
     if spec.budget.early_stopping:
         # time_attr "step": ASHA's rungs are training steps, whatever the evaluation interval.

@@ -70,3 +70,33 @@ def test_orphaned_running_trials_are_failed_with_a_reason(searcher):
     assert trial.user_attrs["status"] == "not_run"
     assert frozen(searcher, "a").state == TrialState.COMPLETE
     assert fail_running_trials(searcher._ot_study, "again") == []
+
+
+def test_a_grid_pair_lost_with_a_killed_driver_is_queued_again_when_the_queue_runs_dry(tmp_path):
+    from study.spec import SEED_ATTR, load_spec, make_sampler
+    from study.sweep import StudySpace
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: grid\nmodels: [lstm]\ntask: copy\nsearch:\n  lr: {choices: [0.001, 0.01, 0.1]}\n"
+                    "sampler: grid\nseeds: [0, 1]\nbudget: {num_samples: 6, max_steps: 20, eval_every: 10, "
+                    "early_stopping: false}\n")
+    spec = load_spec(path)
+    grid = [({"lr": lr}, seed) for lr in (0.001, 0.01, 0.1) for seed in (0, 1)]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    searcher = TruthfulOptunaSearch(space=StudySpace(spec), metric="error", mode="min", sampler=make_sampler(spec),
+                                    points_to_evaluate=[p for p, seed in grid if seed == 0], storage=storage,
+                                    study_name="grid", grid=grid)
+    # a driver asked the first point (its trial popped from the queue) and was killed before Tune saved it:
+    # --resume fails that trial as not_run
+    lost = searcher._ot_study.ask()
+    assert fail_running_trials(searcher._ot_study, "lost") == [lost.number]
+
+    asked = []
+    for tid in "abcdef":  # the restored Tune asks the six trials it counts on
+        config = searcher.suggest(tid)
+        asked.append((config["lr"], config["seed"]))
+        searcher.on_trial_complete(tid, {"error": 0.5, "step": 20, "trial_status": "completed"})
+    assert sorted(asked) == sorted((p["lr"], seed) for p, seed in grid), asked
+    ran = [(t.params["lr"], t.user_attrs[SEED_ATTR]) for t in searcher._ot_study.get_trials()
+           if t.state == TrialState.COMPLETE]
+    assert sorted(ran) == sorted(asked)
