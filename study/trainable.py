@@ -279,7 +279,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
     attempt = {"node_id": node_id, "start_step": int(restored_from.get("step", 0)),
                "mlflow_run_id": tracker.run_id}
     last = {"step": 0, "final": None}  # the last reported step; the terminal status it carried, if any
-    stopped = {"by_tune": False, "torn_down": False, "by": None}  # Tune stopped the trial: decided (by whom), or not
+    stopped = {"by": None}  # who decided the stop Tune made inside tune.report ("scheduler", "time_budget"), if any
     evaluations = 0
 
     def report(metrics: dict, status: str, save_checkpoint=None) -> None:
@@ -307,9 +307,7 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
             # error in the driver): the trial records no end, and a --resume continues it from its checkpoint.
             stopped["by"] = tracker.stop_decision()
             if stopped["by"] is None:
-                stopped["torn_down"] = True
                 raise
-            stopped["by_tune"] = True
             return True
         clock.resume()
         return False
@@ -339,15 +337,15 @@ def run_trial(config: dict, context: TrialContext, trial_id: str | None = None) 
             log_final(result)
             tracker.set_status("completed", step=result.step)
             report({**result.metrics, STEP_KEY: result.step}, "completed")
-        if stopped["by_tune"]:
+        if stopped["by"] is not None:
             raise SystemExit(0)  # end the thread as Ray asked; returning would report once more to a stopped trial
     except SystemExit:
         # Tune stopped the trial inside tune.report (Ray ends the training thread this way).
-        if last["final"] is None and stopped["by_tune"]:
+        if last["final"] is None and stopped["by"] is not None:
             tracker.set_status("stopped_early", step=last["step"], by=stopped["by"])
         raise
     except BaseException as err:
-        if stopped["by_tune"]:
+        if stopped["by"] is not None:
             # Stopped by Tune, then the final evaluation failed: the trial's end is still the stop.
             if tracker.status is None:
                 tracker.set_status("stopped_early", step=last["step"], by=stopped["by"],
